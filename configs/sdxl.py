@@ -1,0 +1,45 @@
+"""SDXL 1.0 base + RealisID branches (ViT-H/14 image encoder, 16 ID tokens x 2048). Paper defaults."""
+
+from realisid_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model = dict(
+        unet=dict(
+            in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5,
+            flip_sin_to_cos=True, freq_shift=0, sample_size=128,
+        ),
+        vae=dict(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            norm_num_groups=32, scaling_factor=0.13025, sample_size=1024, force_upcast=True,
+        ),
+        text_encoder=dict(  # CLIP ViT-L/14 text tower
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+            projection_dim=768, pad_token_id=1, bos_token_id=49406, eos_token_id=49407,
+        ),
+        text_encoder_2=dict(  # OpenCLIP ViT-bigG/14 text tower, with projection
+            vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+            num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
+            projection_dim=1280, pad_token_id=1, bos_token_id=49406, eos_token_id=49407,
+        ),
+        image_encoder=dict(  # OpenCLIP ViT-H/14 vision tower (IP-Adapter's image encoder)
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+            image_size=224, patch_size=14, num_channels=3, hidden_act="gelu", layer_norm_eps=1e-5,
+            projection_dim=1024,
+        ),
+        id_projection=dict(  # IP-Adapter-plus Resampler (diffusers IPAdapterPlusImageProjection)
+            embed_dims=1280, output_dims=2048, hidden_dims=1280, depth=4, dim_head=64, heads=20,
+            num_queries=16, ffn_ratio=4,
+        ),
+        local_branch=dict(conditioning_channels=3, conditioning_embedding_out_channels=(16, 32, 96, 256)),
+        global_branch=dict(conditioning_channels=1, conditioning_embedding_out_channels=(16, 32, 96, 256)),
+    )
+    return c

@@ -1,0 +1,89 @@
+"""What every model shares: a config dataclass read from ``config.json`` and ``from_pretrained``.
+
+Mirrors diffusers' ``ModelMixin.from_pretrained`` / ``ConfigMixin`` for local folders: the model is built with
+``nnx.eval_shape`` (no memory), then each imported tensor is placed straight onto its sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, ClassVar, Self
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from realisid_jax.sharding import DEFAULT_RULES, Rules, state_shardings
+from realisid_jax.weights import convert
+from realisid_jax.weights.checkpoint import find_weights, read_json, read_state_dict, resolve_folder
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Base of the frozen config dataclasses; field names are the diffusers/transformers ``config.json`` keys."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        """Builds the config from ``config.json`` contents; keys the model does not use are ignored, lists
+        become tuples (configs are hashable, so they can be static jit arguments)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def count_params(model_or_state) -> int:
+    """Number of parameters (``nnx.Param`` elements) of a model or state, abstract or concrete."""
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+    return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state))
+
+
+class PretrainedMixin:
+    """``from_pretrained`` for a model class ``cls(config, *, rngs, dtype, param_dtype, attention_impl)``."""
+
+    config_class: ClassVar[type[ModelConfig]]
+    weights_names: ClassVar[tuple[str, ...]] = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    # Regexes of checkpoint keys that are buffers, not parameters.
+    ignore_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def torch_key(cls, path: convert.Path) -> str:
+        """NNX path -> PyTorch key; the identity rename unless a class's tree differs from PyTorch's."""
+        return convert.torch_key(path)
+
+    @classmethod
+    def abstract(cls, config: ModelConfig, *, dtype=jnp.float32, param_dtype=None, attention_impl: str | None = "xla"):
+        """The model with ``ShapeDtypeStruct`` parameters: shapes, counts and shardings without memory."""
+        return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype or dtype,
+                                          attention_impl=attention_impl))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, *, subfolder: str | None = None, dtype=jnp.float32,
+                        param_dtype=None, attention_impl: str | None = "xla", mesh: Mesh | None = None,
+                        rules: Rules = DEFAULT_RULES) -> Self:
+        """Loads a diffusers/transformers-format local folder (``config.json`` + weights).
+
+        Args:
+          folder: local model folder (or a pipeline folder with ``subfolder``, e.g. ``"unet"``).
+          dtype: computation dtype; ``param_dtype`` (default: ``dtype``) is the storage dtype, float32 or
+            bfloat16.
+          mesh, rules: when given, each parameter is placed directly on its logical-axis sharding.
+
+        Raises:
+          HubIdError: a hub id instead of a folder. FileNotFoundError: folder, ``config.json`` or weights
+          missing. CheckpointMismatchError: missing / unexpected / wrong-shape keys, all listed.
+        """
+        root = resolve_folder(folder)
+        path = resolve_folder(root / subfolder) if subfolder else root
+        config = cls.config_class.from_dict(read_json(path / "config.json"))
+        graphdef, abstract_state = nnx.split(cls.abstract(config, dtype=dtype, param_dtype=param_dtype,
+                                                          attention_impl=attention_impl))
+        shardings = state_shardings(abstract_state, mesh, rules) if mesh is not None else None
+        weights = find_weights(path, cls.weights_names)
+        state = convert.load_torch_state(abstract_state, read_state_dict(weights), source=str(weights),
+                                         key_fn=cls.torch_key, ignore=cls.ignore_keys, shardings=shardings)
+        return nnx.merge(graphdef, state)

@@ -1,0 +1,1 @@
+"""Checkpoint import from (and export to) PyTorch diffusers / transformers formats."""
