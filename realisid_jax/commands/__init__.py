@@ -1,0 +1,1 @@
+"""Sub-commands of the ``realisid`` console command; each module has ``register(subparsers)``."""

@@ -1,0 +1,97 @@
+"""Rasterising landmarks into the pose-expression condition c_pe, and annotated previews.
+
+c_pe (paper Sec. "Local branch") is an image of the face's landmarks in the frame of the square
+face crop, at the local ControlNet's pixel size. Here: black background, the face-mesh contours
+(``mesh.CONTOURS``) as anti-aliased polylines, one fixed colour per feature, then all 468 points as
+white dots. Drawing is pure OpenCV on integer fixed-point coordinates, so the same landmarks give
+the same bytes.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from realisid_jax.face import mesh
+
+# One colour per feature, RGB; distinct hues so that the ControlNet can tell the parts apart.
+CONTOUR_COLORS: dict[str, tuple[int, int, int]] = {
+    "face_oval": (224, 224, 224),
+    "right_eyebrow": (255, 128, 0),
+    "left_eyebrow": (0, 128, 255),
+    "right_eye": (255, 48, 48),
+    "left_eye": (48, 48, 255),
+    "nose": (255, 224, 0),
+    "lips": (255, 0, 160),
+}
+POINT_COLOR = (255, 255, 255)
+
+_SHIFT = 4  # fixed-point fraction bits for OpenCV drawing: 1/16 pixel
+_MASK_TINT = np.array([0, 160, 255], np.float32)
+_BOX_COLOR = (0, 255, 0)
+
+
+def draw_landmark_image(landmarks: np.ndarray, size: int = 512, *, line_px: int | None = None,
+                        points: bool = True) -> np.ndarray:
+    """Rasterise face-mesh landmarks as the c_pe condition image.
+
+    Args:
+      landmarks: (468, 2) unit coordinates of the square face crop (``ReferenceFace.landmarks``):
+        (0, 0) top-left, (1, 1) bottom-right; points outside are clipped by the canvas.
+      size: output side, pixels (the local branch's pixel size; 512 by default).
+      line_px: contour thickness, pixels; default ``max(1, size // 256)``.
+      points: also draw each landmark as a white dot of radius ``line_px // 2`` (1-pixel when 0).
+
+    Returns:
+      (size, size, 3) uint8 RGB, black background.
+    """
+    pts = _fixed_point(np.asarray(landmarks, np.float64) * size)
+    line_px = max(1, size // 256) if line_px is None else line_px
+    canvas = np.zeros((size, size, 3), np.uint8)
+    for name, polylines in mesh.CONTOURS.items():
+        cv2.polylines(canvas, [pts[list(p)].reshape(-1, 1, 2) for p in polylines], False,
+                      CONTOUR_COLORS[name], line_px, cv2.LINE_AA, _SHIFT)
+    if points:
+        radius = (line_px // 2) << _SHIFT
+        for p in pts:
+            cv2.circle(canvas, (int(p[0]), int(p[1])), radius, POINT_COLOR, -1, cv2.LINE_8, _SHIFT)
+    return canvas
+
+
+def annotate(image: np.ndarray, boxes: Sequence[np.ndarray], *,
+             landmarks: Sequence[np.ndarray] = (), masks: Sequence[np.ndarray] = (),
+             scores: Sequence[float] = ()) -> np.ndarray:
+    """Preview of analysed faces: masks tinted, boxes, landmark dots, index and score labels.
+
+    Args:
+      image: (H, W, 3) uint8 RGB.
+      boxes: per face (4,) ``(x0, y0, x1, y1)`` pixels.
+      landmarks: per face (N, 2) pixels; masks: per face (H, W) bool; scores: per face float.
+
+    Returns:
+      New (H, W, 3) uint8 RGB image.
+    """
+    out = image.astype(np.float32)
+    for m in masks:
+        out[m] = 0.6 * out[m] + 0.4 * _MASK_TINT
+    out = np.round(out).astype(np.uint8)
+    scale = max(1, round(max(image.shape[:2]) / 512))
+    for i, box in enumerate(boxes):
+        p0, p1 = _fixed_point(np.reshape(box, (2, 2)))
+        cv2.rectangle(out, tuple(map(int, p0)), tuple(map(int, p1)), _BOX_COLOR, scale,
+                      cv2.LINE_AA, _SHIFT)
+        label = f"{i}" + (f" {scores[i]:.2f}" if i < len(scores) else "")
+        org = (int(box[0]), max(int(box[1]) - 4 * scale, 10 * scale))
+        cv2.putText(out, label, org, cv2.FONT_HERSHEY_SIMPLEX, 0.4 * scale, _BOX_COLOR, scale,
+                    cv2.LINE_AA)
+    for pts in landmarks:
+        for p in _fixed_point(pts):
+            cv2.circle(out, (int(p[0]), int(p[1])), (scale // 2) << _SHIFT, POINT_COLOR, -1,
+                       cv2.LINE_8, _SHIFT)
+    return out
+
+
+def _fixed_point(points: np.ndarray) -> np.ndarray:
+    """Continuous pixel coordinates -> OpenCV fixed-point integers (pixel centres on integers)."""
+    return np.round((np.asarray(points, np.float64) - 0.5) * (1 << _SHIFT)).astype(np.int32)

@@ -1,0 +1,129 @@
+"""Jitted face ops of RealisID: crop + up-sample (local branch input), relocation R (Eq. 4), location mask c_loc.
+
+Conventions (project-wide):
+  * A box is ``(x0, y0, x1, y1)`` float32 **normalised to [0, 1]** of the image width / height, in
+    continuous coordinates: the image spans ``[0, 1] x [0, 1]`` and cell ``(i, j)`` of an (h, w) grid covers
+    ``[j/w, (j+1)/w] x [i/h, (i+1)/h]``, its centre at ``((j+0.5)/w, (i+0.5)/h)`` (the host-side pixel
+    convention of ``realisid_jax.face.detect`` divided by the image size). So one box serves every latent
+    level and the pixel-space masks, with sub-pixel precision. A box may extend past the image; a
+    degenerate box (``x1 <= x0`` or ``y1 <= y0``) selects nothing.
+  * Arrays are channels-last and unbatched, ``(H, W, C)``; boxes are data (traced), output sizes are static.
+    Batch over images and persons with ``jax.vmap``.
+  * Every op is a separable resampling ``out = Wy @ x @ Wx^T`` with per-axis weight matrices built from the
+    box: static shapes, differentiable with respect to both the array and the box, and MXU-friendly (no
+    gathers). The matmuls run at ``Precision.HIGHEST`` so that identity weights stay exact on TPU, where the
+    default float32 matmul rounds its inputs to bfloat16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+# Box widths are divided by in ``relocate``; a degenerate box must give zeros, not NaNs (padded persons).
+_MIN_EXTENT = 1e-6
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _tent(coords: jax.Array, n: int) -> jax.Array:
+    """Bilinear weights (len(coords), n) of sampling a length-``n`` axis at cell-index ``coords``, border clamped."""
+    coords = jnp.clip(coords, 0.0, n - 1.0)
+    return jnp.maximum(0.0, 1.0 - jnp.abs(coords[:, None] - jnp.arange(n, dtype=jnp.float32)[None, :]))
+
+
+def _coverage(lo: jax.Array, hi: jax.Array, n: int) -> jax.Array:
+    """(n,) fraction of each of the ``n`` cells of [0, 1] that the interval [lo, hi] covers, in [0, 1]."""
+    edges = jnp.arange(n + 1, dtype=jnp.float32) / n
+    overlap = jnp.minimum(edges[1:], hi) - jnp.maximum(edges[:-1], lo)
+    return jnp.clip(overlap * n, 0.0, 1.0)
+
+
+def _resample(x: jax.Array, wy: jax.Array, wx: jax.Array) -> jax.Array:
+    """(H, W, C) -> (h, w, C) with wy (h, H), wx (w, W)."""
+    return jnp.einsum("yh,hwc,xw->yxc", wy.astype(x.dtype), x, wx.astype(x.dtype),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def crop_and_resize(latent: jax.Array, box: jax.Array, size: int | Sequence[int]) -> jax.Array:
+    """Bilinearly samples the ``box`` region of ``latent`` onto a fixed ``size`` grid (RealisID's ẑ_t, Eq. 5).
+
+    Half-pixel-centre convention, one sample per output cell (``torchvision.ops.roi_align(aligned=True,
+    sampling_ratio=1)``), sample positions clamped to the border cells: a full-image box with ``size == (H, W)``
+    is exactly the identity.
+
+    Args:
+      latent: (H, W, C) float array.
+      box: (4,) float ``(x0, y0, x1, y1)`` normalised to [0, 1].
+      size: static output size, an int (square) or ``(size_h, size_w)``.
+
+    Returns:
+      (size_h, size_w, C), dtype of ``latent``. Differentiable in ``latent`` and ``box``.
+    """
+    out_h, out_w = _pair(size)
+    height, width = latent.shape[:2]
+    box = box.astype(jnp.float32)
+    x0, y0, x1, y1 = box[0], box[1], box[2], box[3]
+    fy = (jnp.arange(out_h, dtype=jnp.float32) + 0.5) / out_h
+    fx = (jnp.arange(out_w, dtype=jnp.float32) + 0.5) / out_w
+    # Normalised sample position -> index space of the input's cell centres.
+    sy = (y0 + fy * (y1 - y0)) * height - 0.5
+    sx = (x0 + fx * (x1 - x0)) * width - 0.5
+    return _resample(latent, _tent(sy, height), _tent(sx, width))
+
+
+def location_mask(box: jax.Array, hw: Sequence[int]) -> jax.Array:
+    """c_loc: (h, w, 1) float32, 1 inside ``box``, 0 outside, each border cell's covered fraction in between.
+
+    Its sum is the box's area in cells (for the part inside the image), so sub-pixel boxes are exact.
+    """
+    box = box.astype(jnp.float32)
+    height, width = _pair(hw)
+    cover = _coverage(box[1], box[3], height)[:, None] * _coverage(box[0], box[2], width)[None, :]
+    return cover[..., None]
+
+
+def relocate(residual: jax.Array, box: jax.Array, hw: Sequence[int]) -> jax.Array:
+    """RealisID's relocation R (Eq. 4): resizes a local residual back to the box's extent on an (h, w) grid.
+
+    Each output cell takes the bilinear sample of ``residual`` (stretched over the box, half-pixel centres,
+    border clamped) at its centre, times the fraction of the cell that the box covers. So the result is
+    exactly zero outside the box, sub-pixel exact at its border, and defined for boxes smaller than one cell
+    (deepest levels). A full-image box with ``residual.shape[:2] == hw`` is exactly the identity.
+
+    Args:
+      residual: (S_h, S_w, C) float array, one level of the local ControlNet's output.
+      box: (4,) float ``(x0, y0, x1, y1)`` normalised to [0, 1].
+      hw: static (h, w) of this level at the whole latent's resolution.
+
+    Returns:
+      (h, w, C), dtype of ``residual``. Differentiable in ``residual`` and ``box``.
+    """
+    height, width = _pair(hw)
+    src_h, src_w = residual.shape[:2]
+    box = box.astype(jnp.float32)
+    x0, y0, x1, y1 = box[0], box[1], box[2], box[3]
+    cy = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height
+    cx = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width
+    # Output cell centre -> index space of the residual's cell centres (inverse of crop_and_resize's map).
+    sy = (cy - y0) / jnp.maximum(y1 - y0, _MIN_EXTENT) * src_h - 0.5
+    sx = (cx - x0) / jnp.maximum(x1 - x0, _MIN_EXTENT) * src_w - 0.5
+    wy = _coverage(y0, y1, height)[:, None] * _tent(sy, src_h)
+    wx = _coverage(x0, x1, width)[:, None] * _tent(sx, src_w)
+    return _resample(residual, wy, wx)
+
+
+def relocate_levels(residuals: Sequence[jax.Array], box: jax.Array,
+                    level_hws: Sequence[Sequence[int]]) -> tuple[jax.Array, ...]:
+    """``relocate`` of every level of a ControlNet's output: ``residuals[i]`` onto ``level_hws[i]``.
+
+    Raises:
+      ValueError: if the numbers of residuals and of level sizes differ.
+    """
+    if len(residuals) != len(level_hws):
+        raise ValueError(f"{len(residuals)} residuals but {len(level_hws)} level sizes")
+    return tuple(relocate(r, box, hw) for r, hw in zip(residuals, level_hws))
