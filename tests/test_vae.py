@@ -53,6 +53,13 @@ def pair(request, tmp_path_factory):
     return reference, AutoencoderKL.from_pretrained(folder), folder
 
 
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_single")
+    reference = _torch_vae(TINY, folder)
+    return reference, AutoencoderKL.from_pretrained(folder), folder
+
+
 def test_parity_encode_decode(pair):
     reference, model, _ = pair
     f = 2 ** (len(model.config.block_out_channels) - 1)
@@ -69,8 +76,8 @@ def test_parity_encode_decode(pair):
     _assert_close(model.decode(jnp.asarray(latents.transpose(0, 2, 3, 1))), _to_nhwc(decoded))
 
 
-def test_bfloat16_load_and_decode(pair):
-    _, model, folder = pair
+def test_bfloat16_load_and_decode(tiny_pair):
+    _, model, folder = tiny_pair
     bf16 = AutoencoderKL.from_pretrained(folder, dtype=jnp.bfloat16)
     dtypes = {v.dtype for v in jax.tree.leaves(nnx.state(bf16, nnx.Param))}
     assert dtypes == {jnp.dtype(jnp.bfloat16)}
@@ -80,23 +87,43 @@ def test_bfloat16_load_and_decode(pair):
     _assert_close(out, model.decode(z), rel=5e-2)
 
 
-def test_sharded_decode_matches_single_device(pair):
-    _, model, _ = pair
+# Spatial sharding too: the height axis over "fsdp", so the constraints at block boundaries do real work.
+SPATIAL_RULES = (("activation_batch", "data"), ("activation_length", "fsdp"), ("activation_embed", "tensor"),
+                 ("embed", "fsdp"), ("heads", "tensor"), ("conv_out", "tensor"), ("conv_in", None),
+                 ("conv_h", None), ("conv_w", None))
+
+
+def test_sharded_decode_matches_single_device(tiny_pair):
+    _, model, _ = tiny_pair
     z = jax.random.normal(jax.random.key(2), (2, 4, 4, model.config.latent_channels))
     expected = model.decode(z)
     mesh = make_mesh((2, 2, 2))
     graphdef, state = nnx.split(model)
-    state = jax.device_put(state, state_shardings(state, mesh, (("activation_batch", "data"),
-                                                                ("activation_length", "fsdp"),
-                                                                ("activation_embed", "tensor"),
-                                                                ("embed", "fsdp"), ("heads", "tensor"),
-                                                                ("conv_out", "tensor"), ("conv_in", None),
-                                                                ("conv_h", None), ("conv_w", None))))
+    state = jax.device_put(state, state_shardings(state, mesh, SPATIAL_RULES))
 
     @jax.jit
     def decode(state, z):
         return nnx.merge(graphdef, state).decode(z)
 
-    with use_mesh(mesh, state_shardings.__defaults__ or _RULES):
+    with use_mesh(mesh, SPATIAL_RULES):
         out = jax.block_until_ready(decode(state, z))
     _assert_close(out, expected)
+
+
+def test_posterior_clips_logvar_and_samples():
+    moments = jnp.concatenate([jnp.ones((1, 2, 2, 4)), jnp.full((1, 2, 2, 4), 50.0).at[..., 0].set(-50.0)], -1)
+    posterior = DiagonalGaussianDistribution.from_moments(moments)
+    assert float(posterior.logvar.max()) == 20.0 and float(posterior.logvar.min()) == -30.0
+    key = jax.random.key(3)
+    np.testing.assert_allclose(posterior.sample(key), 1.0 + posterior.std * jax.random.normal(key, (1, 2, 2, 4)))
+    assert posterior.mode() is posterior.mean
+
+
+def test_sdxl_parameter_count():
+    config = AutoencoderKLConfig.from_dict(dict(load_config("configs/sdxl.py").model.vae))
+    assert count_params(AutoencoderKL.abstract(config)) == 83_653_863
+
+
+def test_unsupported_block_type_is_rejected():
+    with pytest.raises(ValueError, match="AttnDownEncoderBlock2D"):
+        AutoencoderKLConfig(down_block_types=("AttnDownEncoderBlock2D",))

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         (args.out / f"{stem}.json").write_text(json.dumps(_record(path, image.shape, faces)))
         preview = annotate(image, [f.box for f in faces], landmarks=[f.landmarks for f in faces],
                            masks=[f.mask for f in faces], scores=[f.score for f in faces])
-        Image.fromarray(preview).save(args.out / f"{stem}.png")
+        Image.fromarray(preview).save(args.out / f"{stem}.png", compress_level=1)  # previews: speed over size
         print(f"{path}: {len(faces)} face(s) -> {args.out / stem}.{{json,png}}")
     if failed:
         print(f"{len(failed)} of {len(args.photos)} photo(s) failed: "

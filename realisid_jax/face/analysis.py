@@ -26,7 +26,7 @@ Policy = Literal["largest", "all", "highest_score"]
 POLICIES: tuple[str, ...] = ("largest", "all", "highest_score")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # array fields: no elementwise ==
 class Face:
     """One analysed face in image coordinates.
 

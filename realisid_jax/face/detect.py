@@ -33,7 +33,7 @@ _BLAZE_NUM_KEYPOINTS = 6
 _BLAZE_SCORE_CLIP = 100.0
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # array fields: no elementwise ==
 class Detection:
     """One detected face.
 
@@ -74,13 +74,14 @@ class BlazeFaceDetector:
       iou_threshold: IoU above which detections are merged, default 0.3 (MediaPipe's value).
       pad_fraction: padding of the first view, as a fraction of the longer image side.
       tile_divisions: the tile side is ``max(H, W) / tile_divisions``; tiles overlap by half.
-      min_tile_px: smallest tile side (pixels) worth a tile pass.
+      min_tile_px: smallest tile side (pixels) worth a tile pass; at the default, 128 (the model
+        input), tiles are never enlarged, and images of 384 px and more get tiles.
       num_threads: interpreter threads.
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, score_threshold: float = 0.5,
                  iou_threshold: float = 0.3, pad_fraction: float = 0.25, tile_divisions: int = 3,
-                 min_tile_px: int = 256, num_threads: int = 1):
+                 min_tile_px: int = 128, num_threads: int = 1):
         from ai_edge_litert.interpreter import Interpreter  # deferred: heavy, only this backend
 
         if model_path is None:
@@ -101,11 +102,8 @@ class BlazeFaceDetector:
     def __call__(self, image: np.ndarray) -> list[Detection]:
         """``image``: uint8 (H, W, 3) RGB. Returns the merged detections, best score first."""
         h, w = image.shape[:2]
-        boxes, scores, keypoints = [], [], []
-        for x0, y0, x1, y1 in self._views(h, w):
-            b, s, k = self._detect_view(image, x0, y0, x1, y1)
-            boxes.append(b), scores.append(s), keypoints.append(k)
-        boxes, scores, keypoints = map(np.concatenate, (boxes, scores, keypoints))
+        per_view = [self._detect_view(image, *view) for view in self._views(h, w)]
+        boxes, scores, keypoints = (np.concatenate(parts) for parts in zip(*per_view))
         return [
             Detection(b, float(s), k)
             for b, s, k in weighted_nms(boxes, scores, keypoints, self.iou_threshold)
@@ -129,24 +127,27 @@ class BlazeFaceDetector:
         off_y = (_BLAZE_INPUT - (y1 - y0) * scale) / 2 - y0 * scale
         m = np.array([[scale, 0, off_x], [0, scale, off_y]])
         view = warp_affine(image, m, (_BLAZE_INPUT, _BLAZE_INPUT))
-        x = view.astype(np.float32)[None] / 127.5 - 1.0
+        boxes, scores, kps = self._run_model(view.astype(np.float32)[None] / 127.5 - 1.0)
+        offset = np.array([off_x, off_y], np.float32)
+        boxes = (boxes.reshape(-1, 2, 2) - offset) / scale
+        return boxes.reshape(-1, 4), scores, (kps - offset) / scale
+
+    def _run_model(self, x: np.ndarray):
+        """(1, 128, 128, 3) input in [-1, 1] -> boxes (N, 4), scores (N,), keypoints (N, 6, 2) in
+        input pixels, for anchors scoring at least ``score_threshold``; all float32."""
         self._interp.set_tensor(self._input, x)
         self._interp.invoke()
         raw = self._interp.get_tensor(self._regressors)[0]
         logits = self._interp.get_tensor(self._scores)[0, :, 0].astype(np.float64)
         scores = 1.0 / (1.0 + np.exp(-np.clip(logits, -_BLAZE_SCORE_CLIP, _BLAZE_SCORE_CLIP)))
         keep = scores >= self.score_threshold
-        raw, scores, anchors = raw[keep], scores[keep], self._anchors[keep]
-        centre = raw[:, 0:2] + anchors * _BLAZE_INPUT
-        half = raw[:, 2:4] / 2
+        raw, scores, anchors = raw[keep], scores[keep], self._anchors[keep] * _BLAZE_INPUT
+        # Offsets are in input pixels relative to the anchor centre (unit-size anchors).
+        centre, half = raw[:, 0:2] + anchors, raw[:, 2:4] / 2
         boxes = np.concatenate([centre - half, centre + half], axis=1)
         kps = raw[:, 4:4 + 2 * _BLAZE_NUM_KEYPOINTS].reshape(-1, _BLAZE_NUM_KEYPOINTS, 2)
-        kps = kps + anchors[:, None, :] * _BLAZE_INPUT
-        offset = np.array([off_x, off_y], np.float32)
-        boxes = (boxes.reshape(-1, 2, 2) - offset) / scale
-        kps = (kps - offset) / scale
-        return boxes.reshape(-1, 4).astype(np.float32), scores.astype(np.float32), \
-            kps.astype(np.float32)
+        kps = kps + anchors[:, None, :]
+        return boxes.astype(np.float32), scores.astype(np.float32), kps.astype(np.float32)
 
 
 class HaarCascadeDetector:

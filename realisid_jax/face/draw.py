@@ -41,21 +41,21 @@ def draw_landmark_image(landmarks: np.ndarray, size: int = 512, *, line_px: int 
         (0, 0) top-left, (1, 1) bottom-right; points outside are clipped by the canvas.
       size: output side, pixels (the local branch's pixel size; 512 by default).
       line_px: contour thickness, pixels; default ``max(1, size // 256)``.
-      points: also draw each landmark as a white dot of radius ``line_px // 2`` (1-pixel when 0).
+      points: also draw each landmark as a white dot of radius ``line_px // 2`` centred on the pixel
+        that contains it (that single pixel when the radius is 0).
 
     Returns:
       (size, size, 3) uint8 RGB, black background.
     """
-    pts = _fixed_point(np.asarray(landmarks, np.float64) * size)
+    xy = np.asarray(landmarks, np.float64) * size
     line_px = max(1, size // 256) if line_px is None else line_px
     canvas = np.zeros((size, size, 3), np.uint8)
+    pts = _fixed_point(xy)
     for name, polylines in mesh.CONTOURS.items():
         cv2.polylines(canvas, [pts[list(p)].reshape(-1, 1, 2) for p in polylines], False,
                       CONTOUR_COLORS[name], line_px, cv2.LINE_AA, _SHIFT)
     if points:
-        radius = (line_px // 2) << _SHIFT
-        for p in pts:
-            cv2.circle(canvas, (int(p[0]), int(p[1])), radius, POINT_COLOR, -1, cv2.LINE_8, _SHIFT)
+        _draw_dots(canvas, xy, line_px // 2)
     return canvas
 
 
@@ -86,10 +86,14 @@ def annotate(image: np.ndarray, boxes: Sequence[np.ndarray], *,
         cv2.putText(out, label, org, cv2.FONT_HERSHEY_SIMPLEX, 0.4 * scale, _BOX_COLOR, scale,
                     cv2.LINE_AA)
     for pts in landmarks:
-        for p in _fixed_point(pts):
-            cv2.circle(out, (int(p[0]), int(p[1])), (scale // 2) << _SHIFT, POINT_COLOR, -1,
-                       cv2.LINE_8, _SHIFT)
+        _draw_dots(out, pts, scale // 2)
     return out
+
+
+def _draw_dots(canvas: np.ndarray, xy: np.ndarray, radius: int) -> None:
+    """White dots centred on the pixel that contains each point (radius 0: that pixel alone)."""
+    for x, y in np.floor(xy).astype(np.int64):
+        cv2.circle(canvas, (int(x), int(y)), radius, POINT_COLOR, -1, cv2.LINE_8)
 
 
 def _fixed_point(points: np.ndarray) -> np.ndarray:

@@ -74,6 +74,8 @@ def as_rgb8(array: np.ndarray) -> np.ndarray:
       ValueError: any other shape or dtype.
     """
     a = np.asarray(array)
+    if a.dtype == np.uint8 and a.ndim == 3 and a.shape[-1] == 3:
+        return np.ascontiguousarray(a)
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3 or a.shape[-1] not in (1, 3, 4) or 0 in a.shape:
@@ -107,8 +109,9 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size: tuple[int, int], *,
     ``matrix`` (2, 3) maps a point of ``image`` to the output, both in the convention of
     ``realisid_jax.face.detect`` (pixel (i, j) covers ``[j, j+1) x [i, i+1)``). OpenCV puts pixel
     centres on integers, so the map is shifted by half a pixel on both sides before calling it.
-    ``cv2.warpAffine`` has no area filter, so a strong reduction is first done by ``cv2.resize``
-    with ``INTER_AREA`` (no aliasing) and the rest by bilinear warping.
+    Only the part of ``image`` the output reads is touched (a small crop of a large photo costs
+    little). ``cv2.warpAffine`` has no area filter, so a strong reduction is first done by
+    ``cv2.resize`` with ``INTER_AREA`` (no aliasing) and the rest by bilinear warping.
 
     Args:
       image: (H, W) or (H, W, C) array (uint8 or float32).
@@ -122,6 +125,7 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size: tuple[int, int], *,
     import cv2  # deferred: this module must stay cheap to import
 
     m = np.asarray(matrix, np.float64)
+    image, m = _crop_to_support(image, m, size)
     shrink = np.sqrt(abs(np.linalg.det(m[:, :2])))
     if shrink < 0.5:
         h, w = image.shape[:2]
@@ -133,3 +137,18 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size: tuple[int, int], *,
     mode = {"constant": cv2.BORDER_CONSTANT, "replicate": cv2.BORDER_REPLICATE}[border]
     return cv2.warpAffine(image, cv_m, tuple(size), flags=cv2.INTER_LINEAR, borderMode=mode,
                           borderValue=0)
+
+
+def _crop_to_support(image: np.ndarray, m: np.ndarray, size: tuple[int, int]):
+    """Cut ``image`` to the bounding box of the points the output samples (plus a 2-pixel margin
+    for interpolation), clipped to the image; returns the crop and the map re-based on it."""
+    h, w = image.shape[:2]
+    a_inv = np.linalg.inv(m[:, :2])
+    out_w, out_h = size
+    corners = np.array([[0, 0], [out_w, 0], [0, out_h], [out_w, out_h]], np.float64)
+    src = (corners - m[:, 2]) @ a_inv.T
+    x0, y0 = np.clip(np.floor(src.min(0)).astype(int) - 2, 0, [w - 1, h - 1])
+    x1, y1 = np.clip(np.ceil(src.max(0)).astype(int) + 2, [x0 + 1, y0 + 1], [w, h])
+    shifted = m.copy()
+    shifted[:, 2] += m[:, :2] @ [x0, y0]
+    return image[y0:y1, x0:x1], shifted

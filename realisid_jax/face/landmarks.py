@@ -24,7 +24,7 @@ from realisid_jax.face.image import warp_affine
 _MESH_INPUT = 192
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # array fields: no elementwise ==
 class LandmarkResult:
     """Landmarks of one face.
 

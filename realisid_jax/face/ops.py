@@ -38,9 +38,10 @@ def _tent(coords: jax.Array, n: int) -> jax.Array:
 
 def _coverage(lo: jax.Array, hi: jax.Array, n: int) -> jax.Array:
     """(n,) fraction of each of the ``n`` cells of [0, 1] that the interval [lo, hi] covers, in [0, 1]."""
-    edges = jnp.arange(n + 1, dtype=jnp.float32) / n
-    overlap = jnp.minimum(edges[1:], hi) - jnp.maximum(edges[:-1], lo)
-    return jnp.clip(overlap * n, 0.0, 1.0)
+    # In cell units, so that a full box covers every cell exactly once.
+    start = jnp.arange(n, dtype=jnp.float32)
+    overlap = jnp.minimum(start + 1.0, hi * n) - jnp.maximum(start, lo * n)
+    return jnp.clip(overlap, 0.0, 1.0)
 
 
 def _resample(x: jax.Array, wy: jax.Array, wx: jax.Array) -> jax.Array:
@@ -68,11 +69,10 @@ def crop_and_resize(latent: jax.Array, box: jax.Array, size: int | Sequence[int]
     height, width = latent.shape[:2]
     box = box.astype(jnp.float32)
     x0, y0, x1, y1 = box[0], box[1], box[2], box[3]
-    fy = (jnp.arange(out_h, dtype=jnp.float32) + 0.5) / out_h
-    fx = (jnp.arange(out_w, dtype=jnp.float32) + 0.5) / out_w
-    # Normalised sample position -> index space of the input's cell centres.
-    sy = (y0 + fy * (y1 - y0)) * height - 0.5
-    sx = (x0 + fx * (x1 - x0)) * width - 0.5
+    # Output cell centre -> index space of the input's cell centres; the step is exactly 1 for a full box
+    # with size == (H, W), so that case is the exact identity.
+    sy = y0 * height + (jnp.arange(out_h, dtype=jnp.float32) + 0.5) * ((y1 - y0) * height / out_h) - 0.5
+    sx = x0 * width + (jnp.arange(out_w, dtype=jnp.float32) + 0.5) * ((x1 - x0) * width / out_w) - 0.5
     return _resample(latent, _tent(sy, height), _tent(sx, width))
 
 
@@ -107,11 +107,12 @@ def relocate(residual: jax.Array, box: jax.Array, hw: Sequence[int]) -> jax.Arra
     src_h, src_w = residual.shape[:2]
     box = box.astype(jnp.float32)
     x0, y0, x1, y1 = box[0], box[1], box[2], box[3]
-    cy = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height
-    cx = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width
-    # Output cell centre -> index space of the residual's cell centres (inverse of crop_and_resize's map).
-    sy = (cy - y0) / jnp.maximum(y1 - y0, _MIN_EXTENT) * src_h - 0.5
-    sx = (cx - x0) / jnp.maximum(x1 - x0, _MIN_EXTENT) * src_w - 0.5
+    # Output cell centre -> index space of the residual's cell centres (inverse of crop_and_resize's map),
+    # in output-cell units so that a full box with S == (h, w) has step exactly 1.
+    sy = ((jnp.arange(height, dtype=jnp.float32) + 0.5) - y0 * height) * (
+        src_h / (jnp.maximum(y1 - y0, _MIN_EXTENT) * height)) - 0.5
+    sx = ((jnp.arange(width, dtype=jnp.float32) + 0.5) - x0 * width) * (
+        src_w / (jnp.maximum(x1 - x0, _MIN_EXTENT) * width)) - 0.5
     wy = _coverage(y0, y1, height)[:, None] * _tent(sy, src_h)
     wx = _coverage(x0, x1, width)[:, None] * _tent(sx, src_w)
     return _resample(residual, wy, wx)

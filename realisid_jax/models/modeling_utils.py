@@ -56,6 +56,12 @@ class PretrainedMixin:
         return convert.torch_key(path)
 
     @classmethod
+    def rename_checkpoint(cls, state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Normalises a checkpoint's keys before they are matched; the identity unless a class accepts several
+        on-disk layouts (transformers 5 saves ``CLIPTextModel`` without the ``text_model.`` prefix)."""
+        return state_dict
+
+    @classmethod
     def abstract(cls, config: ModelConfig, *, dtype=jnp.float32, param_dtype=None, attention_impl: str | None = "xla"):
         """The model with ``ShapeDtypeStruct`` parameters: shapes, counts and shardings without memory."""
         return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype or dtype,
@@ -84,6 +90,7 @@ class PretrainedMixin:
                                                           attention_impl=attention_impl))
         shardings = state_shardings(abstract_state, mesh, rules) if mesh is not None else None
         weights = find_weights(path, cls.weights_names)
-        state = convert.load_torch_state(abstract_state, read_state_dict(weights), source=str(weights),
+        state_dict = cls.rename_checkpoint(read_state_dict(weights))
+        state = convert.load_torch_state(abstract_state, state_dict, source=str(weights),
                                          key_fn=cls.torch_key, ignore=cls.ignore_keys, shardings=shardings)
         return nnx.merge(graphdef, state)

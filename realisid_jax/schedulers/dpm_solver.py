@@ -174,7 +174,8 @@ class DPMSolverMultistepScheduler(NoiseSchedule):
         Args:
             model_output: ``(B, ...)`` model prediction at ``timesteps[i]``.
             i: python int or traced int32 step index in ``[0, N)``.
-            sample: ``(B, ...)`` current sample; the result has ``model_output``'s dtype (maths in float32).
+            sample: ``(B, ...)`` current sample; the result has its dtype (maths in float32; diffusers
+                returns ``model_output``'s dtype, the same thing whenever latents and model output agree).
             carry: :class:`DPMSolverCarry` from :meth:`init_carry` or the previous step.
 
         Returns:
@@ -215,7 +216,7 @@ class DPMSolverMultistepScheduler(NoiseSchedule):
         prev = c_x * x - c_0 * x0 + c_1 * (x0 - carry.prev_x0)
 
         new_carry = DPMSolverCarry(prev_x0=x0, n_prev=jnp.minimum(carry.n_prev + 1, self.solver_order))
-        return prev.astype(model_output.dtype), new_carry
+        return prev.astype(sample.dtype), new_carry
 
     def add_noise(self, original_samples, noise, timesteps, state: DPMSolverState | None = None):
         """VP forward process. Without ``state`` identical to :meth:`NoiseSchedule.add_noise`; with ``state``

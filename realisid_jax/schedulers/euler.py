@@ -134,7 +134,6 @@ class EulerDiscreteScheduler(NoiseSchedule):
             i: python int or traced int32 step index in ``[0, N)``.
             sample: ``(B, ...)`` current (unscaled) sample; result has its dtype, maths in float32.
         """
-        out_dtype = model_output.dtype
         x = sample.astype(jnp.float32)
         m = model_output.astype(jnp.float32)
         sigma = state.sigmas[i]
@@ -147,7 +146,7 @@ class EulerDiscreteScheduler(NoiseSchedule):
         derivative = (x - x0) / sigma
         dt = state.sigmas[i + 1] - sigma
         prev = x + derivative * dt
-        return prev.astype(out_dtype), carry
+        return prev.astype(sample.dtype), carry
 
     def add_noise(self, original_samples, noise, timesteps, state: EulerState | None = None):
         """Variance-exploding forward process ``x0 + sigma * noise``.

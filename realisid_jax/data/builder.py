@@ -1,0 +1,146 @@
+"""The prepared training set as a TFDS dataset in ``array_record`` format.
+
+Layout: ``DIR/realisid_faces/1.0.0/`` (TFDS's ``data_dir/name/version``), one split ``train``,
+readable without TensorFlow by ``tfds.data_source("realisid_faces", data_dir=DIR)`` (random access,
+what grain reads). The builder class is not registered with TFDS: readers go through the files'
+own ``dataset_info.json``/``features.json``, so they need neither this module nor its arguments.
+
+One example (all geometry in the training frame: the image resized by its shorter side and cropped
+to ``resolution`` x ``resolution``; pixel (i, j) covers ``[j, j+1) x [i, i+1)``):
+  image:      (R, R, 3) uint8 RGB, stored as JPEG or PNG bytes.
+  caption:    text.
+  face_box:   (4,) float32 ``(x0, y0, x1, y1)`` pixels: the subject's face box made square by its
+              longer edge (paper Sec. "ID embedding"), inside ``[0, R]``.
+  landmarks:  (468, 2) float32 ``(x, y)`` pixels, MediaPipe Face Mesh order.
+  face_mask:  (R, R, 1) uint8, 255 on the face (face-parsing mask), stored as PNG.
+  reference:  (S, S, 3) uint8 RGB, the masked square reference crop for the CLIP image encoder,
+              not yet normalised, stored as PNG.
+  source:     text, the image's path relative to the source folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+DATASET_NAME = "realisid_faces"
+DATASET_VERSION = "1.0.0"
+NUM_LANDMARKS = 468
+IMAGE_FORMATS = ("jpeg", "png")
+
+Example = dict[str, Any]
+
+
+def features(resolution: int, reference_size: int,
+             image_format: str = "jpeg") -> tfds.features.FeaturesDict:
+    """The feature spec of one example (see the module docstring).
+
+    Image features are given already-encoded bytes by the writer, so building needs no TensorFlow.
+
+    Raises:
+      ValueError: ``image_format`` is not "jpeg" or "png".
+    """
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(resolution, resolution, 3),
+                                     encoding_format=image_format),
+        "caption": tfds.features.Text(),
+        "face_box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+        "landmarks": tfds.features.Tensor(shape=(NUM_LANDMARKS, 2), dtype=np.float32),
+        "face_mask": tfds.features.Image(shape=(resolution, resolution, 1), encoding_format="png"),
+        "reference": tfds.features.Image(shape=(reference_size, reference_size, 3),
+                                         encoding_format="png"),
+        "source": tfds.features.Text(),
+    })
+
+
+class RealisidFaces(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Writes the examples yielded by ``examples()`` as split ``train``.
+
+    Args:
+      examples: called once at write time; yields ``(key, example)`` with unique string keys.
+        Examples are written in the order given (TFDS shuffling disabled) so that a rebuild from
+        the same inputs gives the same files.
+      resolution, reference_size, image_format: see ``features``.
+      metadata: JSON-serialisable values stored in ``dataset_info.json`` (``info.metadata``).
+      **kwargs: ``data_dir`` and the other ``tfds.core.DatasetBuilder`` arguments.
+    """
+
+    VERSION = tfds.core.Version(DATASET_VERSION)
+    RELEASE_NOTES = {DATASET_VERSION: "Single-person image-caption pairs with face geometry."}
+    # TFDS looks beside the builder's source file for checksum/metadata files (there are none) and
+    # that lookup imports ``importlib_resources``, which TFDS does not declare on Python >= 3.9.
+    code_path = None
+
+    def __init__(self, *, examples: Callable[[], Iterable[tuple[str, Example]]], resolution: int,
+                 reference_size: int, image_format: str = "jpeg",
+                 metadata: Mapping[str, Any] | None = None, **kwargs: Any):
+        self._examples = examples
+        self._features = features(resolution, reference_size, image_format)
+        self._metadata = dict(metadata or {})
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=self._features,
+            description="RealisID training pairs: photo, caption and the subject's face geometry.",
+            disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(self._metadata),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download: the examples are already prepared
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        yield from self._examples()
+
+
+def dataset_dir(data_dir: str | os.PathLike) -> Path:
+    """The folder TFDS writes the dataset to under ``data_dir``."""
+    return Path(data_dir) / DATASET_NAME / DATASET_VERSION
+
+
+def write_dataset(data_dir: str | os.PathLike,
+                  examples: Callable[[], Iterable[tuple[str, Example]]], *, resolution: int,
+                  reference_size: int, image_format: str = "jpeg",
+                  metadata: Mapping[str, Any] | None = None) -> Path:
+    """(Re)write the dataset under ``data_dir``, replacing any previous version; returns its folder.
+
+    Raises:
+      ValueError: an example does not match the feature spec, or ``examples`` yields nothing
+        (TFDS cannot write an empty split).
+    """
+    shutil.rmtree(dataset_dir(data_dir), ignore_errors=True)
+    builder = RealisidFaces(examples=examples, resolution=resolution,
+                            reference_size=reference_size, image_format=image_format,
+                            metadata=metadata, data_dir=os.fspath(data_dir),
+                            file_format="array_record")
+    # Nothing is downloaded, but TFDS makes a download folder: keep it out of ``data_dir``.
+    with tempfile.TemporaryDirectory(prefix="tfds-downloads-") as downloads:
+        builder.download_and_prepare(
+            download_dir=downloads,
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return dataset_dir(data_dir)
+
+
+def open_split(data_dir: str | os.PathLike, split: str = "train", *,
+               skip_decoding: Iterable[str] = ()):
+    """The split as a random-access ``tfds`` data source of decoded numpy examples.
+
+    ``skip_decoding`` names features returned as their stored bytes (e.g. ``("face_mask",)`` when
+    a reader does not need them). Images decode to uint8 arrays, texts to ``bytes``.
+
+    Raises:
+      tfds.core.DatasetNotFoundError (a ``FileNotFoundError``-like error): no dataset there.
+    """
+    decoders = {name: tfds.decode.SkipDecoding() for name in skip_decoding} or None
+    return tfds.data_source(DATASET_NAME, split=split, data_dir=os.fspath(data_dir),
+                            decoders=decoders, download=False)

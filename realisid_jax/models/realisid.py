@@ -1,0 +1,213 @@
+"""RealisID: the local and global ControlNet branches and the ID projection (paper Eqs. 3-6, multi-person).
+
+The frozen UNet gets, at every skip connection and after the mid block,
+``local_scale * Σ_k R(i_l^k, box_k) + global_scale * (1/K) Σ_k i_g^k`` where, per person k,
+  * ``i_l^k = local_branch(crop_k(z_t), t, p_id^k, c_pe^k)`` runs on the face box cropped out of the latent and
+    bilinearly up-sampled to ``local_latent_size``², and ``R`` relocates each of its residual levels back into
+    the box (zero outside it);
+  * ``i_g^k = global_branch(z_t, t, p_id^k, c_loc^k)`` runs on the whole latent, conditioned on the person's
+    location mask.
+Persons are padded to a static K with a validity mask and folded into the batch axis (B * K), so each branch
+runs once per denoising step. Boxes follow ``realisid_jax.face.ops``: ``(x0, y0, x1, y1)`` normalised to [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from realisid_jax.face.ops import crop_and_resize, location_mask, relocate_levels
+from realisid_jax.models.controlnet import ControlNetConfig, ControlNetModel
+from realisid_jax.models.embeddings import broadcast_timesteps
+from realisid_jax.models.id_projection import IDProjection, IDProjectionConfig
+
+# Latent cells per pixel edge (SD / SDXL VAE): the condition images are 8x the latent.
+VAE_SCALE = 8
+# Stand-in box of padded persons: keeps every op well conditioned; their outputs are masked out anyway.
+_FULL_BOX = (0.0, 0.0, 1.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RealisIDConfig:
+    """What ``RealisID`` is built from; ``from_config`` reads it from a project config.
+
+    Attributes:
+      local_branch, global_branch: ControlNet configs (the UNet's, with the branch's condition channels).
+      id_projection: the p_id Resampler's config; its ``output_dims`` is both branches' context width.
+      local_latent_size: S, the side of the up-sampled crop in latent cells (landmark image: 8S pixels).
+      local_scale, global_scale: weights of the two injections (method notes: 1.0).
+    """
+
+    local_branch: ControlNetConfig
+    global_branch: ControlNetConfig
+    id_projection: IDProjectionConfig
+    local_latent_size: int = 64
+    local_scale: float = 1.0
+    global_scale: float = 1.0
+
+    def __post_init__(self):
+        for name in ("local_branch", "global_branch"):
+            width = getattr(self, name).cross_attention_dim
+            widths = width if isinstance(width, tuple) else (width,)
+            if any(w != self.id_projection.output_dims for w in widths):
+                raise ValueError(f"{name}.cross_attention_dim={width} must equal id_projection.output_dims="
+                                 f"{self.id_projection.output_dims}: p_id is the branches' context")
+
+    @classmethod
+    def from_config(cls, config: Any) -> RealisIDConfig:
+        """From a project config (``configs/*.py``): ``model.unet`` with the ``model.local_branch`` /
+        ``model.global_branch`` overrides, ``model.id_projection`` and the ``realisid`` section."""
+        model, realisid = config.model, config.realisid
+        unet = dict(model.unet)
+        return cls(
+            local_branch=ControlNetConfig.from_unet_config(unet, **dict(model.local_branch)),
+            global_branch=ControlNetConfig.from_unet_config(unet, **dict(model.global_branch)),
+            id_projection=IDProjectionConfig.from_dict(dict(model.id_projection)),
+            local_latent_size=int(realisid.local_latent_size),
+            local_scale=float(realisid.local_scale),
+            global_scale=float(realisid.global_scale),
+        )
+
+
+def _fold(x: jax.Array, k: int) -> jax.Array:
+    """(B, ...) -> (B * K, ...), each image repeated for its K persons (person index fastest)."""
+    return jnp.repeat(x, k, axis=0)
+
+
+def _sum_persons(x: jax.Array, valid: jax.Array) -> jax.Array:
+    """(B * K, ...) -> (B, ...): sum over valid persons (``where``, so padded slots cannot leak NaNs)."""
+    b, k = valid.shape
+    x = x.reshape(b, k, *x.shape[1:])
+    return jnp.where(valid.reshape(b, k, *(1,) * (x.ndim - 2)), x, 0).sum(axis=1)
+
+
+class RealisID(nnx.Module):
+    """RealisID's trainable part: ``local_branch`` and ``global_branch`` (diffusers ``ControlNetModel``
+    trees) and ``id_projection`` (diffusers ``IPAdapterPlusImageProjection`` tree).
+
+    Construct with ``RealisID(config, rngs=...)`` (random branches) or ``RealisID.from_unet(unet, config)``
+    (branches initialised from the UNet, as in the paper).
+    """
+
+    def __init__(self, config: RealisIDConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 attention_impl: str | None = "xla"):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+        self.config = config
+        self.dtype = dtype
+        self.local_branch = ControlNetModel(config.local_branch, **kw)
+        self.global_branch = ControlNetModel(config.global_branch, **kw)
+        self.id_projection = IDProjection(config.id_projection, **kw)
+
+    @classmethod
+    def abstract(cls, config: RealisIDConfig, *, dtype=jnp.float32, param_dtype=None,
+                 attention_impl: str | None = "xla") -> RealisID:
+        """The model with ``ShapeDtypeStruct`` parameters (shapes, counts, shardings; no memory)."""
+        return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype or dtype,
+                                          attention_impl=attention_impl))
+
+    @classmethod
+    def from_unet(cls, unet, config: RealisIDConfig, *, rngs: nnx.Rngs | None = None) -> RealisID:
+        """Both ControlNets copied from ``unet`` (``ControlNetModel.from_unet``: encoder + mid block weights,
+        zero-initialised condition embedding output and residual convs); a fresh ``id_projection`` from
+        ``rngs`` (default ``nnx.Rngs(0)``). dtype, param_dtype and attention implementation follow ``unet``.
+        """
+        model = cls.abstract(config, dtype=unet.dtype, param_dtype=unet.param_dtype,
+                             attention_impl=unet.attention_impl)
+        for name in ("local_branch", "global_branch"):
+            branch = getattr(config, name)
+            setattr(model, name, ControlNetModel.from_unet(
+                unet, conditioning_channels=branch.conditioning_channels,
+                conditioning_embedding_out_channels=branch.conditioning_embedding_out_channels))
+        model.id_projection = IDProjection(config.id_projection, rngs=rngs or nnx.Rngs(0), dtype=unet.dtype,
+                                           param_dtype=unet.param_dtype, attention_impl=unet.attention_impl)
+        return model
+
+    def encode_id(self, image_hidden_states: jax.Array) -> jax.Array:
+        """p_id from CLIP-vision penultimate hidden states: (..., L, embed_dims) -> (..., num_queries,
+        output_dims); leading axes (e.g. batch and persons) are kept."""
+        lead = image_hidden_states.shape[:-2]
+        tokens = self.id_projection(image_hidden_states.reshape(-1, *image_hidden_states.shape[-2:]))
+        return tokens.reshape(*lead, *tokens.shape[1:])
+
+    def residuals(self, sample: jax.Array, timesteps: jax.Array | int | float, id_embedding: jax.Array,
+                  boxes: jax.Array, valid: jax.Array, landmark_images: jax.Array,
+                  added_cond_kwargs: Mapping[str, jax.Array] | None = None):
+        """Both branches' injections for K (padded) persons, summed per residual level.
+
+        Args:
+          sample: (B, h, w, 4) noisy latents z_t, NHWC.
+          timesteps: scalar or (B,) diffusion timesteps.
+          id_embedding: (B, K, N, D) p_id per person (``encode_id`` output), D = ``id_projection.output_dims``.
+          boxes: (B, K, 4) float face boxes ``(x0, y0, x1, y1)`` normalised to [0, 1].
+          valid: (B, K) bool, False for padded person slots (their boxes and inputs are ignored).
+          landmark_images: (B, K, 8S, 8S, 3) float in [0, 1], c_pe in each square face crop's frame
+            (S = ``local_latent_size``).
+          added_cond_kwargs: SDXL only, ``{"text_embeds": (B, P), "time_ids": (B, 6)}`` of the image. The
+            global branch gets them as they are; the local branch gets ``text_embeds`` and the crop's own
+            time ids ``(box_h_px, box_w_px, 0, 0, 8S, 8S)``.
+
+        Returns:
+          ``(down_block_res_samples, mid_block_res_sample)``: a tuple of NHWC arrays matching the UNet's skip
+          connections and its mid-block output, ``local_scale * Σ_k valid_k R(i_l^k) + global_scale *
+          Σ_k valid_k i_g^k / max(1, Σ_k valid_k)``; all zeros for an image without a valid person. Pass them
+          as the UNet's ``down_block_additional_residuals`` / ``mid_block_additional_residual``.
+
+        Raises:
+          ValueError: on inconsistent shapes (persons, landmark image size).
+        """
+        b, h, w, _ = sample.shape
+        k = boxes.shape[1]
+        size = self.config.local_latent_size
+        pixels = VAE_SCALE * size
+        if boxes.shape != (b, k, 4) or valid.shape != (b, k) or id_embedding.shape[:2] != (b, k):
+            raise ValueError(f"boxes {boxes.shape}, valid {valid.shape} and id_embedding {id_embedding.shape} "
+                             f"must share (B, K) = ({b}, K), boxes ending in 4")
+        if landmark_images.shape[:2] != (b, k) or landmark_images.shape[2:4] != (pixels, pixels):
+            raise ValueError(f"landmark_images {landmark_images.shape} must be (B, K, {pixels}, {pixels}, C) for "
+                             f"local_latent_size {size}")
+        valid = valid.astype(bool)
+        boxes = jnp.where(valid[..., None], boxes.astype(jnp.float32), jnp.asarray(_FULL_BOX, jnp.float32))
+        flat_boxes = boxes.reshape(b * k, 4)
+        t = _fold(broadcast_timesteps(timesteps, b), k)
+        p_id = id_embedding.reshape(b * k, *id_embedding.shape[2:])
+        global_added, local_added = self._added_conditions(added_cond_kwargs, flat_boxes, (h, w), k)
+
+        masks = jax.vmap(location_mask, in_axes=(0, None))(flat_boxes, (VAE_SCALE * h, VAE_SCALE * w))
+        g_down, g_mid = self.global_branch(_fold(sample, k), t, p_id, masks.astype(sample.dtype),
+                                           added_cond_kwargs=global_added)
+        crops = jax.vmap(jax.vmap(crop_and_resize, in_axes=(None, 0, None)), in_axes=(0, 0, None))(
+            sample, boxes, size)
+        l_down, l_mid = self.local_branch(
+            crops.reshape(b * k, size, size, -1), t, p_id,
+            landmark_images.reshape(b * k, *landmark_images.shape[2:]).astype(sample.dtype),
+            added_cond_kwargs=local_added)
+
+        global_levels = (*g_down, g_mid)
+        level_hws = tuple(tuple(x.shape[1:3]) for x in global_levels)
+        local_levels = jax.vmap(relocate_levels, in_axes=(0, 0, None))((*l_down, l_mid), flat_boxes, level_hws)
+        count = jnp.maximum(valid.sum(axis=1), 1).astype(jnp.float32)
+        inv_count = (1.0 / count).reshape(b, 1, 1, 1)
+        total = tuple(
+            (self.config.local_scale * _sum_persons(loc, valid)
+             + self.config.global_scale * _sum_persons(glob, valid) * inv_count).astype(glob.dtype)
+            for loc, glob in zip(local_levels, global_levels))
+        return total[:-1], total[-1]
+
+    def _added_conditions(self, added_cond_kwargs, flat_boxes, latent_hw, k):
+        """SDXL added conditions of the global and local branches, folded to B * K (None for SD 1.5)."""
+        if added_cond_kwargs is None:
+            return None, None
+        folded = {name: _fold(jnp.asarray(value), k) for name, value in added_cond_kwargs.items()}
+        h, w = latent_hw
+        pixels = VAE_SCALE * self.config.local_latent_size
+        box_h = (flat_boxes[:, 3] - flat_boxes[:, 1]) * (VAE_SCALE * h)
+        box_w = (flat_boxes[:, 2] - flat_boxes[:, 0]) * (VAE_SCALE * w)
+        zeros = jnp.zeros_like(box_h)
+        crop_ids = jnp.stack([box_h, box_w, zeros, zeros, zeros + pixels, zeros + pixels], axis=-1)
+        local = {**folded, "time_ids": crop_ids}
+        return folded, local

@@ -1,0 +1,94 @@
+"""Host batches -> global device batches: tokenise captions, rasterise c_pe, place each process's shard.
+
+Each process reads its own ``global_batch / process_count`` examples; ``jax.make_array_from_process_local_data``
+assembles the global arrays, sharded over the mesh's batch axes (``activation_batch`` rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from transformers import CLIPTokenizer
+
+from realisid_jax.face.draw import draw_landmark_image
+from realisid_jax.models.realisid import VAE_SCALE
+from realisid_jax.sharding import Rules, data_sharding
+from realisid_jax.tokenizer import CLIP_MAX_LENGTH, tokenize
+
+
+def landmark_pixels(config: ml_collections.ConfigDict) -> int:
+    """Side of the c_pe image: the local branch's input in pixels (8 x ``realisid.local_latent_size``)."""
+    return VAE_SCALE * int(config.realisid.local_latent_size)
+
+
+def batch_shapes(config: ml_collections.ConfigDict, num_text_encoders: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Global ``(shape, dtype)`` of every device batch field for ``config``."""
+    b, r = int(config.train.batch_size), int(config.train.resolution)
+    ref = int(config.model.image_encoder.image_size)
+    px = landmark_pixels(config)
+    shapes = {
+        "pixel_values": ((b, r, r, 3), np.float32),
+        "input_ids": ((b, CLIP_MAX_LENGTH), np.int32),
+        "face_box": ((b, 4), np.float32),
+        "landmark_image": ((b, px, px, 3), np.float32),
+        "reference": ((b, ref, ref, 3), np.float32),
+    }
+    if num_text_encoders == 2:
+        shapes["input_ids_2"] = ((b, CLIP_MAX_LENGTH), np.int32)
+    return shapes
+
+
+def batch_shardings(config: ml_collections.ConfigDict, num_text_encoders: int, mesh: Mesh,
+                    rules: Rules) -> dict[str, NamedSharding]:
+    """Leading (batch) axis of every field over the ``activation_batch`` mesh axes."""
+    return {k: data_sharding(mesh, shape, rules) for k, (shape, _) in batch_shapes(config, num_text_encoders).items()}
+
+
+def host_batch(example_batch: dict[str, Any], tokenizers: Sequence[CLIPTokenizer], landmark_px: int) -> dict:
+    """One process's batch as numpy arrays of the step's fields.
+
+    Args:
+      example_batch: the input pipeline's batch: ``pixel_values`` (b, R, R, 3) in [-1, 1], ``caption``
+        (b,) str/bytes, ``face_box`` (b, 4) normalised, ``landmarks`` (b, 468, 2) in the square face crop's
+        unit frame, ``reference`` (b, S, S, 3) CLIP-normalised.
+      tokenizers: one per text encoder (SDXL: two).
+      landmark_px: c_pe side in pixels.
+    """
+    captions = [c.decode() if isinstance(c, bytes) else str(c) for c in np.asarray(example_batch["caption"]).tolist()]
+    out = {
+        "pixel_values": np.asarray(example_batch["pixel_values"], np.float32),
+        "face_box": np.asarray(example_batch["face_box"], np.float32),
+        "reference": np.asarray(example_batch["reference"], np.float32),
+        "landmark_image": np.stack([draw_landmark_image(np.asarray(points), landmark_px)
+                                    for points in example_batch["landmarks"]]).astype(np.float32) / 255.0,
+    }
+    for i, tokenizer in enumerate(tokenizers):
+        out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = tokenize(tokenizer, captions)
+    return out
+
+
+class DeviceBatches(Iterator[dict[str, jax.Array]]):
+    """Wraps the input iterator (no look-ahead, so its saved position matches the steps run).
+
+    Raises (on ``next``):
+      ValueError: a process's batch does not match its share of the global batch.
+    """
+
+    def __init__(self, iterator: Iterator[dict[str, Any]], tokenizers: Sequence[CLIPTokenizer],
+                 config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules):
+        self._iterator = iterator
+        self._tokenizers = tuple(tokenizers)
+        self._px = landmark_pixels(config)
+        self._shapes = batch_shapes(config, len(self._tokenizers))
+        self._shardings = batch_shardings(config, len(self._tokenizers), mesh, rules)
+
+    def __next__(self) -> dict[str, jax.Array]:
+        local = host_batch(next(self._iterator), self._tokenizers, self._px)
+        return {name: jax.make_array_from_process_local_data(self._shardings[name], local[name].astype(dtype),
+                                                             shape)
+                for name, (shape, dtype) in self._shapes.items()}

@@ -1,0 +1,149 @@
+"""Training checkpoints: orbax ``CheckpointManager`` with composite items, restored straight onto shardings.
+
+A checkpoint ``<workdir>/checkpoints/<step>/`` holds three items:
+
+* ``train`` (``StandardSave``): the train state pytree — trainable parameters, optimiser state, step,
+  RNG key. Written asynchronously; every process writes its own shards.
+* ``data`` (:class:`IteratorStateHandler`): the input iterator's state, one JSON file per process
+  (``process_<i>-of-<n>.json``): on multi-host each process reads a different shard of the data, so a
+  single JSON written by the primary process (``JsonSave``) would restore every host to host 0's position.
+* ``meta`` (``JsonSave``): step and the config as JSON, for humans and tools.
+
+Atomicity: orbax writes a step into ``<step>.orbax-checkpoint-tmp-<n>`` and renames it when every item is
+finalised, so a process killed during a write leaves a temporary folder that ``latest_step`` ignores and
+the previous checkpoint restores unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class StatefulIterator(Protocol):
+    """What the trainer needs of an input iterator: ``next`` plus a JSON-able or bytes position."""
+
+    def __next__(self) -> Any: ...
+    def get_state(self) -> Any: ...
+    def set_state(self, state: Any) -> None: ...
+
+
+class IteratorStateHandler(ocp.CheckpointHandler):
+    """Saves ``iterator.get_state()`` (JSON-able or bytes) per process and restores it with ``set_state``."""
+
+    def save(self, directory: epath.Path, args: IteratorStateSave) -> None:
+        state = args.iterator.get_state()
+        record = {"bytes": state.decode()} if isinstance(state, bytes) else {"json": state}
+        _process_file(directory).write_text(json.dumps(record))
+
+    def restore(self, directory: epath.Path, args: IteratorStateRestore) -> Any:
+        path = _process_file(directory)
+        if not path.exists():
+            raise FileNotFoundError(f"no input-iterator state {path} (saved with another process count?)")
+        record = json.loads(path.read_text())
+        state = record["bytes"].encode() if "bytes" in record else record["json"]
+        args.iterator.set_state(state)
+        return args.iterator
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+
+def _process_file(directory: epath.Path) -> epath.Path:
+    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorStateSave(ocp.args.CheckpointArgs):
+    iterator: StatefulIterator
+
+
+@ocp.args.register_with_handler(IteratorStateHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorStateRestore(ocp.args.CheckpointArgs):
+    iterator: StatefulIterator
+
+
+class TrainCheckpointer:
+    """Saves and restores ``(train_state, iterator position)`` under ``directory``.
+
+    Args:
+      directory: checkpoint root (created); a local path or a ``gs://`` URL (needed on multi-host, where
+        every process writes its shards into the same checkpoint).
+      max_to_keep: number of newest checkpoints kept (``config.train.keep_checkpoints``).
+      async_save: write ``train`` in a background thread (the step loop continues); ``wait`` blocks.
+    """
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int, async_save: bool = True):
+        # Local paths are made absolute (orbax requires it); gs:// and other URLs pass through.
+        self.directory = epath.Path(directory if "://" in str(directory) else Path(directory).absolute())
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("train", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        """Newest finalised step, or ``None``; temporary (unfinished) step folders are not counted."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, train_state: Any, iterator: StatefulIterator | None, meta: dict) -> None:
+        """Starts writing checkpoint ``step`` (returns before the arrays are on disk when async).
+
+        The iterator's position is read now, so call it right after the step that consumed the batch.
+        """
+        items = {"train": ocp.args.StandardSave(train_state), "meta": ocp.args.JsonSave(meta)}
+        if iterator is not None:
+            items["data"] = IteratorStateSave(iterator)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, abstract_train_state: Any, iterator: StatefulIterator | None,
+                step: int | None = None) -> tuple[Any, int]:
+        """Loads a checkpoint onto the shardings of ``abstract_train_state`` and repositions ``iterator``.
+
+        Args:
+          abstract_train_state: pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set: each array is
+            read straight onto its devices (no host copy of the whole state).
+          iterator: repositioned in place with ``set_state``, or ``None`` to skip the data item.
+          step: default the latest finalised step.
+
+        Returns:
+          ``(train_state, step)``.
+
+        Raises:
+          FileNotFoundError: no finalised checkpoint under the directory.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no finished checkpoint under {self.directory}")
+        items = {"train": ocp.args.StandardRestore(abstract_train_state)}
+        if iterator is not None:
+            items["data"] = IteratorStateRestore(iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["train"], step
+
+    def meta(self, step: int) -> dict:
+        """The ``meta`` item of checkpoint ``step``."""
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous writes are finalised."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> TrainCheckpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

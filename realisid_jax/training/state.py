@@ -1,0 +1,145 @@
+"""Train state, born sharded: the frozen models, RealisID's branches (from the UNet) and the optimiser state.
+
+The train state is a plain dict pytree (what orbax saves and the step donates)::
+
+    {"step": int32 (), "params": nested dict of the RealisID module's nnx.Param arrays,
+     "opt_state": optax state over "params", "rng": uint32 (2,) base PRNG key}
+
+Nothing is materialised unsharded: every piece is first traced with ``nnx.eval_shape`` / ``jax.eval_shape``,
+its shardings are derived from the logical axis names (``state_shardings``), then it is created by a jit with
+those ``out_shardings`` (or loaded straight onto them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from realisid_jax.models.realisid import RealisID, RealisIDConfig
+from realisid_jax.sharding import Rules, state_shardings
+from realisid_jax.training.models import FrozenModels, pretrained_frozen_models, random_frozen_models
+
+TrainState = dict[str, Any]
+
+
+@dataclasses.dataclass
+class ModelSetup:
+    """What the step needs besides the train state.
+
+    Attributes:
+      graphdefs: ``(frozen graphdef, RealisID graphdef)``; rematerialisation flags are baked in.
+      frozen_inputs: ``(frozen models' state, RealisID's non-parameter state)``, sharded, never donated.
+      frozen_shardings: their shardings (same structure).
+      param_shardings: shardings of the branch parameters (pure dict, the train state's ``params``).
+    """
+
+    graphdefs: tuple[nnx.GraphDef, nnx.GraphDef]
+    frozen_inputs: tuple[nnx.State, nnx.State]
+    frozen_shardings: tuple[nnx.State, nnx.State]
+    param_shardings: dict
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _graphdefs(frozen: FrozenModels, realisid: RealisID, remat: bool) -> tuple[nnx.GraphDef, nnx.GraphDef]:
+    """Graph definitions of (abstract) models; with ``remat`` every block of the networks the backward pass
+    goes through is rematerialised: the frozen UNet (gradients reach the branches through its skips) and
+    both ControlNets."""
+    if remat:
+        for net in (frozen.unet, realisid.local_branch, realisid.global_branch):
+            net.enable_gradient_checkpointing()
+    return nnx.graphdef(frozen), nnx.graphdef(realisid)
+
+
+def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *, pretrained: Path | None = None,
+                 image_encoder: Path | None = None) -> tuple[ModelSetup, dict, Callable[[], dict]]:
+    """Frozen models (random, or loaded from ``pretrained`` / ``image_encoder``) and the branches initialised
+    from the frozen UNet (``RealisID.from_unet``), all born sharded on ``mesh``.
+
+    Returns:
+      ``(setup, abstract_params, make_params)``: the branch parameters' shapes (pure dict of
+      ``ShapeDtypeStruct``) and a function computing their initial values (sharded); a resumed run never
+      calls it.
+
+    Raises:
+      ValueError: only one of ``pretrained`` / ``image_encoder`` given.
+    """
+    if (pretrained is None) != (image_encoder is None):
+        raise ValueError("pass both --pretrained and --image-encoder, or neither (random weights)")
+    seed = int(config.train.seed)
+    branch_config = RealisIDConfig.from_config(config)
+    if pretrained is None:
+        def random_state():
+            return nnx.split(random_frozen_models(config, nnx.Rngs(seed)))
+
+        frozen_graphdef, abstract_frozen = nnx.eval_shape(random_state)
+        frozen_sh = state_shardings(abstract_frozen, mesh, rules)
+        frozen_state = jax.jit(lambda: random_state()[1], out_shardings=frozen_sh)()
+    else:
+        frozen_graphdef, frozen_state = nnx.split(pretrained_frozen_models(config, pretrained, image_encoder,
+                                                                           mesh, rules))
+        frozen_sh = state_shardings(frozen_state, mesh, rules)
+
+    def models(state):
+        frozen = nnx.merge(frozen_graphdef, state)
+        return frozen, RealisID.from_unet(frozen.unet, branch_config, rngs=nnx.Rngs(seed + 1))
+
+    def branch_state(state):
+        return nnx.split(models(state)[1], nnx.Param, ...)[1:]
+
+    abstract_params, abstract_rest = jax.eval_shape(branch_state, frozen_state)
+    branch_sh = (state_shardings(abstract_params, mesh, rules), state_shardings(abstract_rest, mesh, rules))
+    make_branches = jax.jit(branch_state, out_shardings=branch_sh)
+    rest = make_branches(frozen_state)[1] if jax.tree.leaves(abstract_rest) else abstract_rest
+    graphdefs = _graphdefs(*nnx.eval_shape(lambda: models(frozen_state)), bool(config.train.remat))
+    setup = ModelSetup(graphdefs=graphdefs, frozen_inputs=(frozen_state, rest),
+                       frozen_shardings=(frozen_sh, branch_sh[1]), param_shardings=branch_sh[0].to_pure_dict())
+    return setup, abstract_params.to_pure_dict(), lambda: make_branches(frozen_state)[0].to_pure_dict()
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_params: dict, param_shardings: dict,
+                        mesh: Mesh) -> Any:
+    """Shardings of ``optimizer.init(params)``: moments shard like their parameters, counters replicate."""
+    abstract = jax.eval_shape(optimizer.init, abstract_params)
+    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract, param_shardings,
+                                 transform_non_params=lambda _: replicated(mesh))
+
+
+def train_state_shardings(optimizer: optax.GradientTransformation, params: dict, setup: ModelSetup,
+                          mesh: Mesh) -> TrainState:
+    """Shardings of the whole train state (``params`` concrete or abstract)."""
+    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    return {"step": replicated(mesh), "params": setup.param_shardings,
+            "opt_state": opt_state_shardings(optimizer, abstract_params, setup.param_shardings, mesh),
+            "rng": replicated(mesh)}
+
+
+def init_train_state(optimizer: optax.GradientTransformation, params: dict, shardings: TrainState,
+                     seed: int) -> TrainState:
+    """Step 0: the branches' initial ``params`` (donated), fresh optimiser state, ``PRNGKey(seed)`` (a raw
+    uint32 key, so that it checkpoints as a plain array)."""
+
+    return jax.jit(lambda p: _initial(optimizer, p, seed), out_shardings=shardings, donate_argnums=0)(params)
+
+
+def _initial(optimizer: optax.GradientTransformation, params: dict, seed: int) -> TrainState:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
+            "rng": jax.random.PRNGKey(seed)}
+
+
+def abstract_train_state(optimizer: optax.GradientTransformation, abstract_params: dict, shardings: TrainState,
+                         seed: int) -> TrainState:
+    """``ShapeDtypeStruct`` with its sharding for every leaf of the train state: a checkpoint's restore target."""
+    abstract = jax.eval_shape(lambda p: _initial(optimizer, p, seed), abstract_params)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)

@@ -1,0 +1,140 @@
+"""The jitted training step: frozen encoders, RealisID's branches, the frozen UNet, Eq. 7, AdamW.
+
+Only the branch parameters (``nnx.Param`` of the ``RealisID`` module: both ControlNets and the ID projection)
+are differentiated. The frozen models' state and the branches' non-parameter state are a non-donated input;
+the train state (parameters, optimiser state, step, RNG key) is donated and comes back updated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from realisid_jax.prompt_encoding import sd15_text_embeddings, sdxl_text_embeddings
+from realisid_jax.schedulers import DDPMScheduler
+from realisid_jax.training.objective import condition_dropout, face_masks, face_weighted_loss
+from realisid_jax.training.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Static (hashable) inputs of the step, from ``config.train``.
+
+    ``empty_ids``: per text encoder, the (77,) token ids of the empty prompt (text dropout).
+    """
+
+    face_loss_weight: float
+    drop_id_prob: float
+    drop_text_prob: float
+    drop_both_prob: float
+    resolution: int
+    empty_ids: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, empty_ids) -> StepSettings:
+        t = config.train
+        return cls(float(t.face_loss_weight), float(t.drop_id_prob), float(t.drop_text_prob),
+                   float(t.drop_both_prob), int(t.resolution), tuple(tuple(int(i) for i in ids) for ids in empty_ids))
+
+
+def text_conditioning(frozen, input_ids: list[jax.Array], no_text: jax.Array, settings: StepSettings):
+    """Prompt embeddings (B, 77, D) and, for SDXL, the pooled embedding (B, P) (``None`` for SD 1.5); rows with
+    ``no_text`` encode the empty prompt (the paper's text dropout)."""
+    ids = [jnp.where(no_text[:, None], jnp.asarray(empty, jnp.int32)[None, :], batch_ids)
+           for batch_ids, empty in zip(input_ids, settings.empty_ids, strict=True)]
+    if frozen.text_encoder_2 is None:
+        return sd15_text_embeddings(frozen.text_encoder, ids[0]), None
+    return sdxl_text_embeddings([frozen.text_encoder, frozen.text_encoder_2], ids)
+
+
+def sdxl_time_ids(batch: int, resolution: int) -> jax.Array:
+    """``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` of square training images (B, 6) float32:
+    the prepared images are already at the training resolution, uncropped relative to themselves."""
+    row = jnp.array([resolution, resolution, 0, 0, resolution, resolution], jnp.float32)
+    return jnp.broadcast_to(row, (batch, 6))
+
+
+def compute_loss(params: dict, frozen_inputs: tuple[nnx.State, nnx.State], batch: Batch, key: jax.Array, *,
+                 graphdefs: tuple[nnx.GraphDef, nnx.GraphDef], scheduler: DDPMScheduler,
+                 settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Eq. 7 on one batch: returns ``(loss, {"mse", "face_loss"})``.
+
+    ``batch``: ``pixel_values`` (B, R, R, 3) in [-1, 1]; ``input_ids`` (and ``input_ids_2`` for SDXL) (B, 77)
+    int32; ``face_box`` (B, 4) normalised; ``landmark_image`` (B, P, P, 3) in [0, 1] (P = the local branch's
+    pixel size); ``reference`` (B, S, S, 3) CLIP-normalised.
+    """
+    frozen_graphdef, branch_graphdef = graphdefs
+    frozen_state, branch_rest = frozen_inputs
+    frozen = nnx.merge(frozen_graphdef, frozen_state)
+    realisid = nnx.merge(branch_graphdef, nnx.State(params), branch_rest)
+    k_vae, k_noise, k_t, k_drop = jax.random.split(key, 4)
+    b = batch["pixel_values"].shape[0]
+
+    vae = frozen.vae
+    latents = vae.encode(batch["pixel_values"]).sample(k_vae)
+    latents = (latents - vae.shift_factor) * vae.scaling_factor
+    no_id, no_text = condition_dropout(k_drop, b, settings.drop_id_prob, settings.drop_text_prob,
+                                       settings.drop_both_prob)
+    ids = [batch["input_ids"]] + ([batch["input_ids_2"]] if frozen.text_encoder_2 is not None else [])
+    prompt_embeds, pooled = text_conditioning(frozen, ids, no_text, settings)
+    added = None if pooled is None else {"text_embeds": pooled, "time_ids": sdxl_time_ids(b, settings.resolution)}
+    image_features = frozen.image_encoder(batch["reference"]).hidden_states[-2]
+    image_features = jnp.where(no_id[:, None, None], jnp.zeros_like(image_features), image_features)
+    p_id = realisid.encode_id(image_features)
+
+    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    timesteps = scheduler.sample_timesteps(k_t, b)
+    noisy = scheduler.add_noise(latents.astype(jnp.float32), noise, timesteps).astype(latents.dtype)
+    boxes = batch["face_box"].astype(jnp.float32)
+    down, mid = realisid.residuals(noisy, timesteps, p_id[:, None], boxes[:, None], jnp.ones((b, 1), bool),
+                                   batch["landmark_image"][:, None], added)
+    pred = frozen.unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added,
+                       down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    target = scheduler.training_target(latents.astype(jnp.float32), noise, timesteps)
+    mask = face_masks(boxes, latents.shape[1:3])
+    loss, mse, face = face_weighted_loss(pred, target, mask, settings.face_loss_weight)
+    return loss, {"mse": mse, "face_loss": face}
+
+
+def train_step(state: TrainState, frozen_inputs: tuple[nnx.State, nnx.State], batch: Batch, *,
+               graphdefs: tuple[nnx.GraphDef, nnx.GraphDef], scheduler: DDPMScheduler,
+               optimizer: optax.GradientTransformation, settings: StepSettings) -> tuple[TrainState, dict]:
+    """One AdamW step on the branch parameters. The step's randomness is ``fold_in(state.rng, state.step)``,
+    so a resumed run draws exactly what an uninterrupted one would.
+
+    Returns:
+      the new state and float32 scalar metrics ``loss``, ``mse``, ``face_loss``, ``grad_norm``.
+    """
+    key = jax.random.fold_in(state["rng"], state["step"])
+    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+    (loss, aux), grads = grad_fn(state["params"], frozen_inputs, batch, key, graphdefs=graphdefs,
+                                 scheduler=scheduler, settings=settings)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
+    return new_state, {"loss": loss, **aux, "grad_norm": optax.global_norm(grads)}
+
+
+def jit_train_step(*, graphdefs, scheduler, optimizer, settings, state_shardings, frozen_shardings,
+                   batch_shardings) -> Any:
+    """``train_step`` under ``jax.jit`` with explicit shardings; the train state (argument 0) is donated.
+
+    Call it as ``step(state, frozen_inputs, batch)`` inside ``use_mesh(mesh, rules)`` so that activation
+    constraints apply.
+    """
+
+    def step(state, frozen_inputs, batch):
+        return train_step(state, frozen_inputs, batch, graphdefs=graphdefs, scheduler=scheduler,
+                          optimizer=optimizer, settings=settings)
+
+    replicated = jax.sharding.NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))

@@ -1,0 +1,56 @@
+"""Training progress: TensorBoard scalars (tensorboardX) and a tqdm bar, written by process 0 only."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+
+class ProgressLog:
+    """Logs per-step metrics (host floats) every ``log_every`` steps and shows steps/s on a progress bar.
+
+    Scalars under ``train/``: every metric given (``loss``, ``face_loss``, ``grad_norm``, ...), ``lr`` and
+    ``steps_per_sec`` (averaged since the previous write, so it includes compilation on the first one).
+    """
+
+    def __init__(self, logdir: str | Path, *, start_step: int, num_steps: int, log_every: int):
+        self._primary = jax.process_index() == 0
+        self._log_every = max(1, int(log_every))
+        self._writer = SummaryWriter(str(logdir)) if self._primary else None
+        self._bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                         disable=not self._primary)
+        self._mark = (start_step, time.perf_counter())
+
+    def update(self, step: int, metrics: dict[str, float], lr: float) -> None:
+        """Records the metrics of the step that completed ``step`` steps (1-based)."""
+        self._bar.update(1)
+        if step % self._log_every:
+            return
+        now = time.perf_counter()
+        rate = (step - self._mark[0]) / max(now - self._mark[1], 1e-9)
+        self._mark = (step, now)
+        self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", steps_per_s=f"{rate:.2f}")
+        if self._writer is not None:
+            for name, value in metrics.items():
+                self._writer.add_scalar(f"train/{name}", value, step)
+            self._writer.add_scalar("train/lr", lr, step)
+            self._writer.add_scalar("train/steps_per_sec", rate, step)
+
+    def message(self, text: str) -> None:
+        if self._primary:
+            self._bar.write(text)
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+
+    def __enter__(self) -> ProgressLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,221 @@
+"""RealisID composition: K persons padded with a validity mask, sum/mean semantics, Eq. 3 reduction, sharding."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from realisid_jax.config import load_config
+from realisid_jax.face.ops import crop_and_resize, location_mask, relocate_levels
+from realisid_jax.models.modeling_utils import count_params
+from realisid_jax.models.realisid import RealisID, RealisIDConfig
+from realisid_jax.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
+from realisid_jax.sharding import DEFAULT_RULES, data_sharding, make_mesh, state_shardings, use_mesh
+
+LATENT = 16  # tiny config: local_latent_size 16 too, so a full box makes the crop the identity
+PIXELS = 8 * LATENT
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = load_config("configs/tiny.py")
+    unet = UNet2DConditionModel(UNet2DConditionConfig.from_dict(dict(config.model.unet)), rngs=nnx.Rngs(0))
+    rid_config = RealisIDConfig.from_config(config)
+    model = RealisID.from_unet(unet, rid_config, rngs=nnx.Rngs(1))
+    # Zero-initialised convs (Z1 output, Z2) would make every residual 0 and every comparison trivial.
+    graphdef, state = nnx.split(model)
+    keys = iter(jax.random.split(jax.random.key(2), 10_000))
+
+    def randomise(x):
+        return 0.1 * jax.random.normal(next(keys), x.shape, x.dtype) if not np.any(np.asarray(x)) else x
+
+    model = nnx.merge(graphdef, jax.tree.map(randomise, state))
+    return config, unet, model
+
+
+def _inputs(config, b, k, seed=0):
+    rng = np.random.default_rng(seed)
+    rid = config.model.id_projection
+    x0 = rng.uniform(0.0, 0.6, (b, k))
+    y0 = rng.uniform(0.0, 0.6, (b, k))
+    side = rng.uniform(0.1, 0.4, (b, k))
+    return dict(
+        sample=jnp.asarray(rng.normal(size=(b, LATENT, LATENT, 4)), jnp.float32),
+        timesteps=jnp.asarray(rng.integers(0, 1000, b), jnp.float32),
+        id_embedding=jnp.asarray(rng.normal(size=(b, k, rid.num_queries, rid.output_dims)), jnp.float32),
+        boxes=jnp.asarray(np.stack([x0, y0, x0 + side, y0 + 1.2 * side], -1), jnp.float32),
+        valid=jnp.ones((b, k), bool),
+        landmark_images=jnp.asarray(rng.uniform(size=(b, k, PIXELS, PIXELS, 3)), jnp.float32),
+        added_cond_kwargs=dict(text_embeds=jnp.asarray(rng.normal(size=(b, 32)), jnp.float32),
+                               time_ids=jnp.tile(jnp.asarray([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]), (b, 1))),
+    )
+
+
+@jax.jit
+def _residuals(graphdef, state, inputs):
+    return nnx.merge(graphdef, state).residuals(**inputs)
+
+
+@jax.jit
+def _branch(graphdef, state, sample, t, context, cond, added):
+    return nnx.merge(graphdef, state)(sample, t, context, cond, added_cond_kwargs=added)
+
+
+def _run(model, inputs):
+    return jax.tree.map(np.asarray, _residuals(*nnx.split(model), inputs))
+
+
+def _loop_reference(model, inputs):
+    """Python loop over images and persons calling each ControlNet on one person (batch 1)."""
+    size = model.config.local_latent_size
+    local_split, global_split = nnx.split(model.local_branch), nnx.split(model.global_branch)
+    per_image = []
+    for b in range(inputs["sample"].shape[0]):
+        sample = inputs["sample"][b:b + 1]
+        t = inputs["timesteps"][b:b + 1]
+        added = {n: v[b:b + 1] for n, v in inputs["added_cond_kwargs"].items()}
+        local_sum, global_sum, count = None, None, 0
+        for k in np.flatnonzero(np.asarray(inputs["valid"][b])):
+            box = inputs["boxes"][b, k]
+            context = inputs["id_embedding"][b, k][None]
+            mask = location_mask(box, (PIXELS, PIXELS))[None]
+            g_down, g_mid = _branch(*global_split, sample, t, context, mask, added)
+            g = [np.asarray(x[0]) for x in (*g_down, g_mid)]
+            crop = crop_and_resize(sample[0], box, size)[None]
+            box_h, box_w = float(box[3] - box[1]) * PIXELS, float(box[2] - box[0]) * PIXELS
+            local_added = dict(text_embeds=added["text_embeds"],
+                               time_ids=jnp.asarray([[box_h, box_w, 0.0, 0.0, 8.0 * size, 8.0 * size]]))
+            l_down, l_mid = _branch(*local_split, crop, t, context, inputs["landmark_images"][b, k][None],
+                                    local_added)
+            relocated = relocate_levels([x[0] for x in (*l_down, l_mid)], box, [x.shape[:2] for x in g])
+            loc = [np.asarray(x) for x in relocated]
+            local_sum = loc if local_sum is None else [a + c for a, c in zip(local_sum, loc)]
+            global_sum = g if global_sum is None else [a + c for a, c in zip(global_sum, g)]
+            count += 1
+        c = model.config
+        per_image.append([c.local_scale * lo + c.global_scale * gl / count for lo, gl in zip(local_sum, global_sum)])
+    levels = [np.stack(level) for level in zip(*per_image)]
+    return levels[:-1], levels[-1]
+
+
+def _assert_close(got, want, tol=1e-4):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.shape == w.shape
+        scale = max(1.0, float(np.abs(w).max()))
+        np.testing.assert_allclose(g, w, atol=tol * scale, rtol=0)
+
+
+def test_configs_and_param_counts(tiny):
+    config, unet, model = tiny
+    assert model.config.local_latent_size == LATENT
+    assert model.local_branch.config.conditioning_channels == 3
+    assert model.global_branch.config.conditioning_channels == 1
+    abstract = RealisID.abstract(model.config)
+    assert count_params(abstract) == count_params(model) == (
+        count_params(model.local_branch) + count_params(model.global_branch) + count_params(model.id_projection))
+    # from_unet copies the encoder: the branches' first conv equals the UNet's.
+    np.testing.assert_array_equal(np.asarray(model.local_branch.conv_in.kernel[...]), np.asarray(unet.conv_in.kernel[...]))
+    with pytest.raises(ValueError, match="output_dims"):
+        RealisIDConfig(model.config.local_branch, model.config.global_branch,
+                       model.config.id_projection.__class__(output_dims=32))
+
+
+def test_sum_and_mean_match_python_loop(tiny):
+    """K = 3 persons, image 0 with all three valid, image 1 with one: local summed, global averaged."""
+    config, _, model = tiny
+    inputs = _inputs(config, 2, 3)
+    inputs["valid"] = jnp.asarray([[True, True, True], [False, True, False]])
+    got = _run(model, inputs)
+    want = _loop_reference(model, inputs)
+    assert len(got[0]) == len(want[0]) == 6  # skips: conv_in, 2 resnets + downsampler, 2 resnets
+    assert all(np.abs(x).max() > 0 for x in jax.tree.leaves(got))
+    _assert_close(got, want)
+
+
+def test_single_person(tiny):
+    config, _, model = tiny
+    inputs = _inputs(config, 2, 1, seed=1)
+    _assert_close(_run(model, inputs), _loop_reference(model, inputs))
+
+
+def test_padded_slot_is_ignored(tiny):
+    """K = 3 with one invalid slot (garbage box, NaN inputs) equals K = 2 without it."""
+    config, _, model = tiny
+    two = _inputs(config, 2, 2, seed=3)
+    three = dict(two)
+    for name, garbage in (("boxes", jnp.asarray([0.9, 0.9, 0.1, 0.1])), ("id_embedding", jnp.nan),
+                          ("landmark_images", jnp.nan)):
+        pad = jnp.broadcast_to(jnp.asarray(garbage, jnp.float32), two[name][:, :1].shape)
+        three[name] = jnp.concatenate([two[name][:, :1], pad, two[name][:, 1:]], axis=1)
+    three["valid"] = jnp.asarray([[True, False, True]] * 2)
+    got = _run(model, three)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(got))
+    _assert_close(got, _run(model, two), tol=1e-6)
+
+
+def test_no_valid_person_gives_zeros(tiny):
+    config, _, model = tiny
+    inputs = _inputs(config, 2, 2, seed=4)
+    inputs["valid"] = jnp.zeros((2, 2), bool)
+    assert all(np.all(x == 0) for x in jax.tree.leaves(_run(model, inputs)))
+
+
+def test_full_box_reduces_to_naive_local_branch(tiny):
+    """Paper Eq. 3: with a full-image box and S = latent size, the local branch runs on the whole latent."""
+    config, _, model = tiny
+    inputs = _inputs(config, 2, 1, seed=5)
+    inputs["boxes"] = jnp.tile(jnp.asarray([[[0.0, 0.0, 1.0, 1.0]]]), (2, 1, 1))
+    only_local = nnx.merge(*nnx.split(model))
+    only_local.config = dataclasses.replace(model.config, global_scale=0.0)
+    got = _run(only_local, inputs)
+    added = dict(text_embeds=inputs["added_cond_kwargs"]["text_embeds"],
+                 time_ids=jnp.tile(jnp.asarray([[PIXELS, PIXELS, 0.0, 0.0, PIXELS, PIXELS]], jnp.float32), (2, 1)))
+    want = _branch(*nnx.split(model.local_branch), inputs["sample"], inputs["timesteps"],
+                   inputs["id_embedding"][:, 0], inputs["landmark_images"][:, 0], added)
+    _assert_close(got, jax.tree.map(np.asarray, want), tol=1e-5)
+
+
+def test_encode_id_keeps_leading_axes(tiny):
+    config, _, model = tiny
+    hidden = jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 257, config.model.id_projection.embed_dims)),
+                         jnp.float32)
+    p_id = nnx.jit(lambda m, x: m.encode_id(x))(model, hidden)
+    assert p_id.shape == (2, 3, 16, config.model.id_projection.output_dims)
+    np.testing.assert_allclose(np.asarray(p_id[1, 2]), np.asarray(model.id_projection(hidden[1, 2][None])[0]),
+                               atol=1e-5)
+
+
+def _step(unet_graph, unet_state, rid_graph, rid_state, inputs, text_context):
+    unet, rid = nnx.merge(unet_graph, unet_state), nnx.merge(rid_graph, rid_state)
+    down, mid = rid.residuals(**inputs)
+    return unet(inputs["sample"], inputs["timesteps"], text_context, added_cond_kwargs=inputs["added_cond_kwargs"],
+                down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+
+def test_sharded_step_matches_single_device(tiny):
+    """One jitted UNet + both branches step, K = 2, batch on the data axes and FSDP-sharded weights."""
+    config, unet, model = tiny
+    inputs = _inputs(config, 8, 2, seed=7)
+    inputs["valid"] = inputs["valid"].at[::3, 1].set(False)
+    text_context = jnp.asarray(np.random.default_rng(8).normal(size=(8, 77, 64)), jnp.float32)
+    (ug, us), (rg, rs) = nnx.split(unet), nnx.split(model)
+    step = jax.jit(_step, static_argnums=(0, 2))
+    want = np.asarray(step(ug, us, rg, rs, inputs, text_context))
+    assert np.all(np.isfinite(want))
+    for shape in ((8, 1, 1), (2, 4, 1), (2, 2, 2)):
+        mesh = make_mesh(shape)
+        with use_mesh(mesh):
+            us_sharded = jax.device_put(us, state_shardings(us, mesh, DEFAULT_RULES))
+            rs_sharded = jax.device_put(rs, state_shardings(rs, mesh, DEFAULT_RULES))
+            sharded_inputs = jax.tree.map(lambda x: jax.device_put(x, data_sharding(mesh, x.shape)), inputs)
+            assert not sharded_inputs["sample"].sharding.is_fully_replicated
+            if shape[1] > 1:
+                specs = [v.sharding.spec for v in jax.tree.leaves(rs_sharded)]
+                assert any("fsdp" in jax.tree.leaves(tuple(s)) for s in specs)
+            got = step(ug, us_sharded, rg, rs_sharded, sharded_inputs,
+                       jax.device_put(text_context, data_sharding(mesh, text_context.shape)))
+            got = np.asarray(jax.block_until_ready(got))
+        np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=0)
