@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("info", "faces")
+COMMANDS = ("info", "faces", "sample")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,6 +87,11 @@ class DeviceBatches(Iterator[dict[str, jax.Array]]):
         self._shapes = batch_shapes(config, len(self._tokenizers))
         self._shardings = batch_shardings(config, len(self._tokenizers), mesh, rules)
 
+    @property
+    def shardings(self) -> dict[str, NamedSharding]:
+        """Sharding of each field (the step's ``in_shardings`` for the batch)."""
+        return self._shardings
+
     def __next__(self) -> dict[str, jax.Array]:
         local = host_batch(next(self._iterator), self._tokenizers, self._px)
         return {name: jax.make_array_from_process_local_data(self._shardings[name], local[name].astype(dtype),

@@ -1,0 +1,117 @@
+"""``realisid sample``: the main job — prompt + per-person reference photo and face box -> images.
+
+Without ``--face`` it runs the embedded default: the astronaut photo shipped in scikit-image, one face box,
+the config's random weights (tiny config: noise, not faces) and the real CLIP vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+from realisid_jax.config import load_config
+
+DEFAULT_PROMPT = "a photo of an astronaut smiling, portrait, studio light"
+_MAX_RANDOM_UNET = 100_000_000  # above this, random weights are surely a mistake: ask for --base
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sample", help="generate images with RealisID (the main job)")
+    p.add_argument("--config", default="configs/tiny.py", help="config file (default: configs/tiny.py)")
+    p.add_argument("--face", action="append", default=[], help="reference photo of a person (repeat per person)")
+    p.add_argument("--box", action="append", default=[], help="x0,y0,x1,y1 face box in output pixels, per --face")
+    p.add_argument("--pose", action="append", default=[],
+                   help="photo whose landmarks set pose/expression, per --face ('-' = the reference's own)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--out", required=True, help="output folder (PNG per image + conditioning sheet)")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: config)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--base", default=None, help="diffusers SDXL / SD1.5 pipeline folder (real weights)")
+    p.add_argument("--branches", default=None, help="trained RealisID branches folder (realisid export)")
+    p.add_argument("--image-encoder", default=None, help="CLIP vision model folder (transformers format)")
+    p.set_defaults(func=run)
+
+
+def _persons(args, height: int, width: int):
+    from skimage import data
+
+    from realisid_jax.conditioning import Person
+
+    if not args.face:
+        # Embedded default: the astronaut's face, placed at 1/4 of the image edge, upper middle.
+        side = min(height, width) / 4
+        box = (width / 2 - side / 2, height / 5, width / 2 + side / 2, height / 5 + side)
+        return [Person(data.astronaut(), box)], "skimage.data.astronaut()"
+    if len(args.box) != len(args.face):
+        raise SystemExit(f"error: {len(args.face)} --face but {len(args.box)} --box; give one box per face")
+    if args.pose and len(args.pose) != len(args.face):
+        raise SystemExit("error: give --pose once per --face (use '-' for the reference's own landmarks)")
+    poses = args.pose or ["-"] * len(args.face)
+    persons = []
+    for face, box, pose in zip(args.face, args.box, poses):
+        try:
+            coords = tuple(float(v) for v in box.split(","))
+        except ValueError:
+            raise SystemExit(f"error: --box {box!r} is not x0,y0,x1,y1") from None
+        persons.append(Person(face, coords, None if pose == "-" else pose))
+    return persons, ", ".join(args.face)
+
+
+def _enable_compilation_cache() -> None:
+    import jax
+
+    from realisid_jax.assets import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_compilation_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def build_pipeline(config, args):
+    from realisid_jax.commands.info import parameter_counts
+    from realisid_jax.pipeline import RealisIDPipeline
+
+    if args.base is None:
+        if parameter_counts(config)["unet"] > _MAX_RANDOM_UNET:
+            raise SystemExit("error: this config is full size; random weights would only make noise slowly. "
+                             "Pass --base DIFFUSERS_FOLDER (and --branches, --image-encoder).")
+        print("note: no --base given: using the config's RANDOM weights, which make noise, not faces. For real "
+              "images pass --base (a diffusers SDXL folder), --branches (trained RealisID weights, `realisid "
+              "train`) and --image-encoder (a CLIP ViT-H/14 vision folder).")
+        return RealisIDPipeline.from_config(config, seed=config.sampling.seed)
+    return RealisIDPipeline.from_pretrained(config, args.base, branches=args.branches,
+                                            image_encoder=args.image_encoder)
+
+
+def run(args) -> int:
+    from PIL import Image
+
+    from realisid_jax.conditioning import conditioning_sheet
+
+    config = load_config(args.config, args.config_overrides)
+    height = args.height or config.sampling.height
+    width = args.width or config.sampling.width
+    persons, source = _persons(args, height, width)
+    out = Path(args.out)
+    _enable_compilation_cache()
+    pipeline = build_pipeline(config, args)
+    result = pipeline(args.prompt, persons, negative_prompt=args.negative_prompt, height=height, width=width,
+                      num_inference_steps=args.steps, num_images=args.num_images,
+                      seed=config.sampling.seed if args.seed is None else args.seed)
+    # Everything is computed before anything is written: a failure leaves --out untouched.
+    out.mkdir(parents=True, exist_ok=True)
+    files = [(f"image_{i:03d}.png", Image.fromarray(img)) for i, img in enumerate(result.images)]
+    files.append(("conditioning_sheet.png", conditioning_sheet(result.conditions, height, width)))
+    for name, image in files:
+        fd, tmp = tempfile.mkstemp(dir=out, suffix=".png.tmp")
+        os.close(fd)
+        image.save(tmp, format="PNG")
+        os.replace(tmp, out / name)
+    print(f"wrote {len(result.images)} image(s) and conditioning_sheet.png to {out}/ "
+          f"(references: {source}; prompt: {args.prompt!r})")
+    return 0

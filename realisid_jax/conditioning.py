@@ -1,0 +1,139 @@
+"""Per-person conditions on the host: reference photo -> CLIP input, pose photo -> landmark image c_pe,
+face box -> normalised box; padded to the static maximum K with a validity mask.
+
+User boxes are ``(x0, y0, x1, y1)`` in output-image pixels; the JAX ops take them normalised to [0, 1]
+(``realisid_jax.face.ops``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from realisid_jax.face.analysis import FaceAnalyzer
+from realisid_jax.face.draw import draw_landmark_image
+from realisid_jax.face.image import as_rgb8, load_image
+from realisid_jax.face.preprocess import CLIP_MEAN, CLIP_STD, ReferenceFace, preprocess_reference
+
+ImageInput = str | os.PathLike | np.ndarray
+
+
+class BoxError(ValueError):
+    """A face box that is malformed or not inside the output image."""
+
+
+class TooManyPersonsError(ValueError):
+    """More persons than the configured static maximum ``realisid.max_persons``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Person:
+    """One identity to generate.
+
+    Attributes:
+      reference: photo of the person (path or HxWx3 array); its largest face is used.
+      box: ``(x0, y0, x1, y1)`` where the face goes, output-image pixels (floats allowed).
+      pose: optional photo whose landmarks set pose and expression; default the reference's own.
+    """
+
+    reference: ImageInput
+    box: Sequence[float]
+    pose: ImageInput | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PersonConditions:
+    """Host arrays for K = ``max_persons`` slots (padded slots are zeros with ``valid`` False).
+
+    Attributes:
+      reference_pixels: (K, S_clip, S_clip, 3) float32, CLIP-normalised masked square face crops.
+      landmark_images: (K, P, P, 3) float32 in [0, 1], c_pe at the local branch's pixel size P.
+      boxes: (K, 4) float32, normalised ``(x0, y0, x1, y1)``.
+      valid: (K,) bool.
+      references: the analysed references (for the conditioning sheet).
+    """
+
+    reference_pixels: np.ndarray
+    landmark_images: np.ndarray
+    boxes: np.ndarray
+    valid: np.ndarray
+    references: tuple[ReferenceFace, ...]
+
+
+def _as_image(image: ImageInput) -> tuple[np.ndarray, str]:
+    if isinstance(image, np.ndarray):
+        return as_rgb8(image), "<array>"
+    return load_image(image), str(image)
+
+
+def check_box(box: Sequence[float], height: int, width: int) -> np.ndarray:
+    """Validates a pixel box against the output image; returns it normalised to [0, 1] (float32).
+
+    Raises:
+      BoxError: not 4 numbers, empty, or not inside the (width x height) image.
+    """
+    b = np.asarray(box, np.float64).reshape(-1)
+    if b.size != 4 or not np.all(np.isfinite(b)):
+        raise BoxError(f"a box is 4 numbers x0,y0,x1,y1 in pixels, got {list(box)}")
+    x0, y0, x1, y1 = b
+    if not (x1 > x0 and y1 > y0):
+        raise BoxError(f"box {list(b)} is empty: need x1 > x0 and y1 > y0")
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        raise BoxError(f"box {list(b)} is outside the {width}x{height} image (pixels, x0,y0,x1,y1)")
+    return (b / np.array([width, height, width, height])).astype(np.float32)
+
+
+def prepare_persons(persons: Sequence[Person], *, height: int, width: int, max_persons: int,
+                    landmark_px: int, analyzer: FaceAnalyzer, clip_size: int = 224,
+                    clip_mean: Sequence[float] = CLIP_MEAN, clip_std: Sequence[float] = CLIP_STD) -> PersonConditions:
+    """Analyses every person's photos and builds the padded condition arrays.
+
+    Boxes and the person count are checked before any photo is analysed, so bad input fails fast.
+
+    Raises:
+      TooManyPersonsError, BoxError: as above. NoFaceError / ImageReadError / FaceTooSmallError: from the
+      face analysis, naming the photo.
+    """
+    if len(persons) > max_persons:
+        raise TooManyPersonsError(f"{len(persons)} persons given, the configured maximum is {max_persons} "
+                                  f"(--config.realisid.max_persons)")
+    boxes = np.zeros((max_persons, 4), np.float32)
+    for k, person in enumerate(persons):
+        boxes[k] = check_box(person.box, height, width)
+    pixels = np.zeros((max_persons, clip_size, clip_size, 3), np.float32)
+    landmarks = np.zeros((max_persons, landmark_px, landmark_px, 3), np.float32)
+    references = []
+    for k, person in enumerate(persons):
+        reference = _analyse(person.reference, analyzer, clip_size, clip_mean, clip_std)
+        pose = reference if person.pose is None else _analyse(person.pose, analyzer, clip_size, clip_mean, clip_std)
+        pixels[k] = reference.pixels
+        landmarks[k] = draw_landmark_image(pose.landmarks, landmark_px).astype(np.float32) / 255.0
+        references.append(reference)
+    valid = np.arange(max_persons) < len(persons)
+    return PersonConditions(pixels, landmarks, boxes, valid, tuple(references))
+
+
+def _analyse(image: ImageInput, analyzer: FaceAnalyzer, size: int, mean, std) -> ReferenceFace:
+    rgb, source = _as_image(image)
+    face = analyzer.analyze(rgb, policy="largest", source=source)[0]
+    return preprocess_reference(rgb, face, size=size, mean=mean, std=std)
+
+
+def conditioning_sheet(conditions: PersonConditions, height: int, width: int, *, thumb: int = 160) -> Image.Image:
+    """One PNG-able sheet: per person a row of (reference crop, landmark image, location mask with its box)."""
+    n = len(conditions.references)
+    sheet = Image.new("RGB", (3 * thumb, max(1, n) * thumb), "black")
+    scale = thumb / max(height, width)
+    for r in range(n):
+        crop = Image.fromarray(conditions.references[r].crop).resize((thumb, thumb))
+        marks = Image.fromarray((conditions.landmark_images[r] * 255).astype(np.uint8)).resize((thumb, thumb))
+        mask = Image.new("RGB", (thumb, thumb), (40, 40, 40))
+        x0, y0, x1, y1 = conditions.boxes[r] * np.array([width, height, width, height]) * scale
+        ImageDraw.Draw(mask).rectangle([x0, y0, x1, y1], fill="white", outline="lime")
+        for c, tile in enumerate((crop, marks, mask)):
+            sheet.paste(tile, (c * thumb, r * thumb))
+    return sheet

@@ -1,0 +1,253 @@
+"""``RealisIDPipeline``: identity-customised sampling on SDXL (or SD 1.5) with both RealisID branches.
+
+Per step (paper Eq. 8) three noise predictions share one batch: ε_none (negative prompt, no ID), ε_t
+(text, no ID) and ε_t&i (text and ID); ``ε = ε_none + λ_t (ε_t − ε_none) + λ_i (ε_t&i − ε_t)``. "No ID" is
+zero image features through the ID projection. Delayed subject conditioning turns the ID off (ε_t&i = ε_t)
+for the first ``id_start_fraction`` of the steps. The whole denoising loop is one ``jax.jit``
+(``lax.fori_loop``); seeds, prompts, boxes and guidance scales are data, so none of them recompiles.
+Mirrors diffusers' ``StableDiffusionXLPipeline.__call__`` (timesteps, latents, added time ids).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from realisid_jax.conditioning import Person, PersonConditions, prepare_persons
+from realisid_jax.face.analysis import FaceAnalyzer
+from realisid_jax.models.realisid import VAE_SCALE
+from realisid_jax.prompt_encoding import encode_prompt_sd15, encode_prompt_sdxl
+from realisid_jax.schedulers import get_scheduler
+from realisid_jax.sharding import DEFAULT_RULES, data_sharding, state_shardings, use_mesh
+
+_BAR: list[tqdm] = []  # the progress bar of the running call, ticked from inside the jitted loop
+
+
+def _tick(_):
+    if _BAR:
+        _BAR[-1].update(1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SamplingOutput:
+    """images: (N, H, W, 3) uint8; latents: (N, H/8, W/8, C) final latents; conditions: the host conditions."""
+
+    images: np.ndarray
+    latents: np.ndarray
+    conditions: PersonConditions
+
+
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+    """Traced guidance settings (changing them does not recompile)."""
+
+    text_scale: float
+    id_scale: float
+    id_start_step: int
+
+
+class RealisIDPipeline:
+    """Sampling with RealisID's local and global branches on a frozen base model.
+
+    Args:
+      models: ``unet``, ``vae``, ``text_encoder``, optional ``text_encoder_2`` (SDXL), ``image_encoder`` and
+        ``realisid`` (``models.factory`` names).
+      tokenizers: one ``CLIPTokenizer`` per text encoder.
+      config: the project config (``sampling`` and ``realisid`` sections are the defaults).
+      scheduler_config: the base model's ``scheduler_config.json`` contents (default SDXL's).
+      mesh: optional device mesh; parameters are placed on their logical-axis shardings and the batch is
+        split over the data axes. Same seed, same images, whatever the mesh.
+      analyzer: face analysis for the reference / pose photos (default ``FaceAnalyzer()``).
+    """
+
+    def __init__(self, models: dict[str, nnx.Module], tokenizers: Sequence, config, *,
+                 scheduler_config: dict | None = None, mesh: Mesh | None = None,
+                 analyzer: FaceAnalyzer | None = None):
+        self.config = config
+        self.tokenizers = tuple(tokenizers)
+        self.text_encoders = tuple(models[n] for n in ("text_encoder", "text_encoder_2") if models.get(n) is not None)
+        self.is_sdxl = len(self.text_encoders) == 2
+        self.scheduler = get_scheduler(config.sampling.scheduler, scheduler_config)
+        self.mesh = mesh
+        self.rules = tuple(config.mesh.rules) if mesh is not None else DEFAULT_RULES
+        self.analyzer = analyzer
+        self.vae = models["vae"]
+        self.image_encoder = models["image_encoder"]
+        self._graphdefs, self._states = {}, {}
+        for name in ("unet", "realisid", "vae", "image_encoder"):
+            graphdef, state = nnx.split(models[name])
+            if mesh is not None:
+                state = jax.device_put(state, state_shardings(state, mesh, self.rules))
+            self._graphdefs[name], self._states[name] = graphdef, state
+
+    @classmethod
+    def from_config(cls, config, *, seed: int = 0, mesh: Mesh | None = None,
+                    analyzer: FaceAnalyzer | None = None) -> RealisIDPipeline:
+        """Randomly initialised models (``models.factory.random_components``) with the offline CLIP tokenizer:
+        the embedded default and the tests. Random weights make noise, not faces."""
+        from realisid_jax.models.factory import random_components
+        from realisid_jax.tokenizer import offline_clip_tokenizer
+
+        models = random_components(config, seed)
+        tokenizer = offline_clip_tokenizer()
+        n_text = 2 if config.model.get("text_encoder_2") is not None else 1
+        return cls(models, (tokenizer,) * n_text, config, mesh=mesh, analyzer=analyzer)
+
+    # ----------------------------------------------------------------------------------------------- host
+    def prepare(self, persons: Sequence[Person], height: int, width: int) -> PersonConditions:
+        """Checks the size and persons, analyses the photos. Raises ValueError for a size that is not a
+        multiple of 8 latent cells (64 px), and the errors of ``conditioning.prepare_persons``."""
+        step = 8 * VAE_SCALE
+        if height % step or width % step or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {step} px (8 latent cells), "
+                             f"got {height}x{width}")
+        if self.analyzer is None:
+            self.analyzer = FaceAnalyzer()
+        vision = self.image_encoder.config
+        return prepare_persons(persons, height=height, width=width, max_persons=self.config.realisid.max_persons,
+                               landmark_px=VAE_SCALE * self.config.realisid.local_latent_size,
+                               analyzer=self.analyzer, clip_size=vision.image_size)
+
+    def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | None, num_images: int):
+        """(text, negative text, pooled, negative pooled): each repeated to the ``num_images`` batch; the
+        pooled pair is ``None`` for SD 1.5."""
+        if self.is_sdxl:
+            e = encode_prompt_sdxl(prompt, self.tokenizers, self.text_encoders, negative_prompt=negative_prompt or None,
+                                   num_images_per_prompt=num_images)
+            return e.prompt_embeds, e.negative_prompt_embeds, e.pooled_prompt_embeds, e.negative_pooled_prompt_embeds
+        text, negative = encode_prompt_sd15(prompt, self.tokenizers[0], self.text_encoders[0],
+                                            negative_prompt=negative_prompt, num_images_per_prompt=num_images)
+        return text, negative, None, None
+
+    # --------------------------------------------------------------------------------------------- device
+    def __call__(self, prompt: str, persons: Sequence[Person], *, negative_prompt: str | None = None,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
+                 text_guidance_scale: float | None = None, id_guidance_scale: float | None = None,
+                 id_start_fraction: float | None = None, num_images: int = 1, seed: int = 0,
+                 progress: bool = True) -> SamplingOutput:
+        """Generates ``num_images`` images of ``prompt`` with the given persons.
+
+        Defaults come from ``config.sampling`` (paper: 30 DDIM steps, λ_t = 7.5, λ_i = 5.0, ID from 20% of
+        the steps on). ``persons`` may be empty (then the branches see no valid person and add nothing).
+
+        Returns:
+          ``SamplingOutput`` with (num_images, height, width, 3) uint8 images.
+
+        Raises:
+          ValueError (size), BoxError, TooManyPersonsError, and the face-analysis errors, before any
+          device work.
+        """
+        s = self.config.sampling
+        height, width = height or s.height, width or s.width
+        steps = num_inference_steps or s.num_inference_steps
+        conditions = self.prepare(persons, height, width)
+        sched_state = self.scheduler.set_timesteps(steps)
+        fraction = s.id_start_fraction if id_start_fraction is None else id_start_fraction
+        guidance = Guidance(s.text_guidance_scale if text_guidance_scale is None else text_guidance_scale,
+                            s.id_guidance_scale if id_guidance_scale is None else id_guidance_scale,
+                            int(math.floor(fraction * steps)))
+        text = self.encode_prompt(prompt, negative_prompt if negative_prompt is not None else s.negative_prompt or None,
+                                  num_images)
+        latent_shape = (num_images, height // VAE_SCALE, width // VAE_SCALE, self.config.model.unet["in_channels"])
+        latents = jax.random.normal(jax.random.key(seed), latent_shape, jnp.float32) * sched_state.init_noise_sigma
+        time_ids = np.tile(np.array([[height, width, 0, 0, height, width]], np.float32), (num_images, 1))
+        with self._mesh_context():
+            inputs = self._place(dict(latents=latents, text=text, time_ids=time_ids, conditions=conditions,
+                                      num_images=num_images))
+            id_embedding, no_id = _encode_ids(self._graphdefs["image_encoder"], self._graphdefs["realisid"],
+                                              self._states["image_encoder"], self._states["realisid"],
+                                              inputs["reference_pixels"])
+            bar = tqdm(total=steps, desc="denoising", disable=not progress)
+            _BAR.append(bar)
+            try:
+                latents = _denoise(self._graphdefs["unet"], self._graphdefs["realisid"], self.scheduler,
+                                   self._states["unet"], self._states["realisid"], sched_state, inputs["latents"],
+                                   inputs["text"], inputs["time_ids"], id_embedding, no_id, inputs["boxes"],
+                                   inputs["valid"], inputs["landmark_images"],
+                                   jnp.float32(guidance.text_scale), jnp.float32(guidance.id_scale),
+                                   jnp.int32(guidance.id_start_step))
+                latents.block_until_ready()
+            finally:
+                _BAR.pop().close()
+            images = _decode(self._graphdefs["vae"], self._states["vae"], latents)
+        return SamplingOutput(np.asarray(images), np.asarray(latents), conditions)
+
+    def _mesh_context(self):
+        import contextlib
+
+        return use_mesh(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
+
+    def _place(self, host: dict) -> dict:
+        """Batch arrays onto the data axes (replicated persons); identity without a mesh."""
+        c: PersonConditions = host["conditions"]
+        n = host["num_images"]
+        text = tuple(x for x in host["text"])
+        arrays = dict(latents=host["latents"], text=text, time_ids=jnp.asarray(host["time_ids"]),
+                      reference_pixels=jnp.asarray(c.reference_pixels),
+                      boxes=jnp.broadcast_to(jnp.asarray(c.boxes), (n, *c.boxes.shape)),
+                      valid=jnp.broadcast_to(jnp.asarray(c.valid), (n, *c.valid.shape)),
+                      landmark_images=jnp.broadcast_to(jnp.asarray(c.landmark_images), (n, *c.landmark_images.shape)))
+        if self.mesh is None:
+            return arrays
+        batched = {k: v for k, v in arrays.items() if k != "reference_pixels"}
+        placed = jax.tree.map(lambda x: jax.device_put(x, data_sharding(self.mesh, x.shape, self.rules)), batched)
+        return {**placed, "reference_pixels": arrays["reference_pixels"]}
+
+
+@functools.partial(jax.jit, static_argnames=("encoder_def", "realisid_def"))
+def _encode_ids(encoder_def, realisid_def, encoder_state, realisid_state, reference_pixels):
+    """p_id and the "no ID" embedding (zero image features through the projection), each (K, N, D)."""
+    encoder, realisid = nnx.merge(encoder_def, encoder_state), nnx.merge(realisid_def, realisid_state)
+    features = encoder(reference_pixels).hidden_states[-2]
+    return realisid.encode_id(features), realisid.encode_id(jnp.zeros_like(features))
+
+
+@functools.partial(jax.jit, static_argnames=("unet_def", "realisid_def", "scheduler"))
+def _denoise(unet_def, realisid_def, scheduler, unet_state, realisid_state, sched_state, latents, text, time_ids,
+             id_embedding, no_id, boxes, valid, landmark_images, text_scale, id_scale, id_start_step):
+    """The whole guided denoising loop (paper Eq. 8), one batch of 3N predictions per step."""
+    unet, realisid = nnx.merge(unet_def, unet_state), nnx.merge(realisid_def, realisid_state)
+    n = latents.shape[0]
+    prompt_embeds, negative_embeds, pooled, negative_pooled = text
+    context = jnp.concatenate([negative_embeds, prompt_embeds, prompt_embeds])
+    added = None
+    if pooled is not None:
+        added = {"text_embeds": jnp.concatenate([negative_pooled, pooled, pooled]),
+                 "time_ids": jnp.tile(time_ids, (3, 1))}
+    per_image = lambda x: jnp.broadcast_to(x, (n, *x.shape))  # noqa: E731 - persons are shared by the N images
+    boxes3, valid3, marks3 = (jnp.concatenate([x] * 3) for x in (boxes, valid, landmark_images))
+
+    def body(i, carry):
+        x, scheduler_carry = carry
+        x_in = scheduler.scale_model_input(sched_state, x, i)
+        t = sched_state.timesteps[i]
+        with_id = jnp.where(i >= id_start_step, id_embedding, no_id)
+        p_id = jnp.concatenate([per_image(no_id), per_image(no_id), per_image(with_id)])
+        x3 = jnp.concatenate([x_in] * 3)
+        down, mid = realisid.residuals(x3, t, p_id, boxes3, valid3, marks3, added)
+        eps = unet(x3, t, context, added_cond_kwargs=added, down_block_additional_residuals=down,
+                   mid_block_additional_residual=mid)
+        e_none, e_text, e_id = jnp.split(eps, 3)
+        eps = e_none + text_scale * (e_text - e_none) + id_scale * (e_id - e_text)
+        jax.debug.callback(_tick, i)
+        return scheduler.step(sched_state, eps.astype(x.dtype), i, x, scheduler_carry)
+
+    carry = (latents, scheduler.init_carry(sched_state, latents))
+    return jax.lax.fori_loop(0, sched_state.timesteps.shape[0], body, carry)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("vae_def",))
+def _decode(vae_def, vae_state, latents):
+    """Latents -> uint8 images, as diffusers' ``VaeImageProcessor.postprocess`` (round of (x/2+0.5)*255)."""
+    vae = nnx.merge(vae_def, vae_state)
+    image = vae.decode(latents / vae.scaling_factor + vae.shift_factor)
+    return jnp.round(jnp.clip(image / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
