@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("info", "faces", "sample")
+COMMANDS = ("info", "faces", "sample", "prepare_data")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,15 +20,16 @@ callables ``hook(step, state)`` for the sampling pipeline to plug into.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
 import jax
 import ml_collections
+from jax.sharding import Mesh
 
+from realisid_jax.data.input_pipeline import make_train_iterator
 from realisid_jax.schedulers import SDXL_SCHEDULER_CONFIG, DDPMScheduler
 from realisid_jax.sharding import make_mesh, use_mesh
 from realisid_jax.tokenizer import load_tokenizer, offline_clip_tokenizer, tokenize
@@ -36,8 +37,8 @@ from realisid_jax.training import loop
 from realisid_jax.training.batches import DeviceBatches
 from realisid_jax.training.checkpoint import StatefulIterator, TrainCheckpointer
 from realisid_jax.training.optimizer import make_optimizer
-from realisid_jax.training.state import (abstract_train_state, build_models, init_train_state,
-                                         train_state_shardings)
+from realisid_jax.training.state import (ModelSetup, TrainState, abstract_train_state, build_models,
+                                         init_train_state, train_state_shardings)
 from realisid_jax.training.step import StepSettings, jit_train_step
 from realisid_jax.training.summary import ProgressLog
 
@@ -60,9 +61,22 @@ def noise_schedule(pretrained: Path | None) -> DDPMScheduler:
     return DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG)
 
 
+@dataclasses.dataclass
+class TrainResult:
+    """``state`` after ``step`` completed steps; ``losses`` of the steps run by this call; ``preempted``: stopped
+    by SIGTERM (a checkpoint of ``step`` was written); ``setup``: the graph definitions and the frozen models'
+    state the steps used."""
+
+    state: TrainState
+    step: int
+    losses: list[float]
+    preempted: bool
+    setup: ModelSetup
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
           data_iterator: StatefulIterator | None = None, pretrained: Path | None = None,
-          image_encoder: Path | None = None, hooks: Sequence[loop.Hook] = ()) -> loop.LoopResult:
+          image_encoder: Path | None = None, hooks: Sequence[loop.Hook] = (), mesh: Mesh | None = None) -> TrainResult:
     """Trains until ``config.train.num_steps`` (resuming from the newest checkpoint in ``workdir/checkpoints``).
 
     Args:
@@ -73,9 +87,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
       pretrained, image_encoder: diffusers pipeline folder and CLIP vision folder of the frozen models
         (both or neither; neither = random weights).
       hooks: called after every step with ``(step, train_state)``.
-
-    Returns:
-      the loop's result (final state, step, losses of this run, whether SIGTERM stopped it).
+      mesh: default ``make_mesh(config.mesh.shape)`` over all devices.
 
     Raises:
       NonFiniteLossError: a NaN/inf loss or gradient norm (the last good checkpoint stays).
@@ -83,7 +95,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
     """
     if (data_dir is None) == (data_iterator is None):
         raise ValueError("give exactly one of data_dir and data_iterator")
-    mesh = make_mesh(tuple(config.mesh.shape))
+    mesh = make_mesh(tuple(config.mesh.shape)) if mesh is None else mesh
     rules = tuple(tuple(r) for r in config.mesh.rules)
     workdir = str(workdir)
     with use_mesh(mesh, rules):
@@ -109,21 +121,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
                                   optimizer=optimizer, settings=settings, state_shardings=shardings,
                                   frozen_shardings=setup.frozen_shardings, batch_shardings=batches.shardings)
             meta = {"config": json.loads(config.to_json_best_effort())}
+            metrics_file = None if "://" in workdir else Path(workdir) / "metrics.jsonl"
             with ProgressLog(_join(workdir, "tensorboard"), start_step=start, num_steps=int(config.train.num_steps),
-                             log_every=int(config.train.log_every)) as log:
-                return loop.run(lambda s, b: step(s, setup.frozen_inputs, b), state, batches, start_step=start,
-                                num_steps=int(config.train.num_steps), checkpointer=checkpointer,
-                                data_iterator=data_iterator, checkpoint_every=int(config.train.checkpoint_every),
-                                log=log, learning_rate=schedule, meta=meta, hooks=hooks)
+                             log_every=int(config.train.log_every), metrics_file=metrics_file) as log:
+                result = loop.run(lambda s, b: step(s, setup.frozen_inputs, b), state, batches, start_step=start,
+                                  num_steps=int(config.train.num_steps), checkpointer=checkpointer,
+                                  data_iterator=data_iterator, checkpoint_every=int(config.train.checkpoint_every),
+                                  log=log, learning_rate=schedule, meta=meta, hooks=hooks)
         finally:
             checkpointer.close()
+    return TrainResult(result.state, result.step, result.losses, result.preempted, setup)
 
 
 def _join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}" if "://" in root else str(Path(root) / name)
 
 
-def _input_iterator(config: ml_collections.ConfigDict, data_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    from realisid_jax.data.input_pipeline import make_iterator
-
-    return make_iterator(config, data_dir, process_index=jax.process_index(), process_count=jax.process_count())
+def _input_iterator(config: ml_collections.ConfigDict, data_dir: str | os.PathLike) -> StatefulIterator:
+    """This process's shard of the prepared dataset, batches of ``batch_size / process_count``."""
+    return make_train_iterator(data_dir, batch_size=int(config.train.batch_size), seed=int(config.train.seed),
+                               resolution=int(config.train.resolution), shard_index=jax.process_index(),
+                               shard_count=jax.process_count())

@@ -171,7 +171,9 @@ def _torch_count(model_class, config) -> int:
     ("image_encoder", CLIPVisionModelWithProjection, transformers.CLIPVisionModelWithProjection, CLIPVisionConfig),
 ])
 def test_parameter_counts_sdxl(section, ours, theirs, config_class):
+    values = dict(SDXL[section])
     theirs_config = (transformers.CLIPTextConfig if config_class is CLIPTextConfig
-                     else transformers.CLIPVisionConfig)(**SDXL[section])
-    expected = _torch_count(theirs, theirs_config)
-    assert count_params(ours.abstract(config_class.from_dict(dict(SDXL[section])))) == expected
+                     else transformers.CLIPVisionConfig)(**values)
+    count = count_params(ours.abstract(config_class.from_dict(values)))
+    assert count == _torch_count(theirs, theirs_config)
+    assert count == {"text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "image_encoder": 632_076_800}[section]

@@ -86,6 +86,10 @@ class PrepareOptions:
     max_other_face_ratio: float = 0.5
 
     def __post_init__(self):
+        # Normalised types: 16 and 16.0 must give the same fingerprint.
+        for field in dataclasses.fields(self):
+            kind = {"int": int, "float": float, "str": str}[field.type]
+            object.__setattr__(self, field.name, kind(getattr(self, field.name)))
         if self.image_format not in builder.IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {builder.IMAGE_FORMATS}, "
                              f"got {self.image_format!r}")
@@ -277,10 +281,16 @@ def _save_result(file: Path, result: dict[str, Any]) -> None:
     os.replace(tmp, file)
 
 
+def _skip_of(file: Path) -> dict[str, str] | None:
+    """The cached skip reason and message, or None for a good sample (its arrays are not read)."""
+    with np.load(file, allow_pickle=False) as data:
+        if "reason" not in data:
+            return None
+        return {"reason": str(data["reason"]), "message": str(data["message"])}
+
+
 def _load_result(file: Path) -> dict[str, Any]:
     with np.load(file, allow_pickle=False) as data:
-        if "reason" in data:
-            return {"reason": str(data["reason"]), "message": str(data["message"])}
         out = {k: data[k].tobytes() for k in _BYTES_FIELDS}
         out.update({k: data[k].astype(np.float32) for k in _ARRAY_FIELDS})
         return out
@@ -292,12 +302,13 @@ def _load_result(file: Path) -> dict[str, Any]:
 _worker_state: dict[str, Any] = {}
 
 
-def _init_worker(options: PrepareOptions) -> None:
-    import cv2
-
+def _init_worker(options: PrepareOptions, pool: bool = True) -> None:
     from realisid_jax.face.analysis import FaceAnalyzer
 
-    cv2.setNumThreads(1)  # parallelism comes from the worker processes
+    if pool:
+        import cv2
+
+        cv2.setNumThreads(1)  # parallelism comes from the worker processes
     # Sizes are judged in the training frame (``min_face_px``), not in source pixels.
     _worker_state["analyzer"] = FaceAnalyzer(policy="all", min_face_px=1.0)
     _worker_state["options"] = options
@@ -322,7 +333,7 @@ def _analyse(tasks: Sequence[tuple[str, str, str]], options: PrepareOptions,
     if not tasks:
         return
     if workers <= 1:
-        _init_worker(options)
+        _init_worker(options, pool=False)
         yield from map(_run_task, tasks)
         return
     # spawn: fork would copy JAX/TFLite runtime state (threads, locks) into the children.
@@ -386,11 +397,11 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
         file = results.get(item.name)
         if file is None or not file.is_file():
             continue
-        result = _load_result(file)
-        if "reason" in result:
-            skipped[result["reason"]].append({"file": item.name, "message": result["message"]})
-        else:
+        skip = _skip_of(file)
+        if skip is None:
             good.append(item)
+        else:
+            skipped[skip["reason"]].append({"file": item.name, "message": skip["message"]})
     if not good:
         raise ValueError(f"no usable photo in {src}: skipped {_counts(skipped)}, "
                          f"errors {errors[:3]}")

@@ -53,13 +53,13 @@ def host_batch(example_batch: dict[str, Any], tokenizers: Sequence[CLIPTokenizer
     """One process's batch as numpy arrays of the step's fields.
 
     Args:
-      example_batch: the input pipeline's batch: ``pixel_values`` (b, R, R, 3) in [-1, 1], ``caption``
-        (b,) str/bytes, ``face_box`` (b, 4) normalised, ``landmarks`` (b, 468, 2) in the square face crop's
+      example_batch: the input pipeline's batch (``realisid_jax.data.input_pipeline``): ``pixel_values``
+        (b, R, R, 3) in [-1, 1], ``input_text`` b captions, ``face_box`` (b, 4) normalised, ``landmarks`` (b, 468, 2) in the square face crop's
         unit frame, ``reference`` (b, S, S, 3) CLIP-normalised.
       tokenizers: one per text encoder (SDXL: two).
       landmark_px: c_pe side in pixels.
     """
-    captions = [c.decode() if isinstance(c, bytes) else str(c) for c in np.asarray(example_batch["caption"]).tolist()]
+    captions = [c.decode() if isinstance(c, bytes) else str(c) for c in example_batch["input_text"]]
     out = {
         "pixel_values": np.asarray(example_batch["pixel_values"], np.float32),
         "face_box": np.asarray(example_batch["face_box"], np.float32),

@@ -128,8 +128,10 @@ class TrainCheckpointer:
         items = {"train": ocp.args.StandardRestore(abstract_train_state)}
         if iterator is not None:
             items["data"] = IteratorStateRestore(iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["train"], step
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))["train"]
+        # orbax rebuilds containers generically (e.g. optax's named tuples as tuples): put the leaves back into
+        # the target's exact structure, which the jitted step's shardings are keyed on.
+        return jax.tree.unflatten(jax.tree.structure(abstract_train_state), jax.tree.leaves(restored)), step
 
     def meta(self, step: int) -> dict:
         """The ``meta`` item of checkpoint ``step``."""

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from realisid_jax.models.realisid import RealisID, RealisIDConfig
 from realisid_jax.sharding import Rules, state_shardings
-from realisid_jax.training.models import FrozenModels, pretrained_frozen_models, random_frozen_models
+from realisid_jax.training.models import FrozenModels, pretrained_frozen_models, random_models
 
 TrainState = dict[str, Any]
 
@@ -52,7 +52,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _graphdefs(frozen: FrozenModels, realisid: RealisID, remat: bool) -> tuple[nnx.GraphDef, nnx.GraphDef]:
+def graphdefs_of(frozen: FrozenModels, realisid: RealisID, remat: bool) -> tuple[nnx.GraphDef, nnx.GraphDef]:
     """Graph definitions of (abstract) models; with ``remat`` every block of the networks the backward pass
     goes through is rematerialised: the frozen UNet (gradients reach the branches through its skips) and
     both ControlNets."""
@@ -69,8 +69,8 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
 
     Returns:
       ``(setup, abstract_params, make_params)``: the branch parameters' shapes (pure dict of
-      ``ShapeDtypeStruct``) and a function computing their initial values (sharded); a resumed run never
-      calls it.
+      ``ShapeDtypeStruct``) and a function giving their initial values (sharded); a resumed run does not
+      need it.
 
     Raises:
       ValueError: only one of ``pretrained`` / ``image_encoder`` given.
@@ -78,34 +78,40 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
     if (pretrained is None) != (image_encoder is None):
         raise ValueError("pass both --pretrained and --image-encoder, or neither (random weights)")
     seed = int(config.train.seed)
-    branch_config = RealisIDConfig.from_config(config)
     if pretrained is None:
-        def random_state():
-            return nnx.split(random_frozen_models(config, nnx.Rngs(seed)))
+        def models(_):
+            return random_models(config, seed)
 
-        frozen_graphdef, abstract_frozen = nnx.eval_shape(random_state)
-        frozen_sh = state_shardings(abstract_frozen, mesh, rules)
-        frozen_state = jax.jit(lambda: random_state()[1], out_shardings=frozen_sh)()
+        loaded = None
     else:
-        frozen_graphdef, frozen_state = nnx.split(pretrained_frozen_models(config, pretrained, image_encoder,
-                                                                           mesh, rules))
-        frozen_sh = state_shardings(frozen_state, mesh, rules)
+        loaded_graphdef, loaded = nnx.split(pretrained_frozen_models(config, pretrained, image_encoder, mesh, rules))
 
-    def models(state):
-        frozen = nnx.merge(frozen_graphdef, state)
-        return frozen, RealisID.from_unet(frozen.unet, branch_config, rngs=nnx.Rngs(seed + 1))
+        def models(frozen_state):
+            frozen = nnx.merge(loaded_graphdef, frozen_state)
+            return frozen, RealisID.from_unet(frozen.unet, RealisIDConfig.from_config(config),
+                                              rngs=nnx.Rngs(seed + 1))
 
-    def branch_state(state):
-        return nnx.split(models(state)[1], nnx.Param, ...)[1:]
+    def states(frozen_state):
+        frozen, realisid = models(frozen_state)
+        # A loaded frozen state is already sharded (and an argument, not a constant): only the branches are
+        # computed then.
+        return (nnx.state(frozen) if frozen_state is None else None, *nnx.split(realisid, nnx.Param, ...)[1:])
 
-    abstract_params, abstract_rest = jax.eval_shape(branch_state, frozen_state)
-    branch_sh = (state_shardings(abstract_params, mesh, rules), state_shardings(abstract_rest, mesh, rules))
-    make_branches = jax.jit(branch_state, out_shardings=branch_sh)
-    rest = make_branches(frozen_state)[1] if jax.tree.leaves(abstract_rest) else abstract_rest
-    graphdefs = _graphdefs(*nnx.eval_shape(lambda: models(frozen_state)), bool(config.train.remat))
+    abstract = jax.eval_shape(states, loaded)
+    out_shardings = tuple(None if a is None else state_shardings(a, mesh, rules) for a in abstract)
+    make_states = jax.jit(states, out_shardings=out_shardings)
+    if loaded is None:
+        frozen_state, params, rest = make_states(None)
+        make_params = lambda: params.to_pure_dict()  # noqa: E731
+    else:
+        frozen_state, rest = loaded, make_states(loaded)[2]
+        make_params = lambda: make_states(loaded)[1].to_pure_dict()  # noqa: E731
+    frozen_shardings = state_shardings(frozen_state, mesh, rules)
+    graphdefs = graphdefs_of(*nnx.eval_shape(lambda: models(loaded)), bool(config.train.remat))
     setup = ModelSetup(graphdefs=graphdefs, frozen_inputs=(frozen_state, rest),
-                       frozen_shardings=(frozen_sh, branch_sh[1]), param_shardings=branch_sh[0].to_pure_dict())
-    return setup, abstract_params.to_pure_dict(), lambda: make_branches(frozen_state)[0].to_pure_dict()
+                       frozen_shardings=(frozen_shardings, out_shardings[2]),
+                       param_shardings=out_shardings[1].to_pure_dict())
+    return setup, abstract[1].to_pure_dict(), make_params
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_params: dict, param_shardings: dict,
@@ -138,8 +144,12 @@ def _initial(optimizer: optax.GradientTransformation, params: dict, seed: int) -
             "rng": jax.random.PRNGKey(seed)}
 
 
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """Each leaf as ``ShapeDtypeStruct(shape, dtype, sharding=...)`` (trees of the same structure)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
 def abstract_train_state(optimizer: optax.GradientTransformation, abstract_params: dict, shardings: TrainState,
                          seed: int) -> TrainState:
     """``ShapeDtypeStruct`` with its sharding for every leaf of the train state: a checkpoint's restore target."""
-    abstract = jax.eval_shape(lambda p: _initial(optimizer, p, seed), abstract_params)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    return with_shardings(jax.eval_shape(lambda p: _initial(optimizer, p, seed), abstract_params), shardings)

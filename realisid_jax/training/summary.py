@@ -1,7 +1,9 @@
-"""Training progress: TensorBoard scalars (tensorboardX) and a tqdm bar, written by process 0 only."""
+"""Training progress: TensorBoard scalars (tensorboardX), a ``metrics.jsonl`` file and a tqdm bar, written by
+process 0 only."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -14,13 +16,17 @@ class ProgressLog:
     """Logs per-step metrics (host floats) every ``log_every`` steps and shows steps/s on a progress bar.
 
     Scalars under ``train/``: every metric given (``loss``, ``face_loss``, ``grad_norm``, ...), ``lr`` and
-    ``steps_per_sec`` (averaged since the previous write, so it includes compilation on the first one).
+    ``steps_per_sec`` (averaged since the previous write, so it includes compilation on the first one). The
+    same records, one JSON object per line with ``step``, are appended to ``metrics_file`` when given (local
+    path; machine-readable, and it survives a resumed run).
     """
 
-    def __init__(self, logdir: str | Path, *, start_step: int, num_steps: int, log_every: int):
+    def __init__(self, logdir: str | Path, *, start_step: int, num_steps: int, log_every: int,
+                 metrics_file: Path | None = None):
         self._primary = jax.process_index() == 0
         self._log_every = max(1, int(log_every))
         self._writer = SummaryWriter(str(logdir)) if self._primary else None
+        self._jsonl = open(metrics_file, "a") if self._primary and metrics_file is not None else None  # noqa: SIM115
         self._bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True,
                          disable=not self._primary)
         self._mark = (start_step, time.perf_counter())
@@ -39,6 +45,9 @@ class ProgressLog:
                 self._writer.add_scalar(f"train/{name}", value, step)
             self._writer.add_scalar("train/lr", lr, step)
             self._writer.add_scalar("train/steps_per_sec", rate, step)
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps({"step": step, **metrics, "lr": lr, "steps_per_sec": rate}) + "\n")
+            self._jsonl.flush()
 
     def message(self, text: str) -> None:
         if self._primary:
@@ -48,6 +57,8 @@ class ProgressLog:
         self._bar.close()
         if self._writer is not None:
             self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
 
     def __enter__(self) -> ProgressLog:
         return self

@@ -1,0 +1,149 @@
+"""grain input pipeline over the prepared ``realisid_faces`` dataset: numpy training batches.
+
+Order of operations (all deterministic given ``seed``)::
+
+    tfds.data_source -> this host's shard (records shard_index, shard_index + shard_count, ...)
+      -> global shuffle of the shard, re-shuffled each epoch (grain folds the epoch into the seed)
+      -> repeat -> decode one example (threads) -> batch -> [worker processes]
+
+Sharding happens before shuffling, so each host always reads the same disjoint part of the
+dataset; shards differ in size by at most one record, and with endless repetition every host still
+yields a batch each step.
+
+The iterator's position is ``it.get_state()``, a small JSON-serialisable dict, restored with
+``it.set_state(state)`` on a fresh iterator built with the same arguments: the batches that follow
+equal those of the uninterrupted run. Store it next to the model in the trainer's checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from realisid_jax.data import builder
+from realisid_jax.face.preprocess import CLIP_MEAN, CLIP_STD, normalize, to_box_frame
+
+Batch = dict[str, Any]
+
+
+class DecodeExample(grain.transforms.Map):
+    """A stored example (see ``builder``) -> one training sample.
+
+    Output:
+      pixel_values: (R, R, 3) float32 in [-1, 1] (``resolution``; resized with OpenCV, area filter
+        when shrinking, when it differs from the stored resolution).
+      input_text: str, the caption.
+      face_box: (4,) float32 ``(x0, y0, x1, y1)`` normalised to [0, 1] by the image side.
+      landmarks: (468, 2) float32 in the square face-box frame: (0, 0) top-left, (1, 1)
+        bottom-right corner of ``face_box``.
+      reference: (S, S, 3) float32 ``(rgb / 255 - mean) / std``, the masked CLIP reference crop.
+    """
+
+    def __init__(self, resolution: int | None = None, mean: Sequence[float] = CLIP_MEAN,
+                 std: Sequence[float] = CLIP_STD):
+        self.resolution = resolution
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+    def map(self, example: dict[str, Any]) -> dict[str, Any]:
+        image = example["image"]
+        stored = image.shape[0]
+        if self.resolution is not None and self.resolution != stored:
+            import cv2
+
+            interpolation = cv2.INTER_AREA if self.resolution < stored else cv2.INTER_LINEAR
+            image = cv2.resize(image, (self.resolution, self.resolution),
+                               interpolation=interpolation)
+        box = example["face_box"].astype(np.float32)
+        caption = example["caption"]
+        return {
+            "pixel_values": image.astype(np.float32) / 127.5 - 1.0,
+            "input_text": caption.decode("utf-8") if isinstance(caption, bytes) else caption,
+            "face_box": box / np.float32(stored),
+            "landmarks": to_box_frame(example["landmarks"], box),
+            "reference": normalize(example["reference"], self.mean, self.std),
+        }
+
+
+def collate(samples: Sequence[dict[str, Any]]) -> Batch:
+    """Stack samples along a new leading axis; ``input_text`` stays a list of str."""
+    return {key: [s[key] for s in samples] if key == "input_text"
+            else np.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def make_train_dataset(data_dir: str | os.PathLike, *, batch_size: int, seed: int,
+                       resolution: int | None = None, shard_index: int | None = None,
+                       shard_count: int | None = None, worker_count: int = 0,
+                       num_epochs: int | None = None, read_threads: int = 8,
+                       reference_mean: Sequence[float] = CLIP_MEAN,
+                       reference_std: Sequence[float] = CLIP_STD) -> grain.IterDataset:
+    """The training stream of this host as a grain ``IterDataset`` of batches.
+
+    Args:
+      data_dir: the ``--out`` folder of ``realisid prepare-data`` (holds ``realisid_faces/``).
+      batch_size: global batch size, over all hosts; each host yields ``batch_size //
+        shard_count`` samples per batch.
+      seed: shuffling seed (an epoch's order depends on seed and epoch number only).
+      resolution: side of ``pixel_values``; None keeps the stored resolution.
+      shard_index, shard_count: this host's shard; default ``jax.process_index()`` /
+        ``jax.process_count()``.
+      worker_count: grain worker processes decoding batches (0: in this process, with threads).
+      num_epochs: passes over the shard; None repeats forever.
+      read_threads: threads decoding examples in each process.
+      reference_mean, reference_std: the image encoder's normalisation (0-1 pixel scale).
+
+    Returns:
+      An ``IterDataset`` whose elements are dicts (``L`` = local batch): ``pixel_values`` (L, R, R,
+      3) float32 in [-1, 1]; ``input_text`` list of L str; ``face_box`` (L, 4) float32 in [0, 1];
+      ``landmarks`` (L, 468, 2) float32 in the face-box frame; ``reference`` (L, S, S, 3) float32
+      CLIP-normalised. The last incomplete batch of a finite stream is dropped.
+
+    Raises:
+      ValueError: ``batch_size`` not divisible by ``shard_count``, bad shard index, or a shard
+        smaller than one local batch.
+      tfds.core.DatasetNotFoundError: no prepared dataset in ``data_dir``.
+    """
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    if batch_size % shard_count:
+        raise ValueError(f"global batch_size {batch_size} not divisible by {shard_count} shards")
+    local_batch = batch_size // shard_count
+    source = builder.open_split(data_dir, skip_decoding=("face_mask",))
+    ds = grain.MapDataset.source(source)[shard_index::shard_count]
+    if len(ds) < local_batch:
+        raise ValueError(f"shard {shard_index} of {data_dir} has {len(ds)} examples, fewer than "
+                         f"the local batch of {local_batch}")
+    ds = ds.shuffle(seed=seed).repeat(num_epochs)
+    ds = ds.map(DecodeExample(resolution, reference_mean, reference_std))
+    # Decoded elements, not batches, are buffered: a few batches' worth bounds the memory.
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                              prefetch_buffer_size=max(read_threads,
+                                                                       2 * local_batch)))
+    it = it.batch(local_batch, drop_remainder=True, batch_fn=collate)
+    if worker_count > 0:
+        _ensure_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it
+
+
+def _ensure_flags_parsed() -> None:
+    """grain's worker processes read absl flags (with defaults) and fail on unparsed flags when the
+    program was not started by ``absl.app``, as ``realisid`` is not."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_train_iterator(data_dir: str | os.PathLike, **kwargs: Any) -> grain.DatasetIterator:
+    """``iter(make_train_dataset(data_dir, **kwargs))``: yields batch dicts; has ``get_state()``
+    (a JSON-serialisable dict) and ``set_state(state)``. Same arguments as ``make_train_dataset``.
+    With ``worker_count > 0`` call ``close()`` when done, to stop the worker processes."""
+    return iter(make_train_dataset(data_dir, **kwargs))

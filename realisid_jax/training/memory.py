@@ -1,0 +1,104 @@
+"""Memory plan of a training run: XLA's per-device figures for the compiled step, without running it.
+
+The step is lowered and compiled on abstract inputs (``ShapeDtypeStruct`` with shardings): no parameter is
+materialised, so the full SDXL step can be planned on a CPU host with simulated devices
+(``jax.config.update("jax_num_cpu_devices", N)`` before any JAX use). The figures are XLA:CPU's buffer
+assignment for the same SPMD program; an accelerator backend fuses and schedules differently, so treat them
+as an estimate of the order of magnitude (parameters and optimiser state are exact).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_collections
+from flax import nnx
+
+from realisid_jax.models.modeling_utils import count_params
+from realisid_jax.sharding import make_mesh, state_shardings, use_mesh
+from realisid_jax.tokenizer import CLIP_MAX_LENGTH
+from realisid_jax.training.batches import batch_shapes, batch_shardings
+from realisid_jax.training.models import random_models
+from realisid_jax.training.optimizer import make_optimizer
+from realisid_jax.train import noise_schedule
+from realisid_jax.training.state import (ModelSetup, graphdefs_of, abstract_train_state, train_state_shardings,
+                                         with_shardings)
+from realisid_jax.training.step import StepSettings, jit_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Per-device bytes of the compiled training step (``compiled.memory_analysis()``).
+
+    Attributes:
+      num_devices, per_device_batch, resolution: what was compiled (mesh ``(1, num_devices, 1)``, FSDP).
+      trainable_params, frozen_params: parameter counts (whole model, not per device).
+      argument_bytes: inputs resident on a device (its shards of the train state, frozen weights, batch).
+      output_bytes: outputs (the new train state, aliased with the donated input, and metrics).
+      alias_bytes: outputs written in place of donated inputs (counted in both figures above).
+      temp_bytes: XLA temporaries (activations kept for the backward pass, gradients, workspace).
+      peak_bytes: ``argument + output - alias + temp``, the step's resident total.
+    """
+
+    num_devices: int
+    per_device_batch: int
+    resolution: int
+    trainable_params: int
+    frozen_params: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    peak_bytes: int
+
+
+def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, per_device_batch: int = 1,
+                      resolution: int | None = None) -> MemoryPlan:
+    """Compiles ``config``'s training step with FSDP over ``num_devices`` devices and returns its memory plan.
+
+    Args:
+      config: a project config (e.g. ``configs/sdxl.py``); its dtypes and ``train.remat`` apply.
+      num_devices: devices of the ``(1, num_devices, 1)`` mesh; the first ones of ``jax.devices()``.
+      per_device_batch: examples per device (global batch ``num_devices * per_device_batch``).
+      resolution: image side in pixels (default ``config.train.resolution``).
+
+    Raises:
+      ValueError: fewer than ``num_devices`` devices are available.
+    """
+    devices = jax.devices()
+    if len(devices) < num_devices:
+        raise ValueError(f"{num_devices} devices requested, {len(devices)} available (on CPU set "
+                         f"jax_num_cpu_devices before any JAX use)")
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.train.batch_size = num_devices * per_device_batch
+    config.train.resolution = int(resolution or config.train.resolution)
+    mesh = make_mesh((1, num_devices, 1), devices[:num_devices])
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    with use_mesh(mesh, rules):
+        frozen, realisid = nnx.eval_shape(lambda: random_models(config, 0))
+        graphdefs = graphdefs_of(frozen, realisid, bool(config.train.remat))
+        _, params, rest = nnx.split(realisid, nnx.Param, ...)
+        frozen_inputs = (nnx.state(frozen), rest)
+        frozen_sh = tuple(state_shardings(s, mesh, rules) for s in frozen_inputs)
+        setup = ModelSetup(graphdefs=graphdefs, frozen_inputs=frozen_inputs, frozen_shardings=frozen_sh,
+                           param_shardings=state_shardings(params, mesh, rules).to_pure_dict())
+        optimizer, _ = make_optimizer(config.train)
+        shardings = train_state_shardings(optimizer, params.to_pure_dict(), setup, mesh)
+        state = abstract_train_state(optimizer, params.to_pure_dict(), shardings, 0)
+        num_encoders = 1 if config.model.get("text_encoder_2") is None else 2
+        batch_sh = batch_shardings(config, num_encoders, mesh, rules)
+        batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh[k])
+                 for k, (shape, dtype) in batch_shapes(config, num_encoders).items()}
+        # Token values do not change the program's memory; the real step uses the empty prompt's ids.
+        settings = StepSettings.from_config(config, [(0,) * CLIP_MAX_LENGTH] * num_encoders)
+        step = jit_train_step(graphdefs=graphdefs, scheduler=noise_schedule(None), optimizer=optimizer,
+                              settings=settings, state_shardings=shardings, frozen_shardings=frozen_sh,
+                              batch_shardings=batch_sh)
+        stats = step.lower(state, with_shardings(frozen_inputs, frozen_sh), batch).compile().memory_analysis()
+    argument, output = int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes)
+    alias, temp = int(stats.alias_size_in_bytes), int(stats.temp_size_in_bytes)
+    return MemoryPlan(num_devices=num_devices, per_device_batch=per_device_batch,
+                      resolution=int(config.train.resolution), trainable_params=count_params(params),
+                      frozen_params=count_params(frozen_inputs[0]), argument_bytes=argument, output_bytes=output,
+                      alias_bytes=alias, temp_bytes=temp, peak_bytes=argument + output - alias + temp)

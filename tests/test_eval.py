@@ -1,0 +1,247 @@
+"""Evaluation harness on constructed cases with real face analysis (MediaPipe, astronaut photo).
+
+Identity embedders: a deterministic stand-in defined here (grey-level square face crop, mean-centred; it
+tells crops apart but is no face recogniser), the tiny random Flax CLIP fallback, and the FaceNet slot with
+a tiny TorchScript model. Pose numbers measured here: the astronaut rotated by 15° about its face centre
+gives a roll error of 15.13° (yaw 0.23°, pitch 0.58°).
+"""
+
+import argparse
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+import torch
+import transformers
+from flax import nnx
+from PIL import Image
+
+from realisid_jax import assets
+from realisid_jax.commands import evaluate as evaluate_command
+from realisid_jax.config import load_config
+from realisid_jax.eval.harness import Evaluator
+from realisid_jax.eval.identity import CLIPFaceEmbedder, FaceNetEmbedder, square_face_crop, unit_rows
+from realisid_jax.eval.manifest import ManifestEntry, ManifestPerson, read_manifest, write_manifest
+from realisid_jax.eval.matching import match_faces
+from realisid_jax.eval.pose import estimate_head_pose, expression_error
+from realisid_jax.eval.report import face_size_bucket, is_small_face, summarize
+from realisid_jax.face.analysis import FaceAnalyzer
+from realisid_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+TINY = load_config("configs/tiny.py").model
+ROLL_DEG = 15.0
+
+
+class GreyCropEmbedder:
+    """Stand-in identity embedder: the 24x24 grey square face crop, mean-centred, as a unit vector."""
+
+    label = "test-grey-crop"
+
+    def embed(self, image, faces):
+        crops = [square_face_crop(image, f, 24).astype(np.float32).mean(-1).ravel() for f in faces]
+        return unit_rows(np.stack([c - c.mean() for c in crops]))
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    try:
+        assets.fetch(["face_detection_short_range.tflite", "face_landmark.tflite"])
+    except assets.AssetError as err:
+        pytest.skip(f"MediaPipe model files unavailable: {err}")
+    return FaceAnalyzer(policy="all")
+
+
+def _rotate_about_face(image, analyzer, degrees):
+    x0, y0, x1, y1 = analyzer.analyze(image)[0].box
+    m = cv2.getRotationMatrix2D((float(x0 + x1) / 2, float(y0 + y1) / 2), degrees, 1.0)
+    return cv2.warpAffine(image, m, image.shape[1::-1], flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, analyzer):
+    """Files: the astronaut, it flipped, it rotated by 15° and 35°, a two-person collage (1024x1024), a face-free
+    image."""
+    folder = tmp_path_factory.mktemp("photos")
+    astronaut = skimage.data.astronaut()
+    images = {
+        "astronaut": astronaut,
+        "flipped": astronaut[:, ::-1],
+        "rolled": _rotate_about_face(astronaut, analyzer, ROLL_DEG),
+        "rolled35": _rotate_about_face(astronaut, analyzer, 35.0),
+        # Side by side on a square canvas: on the bare 1024x512 strip BlazeFace also fires on the left glove.
+        "collage": np.pad(np.concatenate([astronaut, astronaut[:, ::-1]], axis=1), ((256, 256), (0, 0), (0, 0))),
+        "no_face": np.asarray(Image.fromarray(skimage.data.coffee()).resize((512, 384))),
+    }
+    paths = {}
+    for name, image in images.items():
+        paths[name] = str(folder / f"{name}.png")
+        Image.fromarray(np.ascontiguousarray(image)).save(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_vision():
+    config = CLIPVisionConfig.from_dict(dict(TINY["image_encoder"]))
+    return CLIPVisionModelWithProjection(config, rngs=nnx.Rngs(0))
+
+
+def _entry(image, *refs, boxes=None, pose=None, id_="img"):
+    boxes = boxes or [None] * len(refs)
+    return ManifestEntry(id_, image, "a photo of a person", tuple(
+        ManifestPerson(r, box=b, pose=pose) for r, b in zip(refs, boxes)))
+
+
+@pytest.mark.parametrize("embedder", ["stand-in", "clip-fallback"])
+def test_same_image_is_identity_one_and_zero_errors(embedder, photos, analyzer, tiny_clip_vision):
+    emb = GreyCropEmbedder() if embedder == "stand-in" else CLIPFaceEmbedder(tiny_clip_vision, source="tiny-random")
+    (row,) = Evaluator(emb, analyzer=analyzer).evaluate(_entry(photos["astronaut"], photos["astronaut"]))
+    assert row.face_found and row.matched and not row.error
+    assert row.identity_similarity == pytest.approx(1.0, abs=1e-5)
+    assert row.pose_error == 0.0 and row.roll_error == 0.0
+    assert row.expression_error == pytest.approx(0.0, abs=1e-9)
+    assert row.identity_is_fallback == (embedder == "clip-fallback")
+    assert row.identity_embedder == emb.label
+
+
+def test_in_plane_rotation_is_roll_error(photos, analyzer):
+    (row,) = Evaluator(GreyCropEmbedder(), analyzer=analyzer).evaluate(_entry(photos["rolled"], photos["astronaut"]))
+    print(f"roll {row.roll_error:.2f} yaw {row.yaw_error:.2f} pitch {row.pitch_error:.2f} "
+          f"expression {row.expression_error:.4f} identity {row.identity_similarity:.3f}")
+    assert row.roll_error == pytest.approx(ROLL_DEG, abs=1.0)
+    assert row.yaw_error < 1.5 and row.pitch_error < 1.5
+    assert row.pose_error == pytest.approx((row.roll_error + row.yaw_error + row.pitch_error) / 3)
+    # A rigid in-plane rotation is removed by the similarity alignment: expression stays near the noise.
+    assert row.expression_error < 0.005
+    assert row.identity_similarity < 0.99
+
+
+def test_expression_error_sees_an_open_mouth(photos, analyzer):
+    marks = analyzer.analyze(skimage.data.astronaut())[0].landmarks
+    opened = marks.copy()
+    from realisid_jax.face import mesh
+
+    lower = [i for i in set(mesh.LIPS_OUTER) | set(mesh.LIPS_INNER) if marks[i, 1] > marks[mesh.UPPER_LIP, 1] + 1]
+    opened[lower, 1] += 8.0  # jaw drop of 8 px on a ~107 px face
+    err = expression_error(opened, marks)
+    n_expr = len(set(mesh.LIPS_OUTER + mesh.LIPS_INNER + mesh.RIGHT_EYE + mesh.LEFT_EYE
+                     + sum(mesh.RIGHT_EYEBROW + mesh.LEFT_EYEBROW, ())))
+    face = float(np.ptp(marks, axis=0).max())
+    assert err == pytest.approx(8.0 * len(lower) / (2 * n_expr) / face, rel=0.25)
+    assert estimate_head_pose(opened).roll == pytest.approx(estimate_head_pose(marks).roll, abs=1.0)
+
+
+def test_no_face_image_gives_a_row(photos, analyzer):
+    (row,) = Evaluator(GreyCropEmbedder(), analyzer=analyzer).evaluate(_entry(photos["no_face"], photos["astronaut"]))
+    assert row.face_found is False and row.matched is False and row.faces_in_image == 0
+    assert np.isnan(row.identity_similarity) and np.isnan(row.pose_error)
+    assert row.as_dict()["identity_similarity"] is None
+
+
+def test_two_person_collage_matches_and_counts_the_extra_reference(photos, analyzer):
+    refs = [photos["flipped"], photos["rolled35"], photos["astronaut"]]
+    rows = Evaluator(GreyCropEmbedder(), analyzer=analyzer).evaluate(_entry(photos["collage"], *refs))
+    by_ref = {r.identity: r for r in rows}
+    assert all(r.faces_in_image == 2 and r.extra_faces == 0 for r in rows)
+    assert by_ref["astronaut"].matched and by_ref["flipped"].matched and not by_ref["rolled35"].matched
+    assert by_ref["astronaut"].identity_similarity > 0.95 and by_ref["flipped"].identity_similarity > 0.95
+    # The astronaut's face is the collage's left half, the flipped one's the right half.
+    assert by_ref["astronaut"].generated_box[2] < 512 < by_ref["flipped"].generated_box[0]
+    summary = summarize([r.as_dict() for r in rows])
+    assert summary["counts"]["unmatched_persons"] == 1 and summary["counts"]["matched"] == 2
+
+
+def test_greedy_matching():
+    s = np.array([[0.9, 0.8, 0.1],
+                  [0.85, 0.2, 0.3]])  # greedy takes (0,0) first, so face 1 gets reference 2, not 0
+    m = match_faces(s)
+    assert m.pairs == ((0, 0), (1, 2)) and m.unmatched_references == (1,) and m.unmatched_generated == ()
+    m = match_faces(s, min_similarity=0.5)
+    assert m.pairs == ((0, 0),) and m.unmatched_references == (1, 2) and m.unmatched_generated == (1,)
+    assert match_faces(np.zeros((0, 2))).unmatched_references == (0, 1)
+
+
+@pytest.mark.parametrize("edge", [1024, 512, 768])
+def test_face_size_buckets_and_small_split(edge):
+    rows = []
+    for d in (4, 5, 6, 7):
+        side = round(edge / d)  # whole pixels, as a user box would be
+        fraction = side / edge
+        assert face_size_bucket(fraction) == f"1/{d}"
+        assert is_small_face(fraction) == (d == 7), (d, side)
+        rows.append(dict(image_id=f"i{d}", person=0, matched=True, face_found=True, extra_faces=0, error="",
+                         identity_embedder="x", identity_is_fallback=False, bucket=face_size_bucket(fraction),
+                         small_face=is_small_face(fraction), identity_similarity=d / 10, clip_t=None))
+    assert face_size_bucket(1 / 3) == "> 1/4" and face_size_bucket(1 / 9) == "< 1/7"
+    assert face_size_bucket(1 / 4.6) == "1/5" and is_small_face(1 / 6.2)
+    summary = summarize(rows)
+    assert summary["by_face_size"]["1/6"]["identity_similarity"]["mean"] == pytest.approx(0.6)
+    assert summary["small_face"]["small"]["persons"] == 1
+    assert summary["small_face"]["small"]["identity_similarity"]["mean"] == pytest.approx(0.7)
+    assert summary["small_face"]["not_small"]["identity_similarity"]["mean"] == pytest.approx(0.5)
+
+
+def test_facenet_slot_loads_torchscript(tmp_path, photos, analyzer):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5, stride=4), torch.nn.Flatten(), torch.nn.LazyLinear(16))
+    net(torch.zeros(1, 3, 160, 160))
+    torch.jit.script(net.eval()).save(str(tmp_path / "facenet.pt"))
+    emb = FaceNetEmbedder(tmp_path / "facenet.pt")
+    assert emb.label == "facenet:facenet.pt"
+    (row,) = Evaluator(emb, analyzer=analyzer).evaluate(_entry(photos["astronaut"], photos["astronaut"]))
+    assert row.identity_similarity == pytest.approx(1.0, abs=1e-5) and not row.identity_is_fallback
+    with pytest.raises(FileNotFoundError):
+        FaceNetEmbedder(tmp_path / "missing.pt")
+
+
+def _save_tiny_clip(folder):
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**TINY["image_encoder"]))
+    text = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**TINY["text_encoder_2"]))
+    vision.save_pretrained(folder / "vision")
+    text.save_pretrained(folder / "text")
+    return folder / "vision", folder / "text"
+
+
+def test_evaluate_command_end_to_end(tmp_path, photos):
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    for name in ("astronaut", "collage", "no_face"):
+        Image.open(photos[name]).save(generated / f"{name}.png")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for name in ("astronaut", "flipped"):
+        Image.open(photos[name]).save(refs / f"{name}.png")
+    box = [192.0, 64.0, 320.0, 192.0]  # 128 px of 512: 1/4
+    write_manifest(generated, [
+        ManifestEntry("one", "astronaut.png", "an astronaut", (ManifestPerson("astronaut.png", box),), seed=0),
+        ManifestEntry("two", "collage.png", "two astronauts", (
+            ManifestPerson("astronaut.png", (160, 60, 260, 160)), ManifestPerson("flipped.png", (700, 60, 800, 160)))),
+        ManifestEntry("none", "no_face.png", "a cup of coffee", (ManifestPerson("astronaut.png", box),)),
+    ])
+    assert [e.persons[0].reference for e in read_manifest(generated, refs)][0] == str(refs / "astronaut.png")
+    vision, text = _save_tiny_clip(tmp_path / "clip")
+    parser = argparse.ArgumentParser()
+    evaluate_command.register(parser.add_subparsers())
+    out = tmp_path / "report"
+    args = parser.parse_args(["evaluate", "--generated", str(generated), "--refs", str(refs), "--out", str(out),
+                              "--clip-vision", str(vision), "--clip-text", str(text)])
+    assert args.func(args) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["image_id"], r["matched"]) for r in rows] == [
+        ("one", "True"), ("two", "True"), ("two", "True"), ("none", "False")]
+    assert all(r["identity_embedder"] == "clip-vision-fallback:vision" for r in rows)
+    per_image = json.loads((out / "results.json").read_text())
+    assert [len(r["persons"]) for r in per_image] == [1, 2, 1] and per_image[2]["face_found"] is False
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["identity_is_fallback"] and "NOT FaceNet" in summary["identity_note"]
+    assert summary["counts"] == dict(images=3, images_without_face=1, persons=4, matched=3, unmatched_persons=1,
+                                     extra_faces=0, errors=0)
+    assert summary["overall"]["clip_t"]["n"] == 3 and summary["overall"]["clip_i"]["n"] == 3
+    assert summary["by_face_size"]["1/4"]["persons"] == 2 and summary["small_face"]["small"]["persons"] == 2
+    assert Image.open(out / "face_size.png").size[0] > 100
+    bad = parser.parse_args(["evaluate", "--generated", str(generated), "--out", str(out)])
+    assert bad.func(bad) == 2  # no identity embedder
