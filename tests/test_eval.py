@@ -9,6 +9,7 @@ gives a roll error of 15.13° (yaw 0.23°, pitch 0.58°).
 import argparse
 import csv
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -183,17 +184,28 @@ def test_face_size_buckets_and_small_split(edge):
     assert summary["small_face"]["not_small"]["identity_similarity"]["mean"] == pytest.approx(0.5)
 
 
-def test_facenet_slot_loads_torchscript(tmp_path, photos, analyzer):
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+def test_facenet_slot_loads_exported_models(fmt, tmp_path, photos, analyzer):
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5, stride=4), torch.nn.Flatten(), torch.nn.LazyLinear(16))
-    net(torch.zeros(1, 3, 160, 160))
-    torch.jit.script(net.eval()).save(str(tmp_path / "facenet.pt"))
-    emb = FaceNetEmbedder(tmp_path / "facenet.pt")
-    assert emb.label == "facenet:facenet.pt"
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5, stride=4), torch.nn.Flatten(), torch.nn.Linear(4 * 39 * 39, 16))
+    net.eval()
+    if fmt == "pt2":
+        path = tmp_path / "facenet.pt2"
+        batch = torch.export.Dim("n", min=1)
+        torch.export.save(torch.export.export(net, (torch.zeros(2, 3, 160, 160),), dynamic_shapes=({0: batch},)),
+                          str(path))
+    else:
+        path = tmp_path / "facenet.pt"
+        with pytest.warns(DeprecationWarning):
+            torch.jit.script(net).save(str(path))
+    emb = FaceNetEmbedder(path)
+    assert emb.label == f"facenet:{path.name}"
     (row,) = Evaluator(emb, analyzer=analyzer).evaluate(_entry(photos["astronaut"], photos["astronaut"]))
     assert row.identity_similarity == pytest.approx(1.0, abs=1e-5) and not row.identity_is_fallback
+    flipped = Evaluator(emb, analyzer=analyzer).evaluate(_entry(photos["flipped"], photos["astronaut"]))[0]
+    assert flipped.identity_similarity < 0.999
     with pytest.raises(FileNotFoundError):
-        FaceNetEmbedder(tmp_path / "missing.pt")
+        FaceNetEmbedder(tmp_path / "missing.pt2")
 
 
 def _save_tiny_clip(folder):
@@ -245,3 +257,62 @@ def test_evaluate_command_end_to_end(tmp_path, photos):
     assert Image.open(out / "face_size.png").size[0] > 100
     bad = parser.parse_args(["evaluate", "--generated", str(generated), "--out", str(out)])
     assert bad.func(bad) == 2  # no identity embedder
+
+
+class PasteFacePipeline:
+    """Stand-in for ``RealisIDPipeline``: pastes each person's reference photo around the face, scaled and
+    moved so that its face's square box lands on the person's box, onto a grey canvas: real faces at the
+    asked sizes."""
+
+    def __init__(self, analyzer):
+        self.analyzer = analyzer
+        self.calls = []
+
+    def __call__(self, prompt, persons, *, num_images, seed, height, width, num_inference_steps, progress):
+        from realisid_jax.face.image import load_image
+        from realisid_jax.face.preprocess import square_box
+
+        self.calls.append((prompt, seed, num_images))
+        canvas = np.full((height, width, 3), 128, np.uint8)
+        for person in persons:
+            photo = load_image(person.reference)
+            sx0, sy0, sx1, sy1 = square_box(self.analyzer.analyze(photo)[0].box)
+            x0, y0, x1, y1 = person.box
+            s = (x1 - x0) / (sx1 - sx0)
+            m = np.array([[s, 0, x0 - s * sx0], [0, s, y0 - s * sy0]])
+            warped = cv2.warpAffine(photo, m, (width, height), flags=cv2.INTER_AREA)
+            inside = np.zeros((height, width), bool)  # the box grown by 30% a side: faces must not overlap
+            grow = 0.3 * (x1 - x0)
+            inside[max(0, int(y0 - grow)):int(y1 + grow), max(0, int(x0 - grow)):int(x1 + grow)] = True
+            canvas[inside] = warped[inside]
+        return argparse.Namespace(images=np.stack([canvas] * num_images))
+
+
+def test_benchmark_grid_then_evaluate(tmp_path, photos, analyzer):
+    from realisid_jax.commands import benchmark_prompts as bp
+
+    assert bp.face_boxes(4, 1, 512, 512) == ((192.0, 140.8, 320.0, 268.8),)
+    with pytest.raises(ValueError):
+        bp.face_boxes(4, 5, 512, 512)  # five 128 px faces do not fit in 512 px
+    out = tmp_path / "bench"
+    identities = bp._identity_photos([Path(photos["astronaut"]), Path(photos["flipped"])], out / "refs")
+    cells = bp.plan_grid(list(identities), ["a", "b"], [4, 7], [0, 1], persons=1, height=512, width=512)
+    assert len(cells) == 2 * 2 * 2 * 2 and len({c.image_id(0) for c in cells}) == 16
+    cells = bp.plan_grid(list(identities), ["a"], [4, 7], [3], persons=2, height=512, width=512)
+    assert [c.identities for c in cells[::2]] == [("astronaut", "flipped"), ("flipped", "astronaut")]
+    pipeline = PasteFacePipeline(analyzer)
+    manifest = bp.generate(pipeline, cells, identities, out, num_images=2, height=512, width=512, steps=2,
+                           progress=False)
+    assert pipeline.calls == [("a", 3, 2)] * 4
+    entries = read_manifest(out)
+    assert len(entries) == 8 and manifest == out / "manifest.json"
+    rows = [r.as_dict() for r in Evaluator(GreyCropEmbedder(), analyzer=analyzer).evaluate_all(entries)]
+    assert all(r["matched"] for r in rows), [(r["image_id"], r["identity"]) for r in rows if not r["matched"]]
+    from realisid_jax.face.detect import box_iou
+
+    assert min(float(box_iou(np.array(r["generated_box"]), np.array(r["requested_box"]))[0, 0]) for r in rows) > 0.5
+    summary = summarize(rows)
+    assert summary["by_face_size"]["1/4"]["persons"] == 8 and summary["by_face_size"]["1/7"]["persons"] == 8
+    assert summary["small_face"]["small"]["persons"] == 8
+    print({b: round(s["identity_similarity"]["mean"], 3) for b, s in summary["by_face_size"].items()})
+    assert summary["overall"]["identity_similarity"]["mean"] > 0.8

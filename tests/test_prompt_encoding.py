@@ -83,20 +83,21 @@ def test_sdxl_matches_diffusers(sdxl, kwargs):
     hidden = TINY.text_encoder.hidden_size + TINY.text_encoder_2.hidden_size
     assert ours.prompt_embeds.shape == (len(PROMPTS) * kwargs.get("num_images_per_prompt", 1), 77, hidden)
     if kwargs["negative_prompt"] is None:
-        assert not np.asarray(ours.negative_prompt_embeds).any() and not np.asarray(ours.negative_pooled_prompt_embeds).any()
+        assert not np.asarray(ours.negative_prompt_embeds).any()
+        assert not np.asarray(ours.negative_pooled_prompt_embeds).any()
 
 
 def test_sdxl_without_guidance_and_without_forced_zeros(sdxl):
     pipe, tokenizers, encoders = sdxl
-    ours = encode_prompt_sdxl(PROMPTS[0], tokenizers, encoders, do_classifier_free_guidance=False)
+    ours = encode_prompt_sdxl(PROMPTS, tokenizers, encoders, do_classifier_free_guidance=False)
     assert ours.negative_prompt_embeds is None and ours.negative_pooled_prompt_embeds is None
     pipe.register_to_config(force_zeros_for_empty_prompt=False)
     try:
         with torch.no_grad():
-            expected = pipe.encode_prompt(PROMPTS[0], device="cpu", do_classifier_free_guidance=True)
+            expected = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=True)
     finally:
         pipe.register_to_config(force_zeros_for_empty_prompt=True)
-    ours = encode_prompt_sdxl(PROMPTS[0], tokenizers, encoders, force_zeros_for_empty_prompt=False)
+    ours = encode_prompt_sdxl(PROMPTS, tokenizers, encoders, force_zeros_for_empty_prompt=False)
     for name, actual, reference in zip(NAMES, ours, expected, strict=True):
         _assert_close(actual, reference, name)
     assert np.asarray(ours.negative_pooled_prompt_embeds).any()
@@ -125,12 +126,27 @@ def sd15(tmp_path_factory):
     return pipe, tokenizer, CLIPTextModel.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("kwargs", [dict(negative_prompt=NEGATIVES), dict(negative_prompt=None, clip_skip=1)],
-                         ids=["negative", "default_negative_clip_skip"])
-def test_sd15_matches_diffusers(sd15, kwargs):
+@pytest.mark.parametrize("negative_prompt", [NEGATIVES, None], ids=["negative", "default_negative"])
+def test_sd15_matches_diffusers(sd15, negative_prompt):
     pipe, tokenizer, encoder = sd15
     with torch.no_grad():
-        expected = pipe.encode_prompt(PROMPTS, "cpu", 1, True, **kwargs)
-    ours = encode_prompt_sd15(PROMPTS, tokenizer, encoder, **kwargs)
+        expected = pipe.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=negative_prompt)
+    ours = encode_prompt_sd15(PROMPTS, tokenizer, encoder, negative_prompt=negative_prompt)
     for name, actual, reference in zip(NAMES[:2], ours, expected, strict=True):
         _assert_close(actual, reference, name)
+
+
+def test_sd15_clip_skip(sd15):
+    """diffusers 0.42's SD 1.5 clip_skip path reads ``text_encoder.text_model``, which transformers 5's
+    CLIPTextModel no longer has; its rule (hidden state clip_skip layers before the last, then
+    final_layer_norm) is computed here with transformers directly."""
+    pipe, tokenizer, encoder = sd15
+    ids = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = pipe.text_encoder(ids, output_hidden_states=True)
+        expected = pipe.text_encoder.final_layer_norm(reference.hidden_states[-2])
+        expected_negative = pipe.encode_prompt(PROMPTS, "cpu", 1, True)[1]
+    ours, negative = encode_prompt_sd15(PROMPTS, tokenizer, encoder, clip_skip=1)
+    _assert_close(ours, expected, "prompt_embeds")
+    assert not np.allclose(np.asarray(ours), reference.last_hidden_state.numpy(), atol=1e-3)
+    _assert_close(negative, expected_negative, "negative_prompt_embeds")

@@ -53,7 +53,8 @@ def test_vocabulary_layout(tokenizer):
     assert (vocab["!"], vocab["Ā"], vocab["!</w>"], vocab["Ā</w>"]) == (0, 188, 256, 444)
     assert (vocab["<|startoftext|>"], vocab["<|endoftext|>"]) == (49406, 49407)
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (49406, 49407, 49407)
-    assert tokenizer.decode(tokenizer("Hello, Wörld! 123").input_ids, skip_special_tokens=True) == "hello , wörld ! 1 2 3"
+    ids = tokenizer("Hello, Wörld! 123").input_ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "hello , wörld ! 1 2 3"
 
 
 def test_tokenize_pads_and_truncates_to_77(tokenizer):

@@ -46,18 +46,34 @@ def _assert_close(actual, reference, rel=1e-4):
     assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
 
 
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
-def pair(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    reference = _torch_vae(VARIANTS[request.param], folder)
-    return reference, AutoencoderKL.from_pretrained(folder), folder
-
-
 @pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_single")
-    reference = _torch_vae(TINY, folder)
-    return reference, AutoencoderKL.from_pretrained(folder), folder
+def checkpoints(tmp_path_factory):
+    """variant name -> (torch reference, our model loaded from its saved folder, folder); built once each."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            folder = tmp_path_factory.mktemp(name)
+            reference = _torch_vae(VARIANTS[name], folder)
+            built[name] = reference, AutoencoderKL.from_pretrained(folder), folder
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def pair(request, checkpoints):
+    return checkpoints(request.param)
+
+
+@pytest.fixture
+def tiny_pair(checkpoints):
+    return checkpoints("tiny")
+
+
+def _latents(model, seed):
+    # The parity test's latent shape, so the eager float32 decode reuses its compiled ops.
+    return jax.random.normal(jax.random.key(seed), (2, 4, 6, model.config.latent_channels))
 
 
 def test_parity_encode_decode(pair):
@@ -81,8 +97,9 @@ def test_bfloat16_load_and_decode(tiny_pair):
     bf16 = AutoencoderKL.from_pretrained(folder, dtype=jnp.bfloat16)
     dtypes = {v.dtype for v in jax.tree.leaves(nnx.state(bf16, nnx.Param))}
     assert dtypes == {jnp.dtype(jnp.bfloat16)}
-    z = jax.random.normal(jax.random.key(1), (1, 4, 4, model.config.latent_channels))
-    out = bf16.decode(z.astype(jnp.bfloat16))
+    z = _latents(model, 1)
+    graphdef, state = nnx.split(bf16)
+    out = jax.jit(lambda state, z: nnx.merge(graphdef, state).decode(z))(state, z.astype(jnp.bfloat16))
     assert out.dtype == jnp.bfloat16
     _assert_close(out, model.decode(z), rel=5e-2)
 
@@ -95,7 +112,7 @@ SPATIAL_RULES = (("activation_batch", "data"), ("activation_length", "fsdp"), ("
 
 def test_sharded_decode_matches_single_device(tiny_pair):
     _, model, _ = tiny_pair
-    z = jax.random.normal(jax.random.key(2), (2, 4, 4, model.config.latent_channels))
+    z = _latents(model, 2)
     expected = model.decode(z)
     mesh = make_mesh((2, 2, 2))
     graphdef, state = nnx.split(model)

@@ -142,7 +142,8 @@ class Evaluator:
         if faces and usable:
             generated = self.embedder.embed(image, faces)
             for k in usable:
-                similarity[:, k] = cosine_matrix(generated, self._reference_embed("id", entry.persons[k].reference))[:, 0]
+                reference = self._reference_embed("id", entry.persons[k].reference)
+                similarity[:, k] = cosine_matrix(generated, reference)[:, 0]
         matching = match_faces(similarity, min_similarity=self.min_similarity)
         rows = []
         for k, person in _persons_or_none(entry):
@@ -163,7 +164,8 @@ class Evaluator:
         row.identity_similarity = similarity
         row.generated_box = tuple(float(v) for v in face.box)
         if self.clip is not None:
-            row.clip_i = float(self.clip.face_embeds(image, [face])[0] @ self._reference_embed("clip", person.reference)[0])
+            reference = self._reference_embed("clip", person.reference)[0]
+            row.clip_i = float(self.clip.face_embeds(image, [face])[0] @ reference)
         target = ref if person.pose is None else self.reference(person.pose)
         if target.face is None:
             row.error = target.error

@@ -4,13 +4,16 @@ An embedder maps faces found by ``FaceAnalyzer`` to unit vectors; identity simil
 generated face's vector and its reference's. Two implementations:
 
 * ``FaceNetEmbedder``: FaceNet (InceptionResnetV1, the paper's metric) from weights the user supplies; none
-  ship with the project and none can be fetched here. Expected format: a TorchScript file of a model that
-  takes (N, 3, 160, 160) float32 RGB, ``(pixel - 127.5) / 128``, and returns (N, 512) embeddings, e.g.
-  facenet-pytorch's VGGFace2 model exported with::
+  ship with the project and none can be fetched here. Expected format: an exported PyTorch program that
+  takes (N, 3, 160, 160) float32 RGB, ``(pixel - 127.5) / 128``, and returns (N, 512) embeddings: a
+  ``torch.export`` archive (``.pt2``) or a TorchScript file (``.pt``, older torch). E.g. facenet-pytorch's
+  VGGFace2 model::
 
-      from facenet_pytorch import InceptionResnetV1
       import torch
-      torch.jit.script(InceptionResnetV1(pretrained="vggface2").eval()).save("facenet_vggface2.pt")
+      from facenet_pytorch import InceptionResnetV1
+      net = InceptionResnetV1(pretrained="vggface2").eval()
+      torch.export.save(torch.export.export(net, (torch.zeros(2, 3, 160, 160),),
+                                            dynamic_shapes=({0: torch.export.Dim("n", min=1)},)), "facenet.pt2")
 
   Needs ``torch`` (the project's ``torch`` extra). Crop: the face's landmark box made square by its longer
   edge, no background masking, resized to 160 px.
@@ -80,10 +83,10 @@ def square_face_crop(image: np.ndarray, face: Face, size: int) -> np.ndarray:
 
 
 class FaceNetEmbedder:
-    """FaceNet from a user-supplied TorchScript file (format in the module docstring).
+    """FaceNet from a user-supplied exported model (format in the module docstring).
 
     Args:
-      path: the ``.pt`` TorchScript file.
+      path: a ``torch.export`` ``.pt2`` archive, or a TorchScript file (any other suffix).
       device: torch device string.
 
     Raises:
@@ -93,13 +96,16 @@ class FaceNetEmbedder:
     def __init__(self, path: str | os.PathLike, *, device: str = "cpu"):
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"FaceNet weights {path} not found (expected a TorchScript file: see "
-                                    "realisid_jax.eval.identity)")
+            raise FileNotFoundError(f"FaceNet weights {path} not found (expected a torch.export .pt2 or a "
+                                    "TorchScript file: see realisid_jax.eval.identity)")
         import torch  # the optional torch extra; only this embedder needs it
 
         self._torch = torch
         self._device = device
-        self._model = torch.jit.load(str(path), map_location=device).eval()
+        if path.suffix == ".pt2":
+            self._model = torch.export.load(str(path)).module().to(device)
+        else:
+            self._model = torch.jit.load(str(path), map_location=device).eval()
         self.label = f"facenet:{path.name}"
 
     def embed(self, image: np.ndarray, faces: Sequence[Face]) -> np.ndarray:

@@ -51,9 +51,11 @@ class AutoencoderKLConfig(ModelConfig):
     mid_block_add_attention: bool = True
 
     def __post_init__(self):
-        unsupported = ({*self.down_block_types} - {"DownEncoderBlock2D"}) | ({*self.up_block_types} - {"UpDecoderBlock2D"})
+        down = set(self.down_block_types) - {"DownEncoderBlock2D"}
+        unsupported = down | (set(self.up_block_types) - {"UpDecoderBlock2D"})
         if unsupported:
-            raise ValueError(f"AutoencoderKL supports DownEncoderBlock2D / UpDecoderBlock2D only, got {sorted(unsupported)}")
+            raise ValueError(f"AutoencoderKL supports DownEncoderBlock2D / UpDecoderBlock2D blocks only, got "
+                             f"{sorted(unsupported)}")
         if self.act_fn not in ("silu", "swish"):
             raise ValueError(f"AutoencoderKL supports act_fn='silu' only, got {self.act_fn!r}")
         n = len(self.block_out_channels)

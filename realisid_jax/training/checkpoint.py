@@ -11,7 +11,7 @@ A checkpoint ``<workdir>/checkpoints/<step>/`` holds three items:
 
 Atomicity: orbax writes a step into ``<step>.orbax-checkpoint-tmp-<n>`` and renames it when every item is
 finalised, so a process killed during a write leaves a temporary folder that ``latest_step`` ignores and
-the previous checkpoint restores unchanged.
+the previous checkpoint restores unchanged; the next run deletes such temporary folders when it starts.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ class TrainCheckpointer:
     def __init__(self, directory: str | Path, *, max_to_keep: int, async_save: bool = True):
         # Local paths are made absolute (orbax requires it); gs:// and other URLs pass through.
         self.directory = epath.Path(directory if "://" in str(directory) else Path(directory).absolute())
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        # cleanup_tmp_directories: a write killed midway leaves ``<step>.orbax-checkpoint-tmp-*``; it is
+        # removed when the next run opens the manager.
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("train", "data", "meta"))

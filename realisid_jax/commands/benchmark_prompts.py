@@ -1,0 +1,210 @@
+"""``realisid benchmark-prompts --out DIR``: generate the evaluation grid and the manifest ``evaluate`` reads.
+
+Grid (paper's protocol: identities x prompts x images, at face sizes 1/4 … 1/7 of the image edge):
+every identity photo x every prompt x every ``--face-sizes`` denominator x every ``--seeds`` seed, each call
+making ``--num-images`` images (the batch, split over the device mesh's data axes: choose a multiple of
+their size). ``--persons K`` > 1 puts K identities (consecutive ones, cyclically) side by side in each
+image, the multi-person setting. Face boxes are squares of side ``round(edge / d)`` (edge = the image's
+longer side), centred at 2/5 of the height, spread evenly across the width.
+
+Writes ``DIR/images/<id>.png``, ``DIR/refs/<identity>.png`` (the identity photos, so that the folder is
+self-contained) and ``DIR/manifest.json`` (``realisid_jax.eval.manifest``); then run
+``realisid evaluate --generated DIR --out REPORT``.
+
+The paper's 40 CelebA-HQ identities and 35 prompts are not distributed with it: pass your identity photos
+(``--identities``) and prompts (``--prompts FILE``, one per line). The built-in prompts below are this
+project's, not the paper's; without ``--identities`` the astronaut photo of scikit-image is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_PROMPTS = (
+    "a photo of a person, portrait, natural light",
+    "a photo of a person standing on a beach at sunset",
+    "a photo of a person wearing a suit in an office",
+    "a photo of a person in a snowy forest, winter coat",
+    "a photo of a person reading a book in a cafe",
+    "a photo of a person riding a bicycle in a city street",
+    "a photo of a person on a mountain summit, hiking gear",
+    "a photo of a person cooking in a kitchen",
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclasses.dataclass(frozen=True)
+class GridCell:
+    """One pipeline call: ``num_images`` images of ``prompt`` with ``identities`` at ``boxes``."""
+
+    prompt_index: int
+    prompt: str
+    identities: tuple[str, ...]
+    boxes: tuple[tuple[float, float, float, float], ...]
+    denominator: int
+    seed: int
+
+    def image_id(self, index: int) -> str:
+        return f"{'+'.join(self.identities)}-p{self.prompt_index:02d}-f{self.denominator}-s{self.seed}-{index}"
+
+
+def face_boxes(denominator: int, persons: int, height: int, width: int) -> tuple[tuple[float, ...], ...]:
+    """``persons`` square boxes of side ``round(max(height, width) / denominator)`` px, centres at 2/5 of
+    the height and at ``width * (k + 1) / (persons + 1)``.
+
+    Raises:
+      ValueError: the boxes do not fit side by side in the image.
+    """
+    side = round(max(height, width) / denominator)
+    if persons * side > width or side > height:
+        raise ValueError(f"{persons} faces of 1/{denominator} of the edge ({side} px) do not fit in {width}x{height}")
+    cy = min(max(0.4 * height, side / 2), height - side / 2)
+    boxes = []
+    for k in range(persons):
+        cx = min(max(width * (k + 1) / (persons + 1), side / 2), width - side / 2)
+        boxes.append((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+    return tuple(boxes)
+
+
+def plan_grid(identities: Sequence[str], prompts: Sequence[str], denominators: Sequence[int], seeds: Sequence[int],
+              *, persons: int, height: int, width: int) -> list[GridCell]:
+    """Every (identity group, prompt, face size, seed) cell. Identity groups: each identity alone for
+    ``persons == 1``, else each identity with the next ``persons - 1`` (cyclically).
+
+    Raises:
+      ValueError: more persons per image than identities, or boxes that do not fit.
+    """
+    if not 1 <= persons <= len(identities):
+        raise ValueError(f"--persons {persons} needs between 1 and {len(identities)} (the identities given)")
+    groups = [tuple(identities[(i + k) % len(identities)] for k in range(persons)) for i in range(len(identities))]
+    boxes = {d: face_boxes(d, persons, height, width) for d in denominators}
+    return [GridCell(p, prompts[p], g, boxes[d], d, s)
+            for g, p, d, s in itertools.product(groups, range(len(prompts)), denominators, seeds)]
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``benchmark-prompts`` subcommand; its handler is ``args.func(args) -> int``."""
+    p = subparsers.add_parser("benchmark-prompts", help="generate the evaluation grid and its manifest",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/tiny.py", help="config file (default: configs/tiny.py)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (images/, refs/, manifest.json)")
+    p.add_argument("--identities", nargs="+", type=Path, default=[],
+                   help="identity photos, or folders of them (default: the scikit-image astronaut)")
+    p.add_argument("--prompts", type=Path, default=None, help="text file, one prompt per line (default: built-in)")
+    p.add_argument("--face-sizes", nargs="+", type=int, default=[4, 5, 6, 7],
+                   help="face box side = image edge / D for each D (default: 4 5 6 7)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--num-images", type=int, default=2, help="images per call, the sharded batch (default: 2)")
+    p.add_argument("--persons", type=int, default=1, help="persons per image (default: 1)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: config)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--base", default=None, help="diffusers SDXL / SD1.5 pipeline folder (real weights)")
+    p.add_argument("--branches", default=None, help="trained RealisID branches folder")
+    p.add_argument("--image-encoder", default=None, help="CLIP vision model folder (transformers format)")
+    p.set_defaults(func=run)
+    return p
+
+
+def _identity_photos(paths: Sequence[Path], refs: Path) -> dict[str, Path]:
+    """Identity name -> its photo copied into ``refs`` as PNG (names from file stems, made unique)."""
+    from PIL import Image
+
+    from realisid_jax.face.image import load_image
+
+    refs.mkdir(parents=True, exist_ok=True)
+    if not paths:
+        from skimage import data
+
+        Image.fromarray(data.astronaut()).save(refs / "astronaut.png")
+        return {"astronaut": refs / "astronaut.png"}
+    files = []
+    for path in paths:
+        files += sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    photos: dict[str, Path] = {}
+    for f in files:
+        name, n = f.stem, 1
+        while name in photos:
+            name, n = f"{f.stem}-{n}", n + 1
+        photos[name] = refs / f"{name}.png"
+        Image.fromarray(load_image(f)).save(photos[name])
+    return photos
+
+
+def _prompts(path: Path | None) -> list[str]:
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt")
+    return prompts
+
+
+def _build_pipeline(config, args):
+    from realisid_jax.pipeline import RealisIDPipeline
+    from realisid_jax.sharding import make_mesh
+
+    mesh = make_mesh(tuple(config.mesh.shape))
+    if args.base is None:
+        print("note: no --base: the config's RANDOM weights make noise, not faces (plumbing runs only)",
+              file=sys.stderr)
+        return RealisIDPipeline.from_config(config, seed=config.sampling.seed, mesh=mesh)
+    return RealisIDPipeline.from_pretrained(config, args.base, branches=args.branches,
+                                            image_encoder=args.image_encoder, mesh=mesh)
+
+
+def generate(pipeline, cells: Sequence[GridCell], photos: dict[str, Path], out: Path, *, num_images: int,
+             height: int, width: int, steps: int | None, progress: bool = True) -> Path:
+    """Runs every cell through ``pipeline`` (a ``RealisIDPipeline``), writes the images and the manifest;
+    returns the manifest's path. Paths in the manifest are relative to ``out``."""
+    from PIL import Image
+
+    from realisid_jax.conditioning import Person
+    from realisid_jax.eval.manifest import ManifestEntry, ManifestPerson, write_manifest
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, cell in enumerate(cells):
+        if progress:
+            print(f"[{i + 1}/{len(cells)}] {cell.image_id(0)[:-2]}", file=sys.stderr, flush=True)
+        persons = [Person(str(photos[name]), box) for name, box in zip(cell.identities, cell.boxes)]
+        result = pipeline(cell.prompt, persons, num_images=num_images, seed=cell.seed, height=height, width=width,
+                          num_inference_steps=steps, progress=False)
+        for j, image in enumerate(np.asarray(result.images)):
+            name = f"images/{cell.image_id(j)}.png"
+            Image.fromarray(image).save(out / name)
+            entries.append(ManifestEntry(cell.image_id(j), name, cell.prompt, tuple(
+                ManifestPerson(str(photos[n].relative_to(out)), box, identity=n)
+                for n, box in zip(cell.identities, cell.boxes)), seed=cell.seed))
+    return write_manifest(out, entries)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``realisid benchmark-prompts``: 0, or 2 for unusable arguments."""
+    from realisid_jax.config import load_config
+
+    config = load_config(args.config, args.config_overrides)
+    height = args.height or config.sampling.height
+    width = args.width or config.sampling.width
+    try:
+        prompts = _prompts(args.prompts)
+        out = args.out.resolve()
+        photos = _identity_photos(args.identities, out / "refs")
+        cells = plan_grid(list(photos), prompts, args.face_sizes, args.seeds, persons=args.persons,
+                          height=height, width=width)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(cells)} calls x {args.num_images} images = {len(cells) * args.num_images} images "
+          f"({len(photos)} identities, {len(prompts)} prompts, sizes 1/{args.face_sizes}, seeds {args.seeds})")
+    manifest = generate(_build_pipeline(config, args), cells, photos, out, num_images=args.num_images,
+                        height=height, width=width, steps=args.steps)
+    print(f"wrote {manifest}; next: realisid evaluate --generated {out} --out REPORT_DIR")
+    return 0
