@@ -102,6 +102,44 @@ class RealisIDPipeline:
         n_text = 2 if config.model.get("text_encoder_2") is not None else 1
         return cls(models, (tokenizer,) * n_text, config, mesh=mesh, analyzer=analyzer)
 
+    @classmethod
+    def from_pretrained(cls, config, base: str, *, branches: str | None = None, image_encoder: str | None = None,
+                        mesh: Mesh | None = None, analyzer: FaceAnalyzer | None = None) -> RealisIDPipeline:
+        """Real weights from local folders.
+
+        Args:
+          base: a diffusers SDXL / SD 1.5 pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ...).
+          branches: trained RealisID weights (``local_branch/``, ``global_branch/``, ``id_projection/``, as
+            ``realisid export`` writes them); default: fresh branches from the UNet (zero residuals).
+          image_encoder: a transformers ``CLIPVisionModelWithProjection`` folder; default the base folder's
+            ``image_encoder/``.
+
+        Raises:
+          FileNotFoundError / HubIdError / CheckpointMismatchError: from the loaders, naming the folder.
+        """
+        from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
+        from realisid_jax.models.controlnet import ControlNetModel
+        from realisid_jax.models.factory import dtypes
+        from realisid_jax.models.id_projection import IDProjection
+        from realisid_jax.models.realisid import RealisID, RealisIDConfig
+        from realisid_jax.weights.pipeline_folder import load_pipeline_folder
+
+        kw = dtypes(config)
+        rules = tuple(config.mesh.rules)
+        parts = load_pipeline_folder(base, dtype=kw["dtype"], mesh=mesh, rules=rules, image_encoder=image_encoder)
+        if parts.image_encoder is None:
+            raise FileNotFoundError(f"no image encoder: {base} has no image_encoder/ and --image-encoder was not given")
+        realisid = RealisID.from_unet(parts.unet, RealisIDConfig.from_config(config))
+        if branches is not None:
+            load = dict(mesh=mesh, rules=rules, dtype=kw["dtype"], attention_impl=kw["attention_impl"])
+            realisid.local_branch = ControlNetModel.from_pretrained(branches, subfolder="local_branch", **load)
+            realisid.global_branch = ControlNetModel.from_pretrained(branches, subfolder="global_branch", **load)
+            realisid.id_projection = IDProjection.from_pretrained(branches, subfolder="id_projection", **load)
+        models = dict(unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
+                      text_encoder_2=parts.text_encoder_2, image_encoder=parts.image_encoder, realisid=realisid)
+        tokenizers = tuple(t for t in (parts.tokenizer, parts.tokenizer_2) if t is not None)
+        return cls(models, tokenizers, config, scheduler_config=parts.scheduler_config, mesh=mesh, analyzer=analyzer)
+
     # ----------------------------------------------------------------------------------------------- host
     def prepare(self, persons: Sequence[Person], height: int, width: int) -> PersonConditions:
         """Checks the size and persons, analyses the photos. Raises ValueError for a size that is not a

@@ -31,10 +31,14 @@ class LandmarkResult:
     Attributes:
       points: (468, 2) float32 ``(x, y)`` image pixels, MediaPipe Face Mesh index order.
       score: face-presence probability in [0, 1] (low means the crop holds no face).
+      points3d: (468, 3) float32 ``(x, y, z)``: ``x, y`` as ``points``; ``z`` the model's depth in
+        the same image-pixel scale as ``x`` (MediaPipe's convention: relative depth, smaller is
+        nearer the camera, origin near the head's centre), or None when the landmarker gives no depth.
     """
 
     points: np.ndarray
     score: float
+    points3d: np.ndarray | None = None
 
 
 class Landmarker(Protocol):
@@ -102,8 +106,11 @@ class FaceMeshLandmarker:
         self._interp.invoke()
         xyz = self._interp.get_tensor(self._points).reshape(mesh.NUM_LANDMARKS, 3)
         points = xyz[:, :2] @ to_image[:, :2].T + to_image[:, 2]
+        # The crop-to-image map is a rotation times roi.size / n: depth scales like x and y, unrotated.
+        depth = xyz[:, 2] * (roi.size / _MESH_INPUT)
         logit = float(self._interp.get_tensor(self._presence).ravel()[0])
-        return LandmarkResult(points.astype(np.float32), float(1 / (1 + np.exp(-logit))))
+        return LandmarkResult(points.astype(np.float32), float(1 / (1 + np.exp(-logit))),
+                              np.column_stack([points, depth]).astype(np.float32))
 
 
 def roi_from_detection(detection: Detection, scale: float = 1.5) -> Roi:

@@ -43,9 +43,8 @@ def _frozen_configs(config) -> dict[str, tuple[type, Any]]:
 def abstract_components(config) -> dict[str, nnx.Module]:
     """Each frozen model and the trainable ``realisid`` branches with ``ShapeDtypeStruct`` parameters."""
     kw = dtypes(config)
-    models = {name: nnx.eval_shape(lambda c=cls, f=cfg: c(f, rngs=nnx.Rngs(0), **kw))
-              for name, (cls, cfg) in _frozen_configs(config).items()}
-    models["realisid"] = nnx.eval_shape(lambda: RealisID(RealisIDConfig.from_config(config), rngs=nnx.Rngs(0), **kw))
+    models = {name: cls.abstract(cfg, **kw) for name, (cls, cfg) in _frozen_configs(config).items()}
+    models["realisid"] = RealisID.abstract(RealisIDConfig.from_config(config), **kw)
     return models
 
 

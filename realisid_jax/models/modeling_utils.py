@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
 import jax
@@ -42,6 +43,20 @@ def count_params(model_or_state) -> int:
     return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state))
 
 
+def abstract_module(build: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
+    """``nnx.eval_shape`` of ``build(rngs)``: the module with ``ShapeDtypeStruct`` parameters, no memory."""
+
+    def traced():
+        # The RNG count lives in a Ref: updating a traced count otherwise makes flax read the tracer's
+        # ``.sharding``, whose error message walks the whole jaxpr on every draw (quadratic; SDXL UNet
+        # eval_shape took over 5 minutes instead of 9 s).
+        with nnx.var_defaults(ref=True):
+            rngs = nnx.Rngs(0)
+        return build(rngs)
+
+    return nnx.eval_shape(traced)
+
+
 class PretrainedMixin:
     """``from_pretrained`` for a model class ``cls(config, *, rngs, dtype, param_dtype, attention_impl)``."""
 
@@ -65,15 +80,8 @@ class PretrainedMixin:
     def abstract(cls, config: ModelConfig, *, dtype=jnp.float32, param_dtype=None, attention_impl: str | None = "xla"):
         """The model with ``ShapeDtypeStruct`` parameters: shapes, counts and shardings without memory."""
 
-        def build():
-            # The RNG count lives in a Ref: updating a traced count otherwise makes flax read the tracer's
-            # ``.sharding``, whose error message walks the whole jaxpr on every draw (quadratic; SDXL UNet
-            # eval_shape took over 5 minutes instead of 9 s).
-            with nnx.var_defaults(ref=True):
-                rngs = nnx.Rngs(0)
-            return cls(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype or dtype, attention_impl=attention_impl)
-
-        return nnx.eval_shape(build)
+        return abstract_module(lambda rngs: cls(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype or dtype,
+                                                attention_impl=attention_impl))
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, subfolder: str | None = None, dtype=jnp.float32,

@@ -25,6 +25,7 @@ from realisid_jax.face.ops import crop_and_resize, location_mask, relocate_level
 from realisid_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from realisid_jax.models.embeddings import broadcast_timesteps
 from realisid_jax.models.id_projection import IDProjection, IDProjectionConfig
+from realisid_jax.models.modeling_utils import abstract_module
 
 # Latent cells per pixel edge (SD / SDXL VAE): the condition images are 8x the latent.
 VAE_SCALE = 8
@@ -107,8 +108,8 @@ class RealisID(nnx.Module):
     def abstract(cls, config: RealisIDConfig, *, dtype=jnp.float32, param_dtype=None,
                  attention_impl: str | None = "xla") -> RealisID:
         """The model with ``ShapeDtypeStruct`` parameters (shapes, counts, shardings; no memory)."""
-        return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype or dtype,
-                                          attention_impl=attention_impl))
+        return abstract_module(lambda rngs: cls(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype or dtype,
+                                                attention_impl=attention_impl))
 
     @classmethod
     def from_unet(cls, unet, config: RealisIDConfig, *, rngs: nnx.Rngs | None = None) -> RealisID:

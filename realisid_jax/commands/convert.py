@@ -1,0 +1,75 @@
+"""``realisid convert``: PyTorch weights -> one orbax checkpoint that later runs restore straight onto shardings.
+
+    realisid convert --config configs/sdxl.py --base sd_xl_base_1.0.safetensors --out weights/sdxl
+    realisid convert --config configs/sdxl.py --base SDXL_PIPELINE_FOLDER --branches EXPORTED --out DIR
+
+``--base`` is a diffusers pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, ...) or an original-layout
+single ``.safetensors`` file. The branches come from ``--branches`` (an ``export_branches`` folder), or are
+initialised from the UNet (ControlNet ``from_unet``) with a fresh ID projection. Load the result with
+``realisid_jax.weights.orbax_cache.load_converted``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from realisid_jax.config import load_config
+from realisid_jax.models.modeling_utils import count_params
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="convert PyTorch weights into an orbax checkpoint (fast sharded loads)")
+    p.add_argument("--config", required=True, help="config file, e.g. configs/sdxl.py")
+    p.add_argument("--base", required=True, help="diffusers pipeline folder or single-file .safetensors checkpoint")
+    p.add_argument("--branches", help="folder written by export_branches (local_branch/, global_branch/, "
+                                      "id_projection/); default: branches initialised from the UNet")
+    p.add_argument("--image-encoder", help="CLIP vision encoder folder, when --base holds none (single files)")
+    p.add_argument("--out", required=True, help="new output directory")
+    p.set_defaults(func=run)
+
+
+def convert(config, base: str, out: str, *, branches: str | None = None, image_encoder: str | None = None,
+            log=print) -> dict[str, int]:
+    """Loads every component, writes the orbax cache to ``out``; returns name -> parameter count.
+
+    Raises:
+      FileNotFoundError / HubIdError: a source missing. CheckpointMismatchError: weights that do not fit the
+      config. ValueError: ``out`` exists.
+    """
+    from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
+    from realisid_jax.models.factory import dtypes
+    from realisid_jax.models.realisid import RealisID, RealisIDConfig
+    from realisid_jax.weights.export import load_branches
+    from realisid_jax.weights.orbax_cache import save_converted
+    from realisid_jax.weights.single_file import load_base
+
+    start = time.perf_counter()
+    models = load_base(base, config)
+    if image_encoder is not None:
+        models["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(image_encoder, **dtypes(config))
+    if "unet" not in models:
+        raise FileNotFoundError(f"{base} holds no UNet")
+    realisid_config = RealisIDConfig.from_config(config)
+    if branches is not None:
+        kw = dtypes(config)
+        models["realisid"] = load_branches(branches, realisid=RealisID.abstract(realisid_config, **kw), **kw)
+    else:
+        models["realisid"] = RealisID.from_unet(models["unet"], realisid_config)
+    log(f"loaded {', '.join(models)} in {time.perf_counter() - start:.1f} s")
+    absent = [n for n in ("text_encoder", "text_encoder_2", "image_encoder", "vae")
+              if n not in models and config.model.get(n) is not None]
+    if absent:
+        log(f"not in the sources (load them separately): {', '.join(absent)}")
+    start = time.perf_counter()
+    path = save_converted(out, models, config)
+    log(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+    return {name: count_params(model) for name, model in models.items()}
+
+
+def run(args) -> int:
+    config = load_config(args.config, args.config_overrides)
+    counts = convert(config, args.base, args.out, branches=args.branches, image_encoder=args.image_encoder)
+    width = max(map(len, counts))
+    for name, n in counts.items():
+        print(f"{name:<{width}}  {n:>15,}")
+    return 0

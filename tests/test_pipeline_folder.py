@@ -1,0 +1,165 @@
+"""load_pipeline_folder on a tiny random diffusers StableDiffusionXLPipeline written by save_pretrained."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from realisid_jax.config import load_config
+from realisid_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
+from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
+from realisid_jax.models.modeling_utils import count_params
+from realisid_jax.models.unet_2d_condition import UNet2DConditionModel as JaxUNet
+from realisid_jax.models.vae import AutoencoderKL as JaxVAE
+from realisid_jax.sharding import make_mesh
+from realisid_jax.tokenizer import CLIP_VOCAB_SIZE, offline_clip_tokenizer
+from realisid_jax.weights.pipeline_folder import (PipelineComponents, UnsupportedComponentError,
+                                                  load_pipeline_folder)
+
+TINY = load_config("configs/tiny.py").model
+
+
+def _randomised(module: torch.nn.Module) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return module.eval()
+
+
+def _text_encoder(cls, section: str) -> torch.nn.Module:
+    return _randomised(cls(transformers.CLIPTextConfig(**TINY[section].to_dict())))
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """(folder, torch pipeline) of a tiny SDXL pipeline (the tiny project config's architectures) with the real
+    49,408-entry CLIP tokenizer, plus a separate image-encoder folder: (folder, encoder folder, pipeline)."""
+    torch.manual_seed(0)
+    tokenizer = offline_clip_tokenizer()
+    pipe = StableDiffusionXLPipeline(
+        vae=_randomised(AutoencoderKL(**TINY.vae.to_dict())),
+        text_encoder=_text_encoder(transformers.CLIPTextModel, "text_encoder"),
+        text_encoder_2=_text_encoder(transformers.CLIPTextModelWithProjection, "text_encoder_2"),
+        tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=_randomised(UNet2DConditionModel(**TINY.unet.to_dict())),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         steps_offset=1, timestep_spacing="leading"))
+    root = tmp_path_factory.mktemp("sdxl")
+    pipe.save_pretrained(root / "pipeline")
+    image_encoder = _randomised(transformers.CLIPVisionModelWithProjection(
+        transformers.CLIPVisionConfig(**TINY.image_encoder.to_dict())))
+    image_encoder.save_pretrained(root / "image_encoder")
+    return root / "pipeline", root / "image_encoder", pipe, image_encoder
+
+
+@pytest.fixture(scope="module")
+def loaded(sdxl) -> PipelineComponents:
+    folder, encoder_folder, _, _ = sdxl
+    return load_pipeline_folder(folder, image_encoder=encoder_folder)
+
+
+def _torch_numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_sdxl_components_have_the_index_classes_and_the_weights(sdxl, loaded):
+    _, _, pipe, image_encoder = sdxl
+    expected = {"unet": (JaxUNet, pipe.unet), "vae": (JaxVAE, pipe.vae),
+                "text_encoder": (CLIPTextModel, pipe.text_encoder),
+                "text_encoder_2": (CLIPTextModelWithProjection, pipe.text_encoder_2),
+                "image_encoder": (CLIPVisionModelWithProjection, image_encoder)}
+    assert set(loaded.models()) == set(expected)
+    for name, (cls, reference) in expected.items():
+        model = getattr(loaded, name)
+        assert type(model) is cls, name
+        assert count_params(model) == _torch_numel(reference), name
+    # One weight per model, through each class's rename and transpose.
+    np.testing.assert_array_equal(loaded.vae.decoder.conv_out.kernel[...],
+                                  pipe.vae.decoder.conv_out.weight.detach().numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(loaded.unet.conv_in.kernel[...],
+                                  pipe.unet.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(loaded.text_encoder_2.text_projection.kernel[...],
+                                  pipe.text_encoder_2.text_projection.weight.detach().numpy().T)
+    np.testing.assert_array_equal(loaded.image_encoder.visual_projection.kernel[...],
+                                  image_encoder.visual_projection.weight.detach().numpy().T)
+
+
+def test_tokenizers_and_scheduler_config(loaded):
+    assert len(loaded.tokenizers) == len(loaded.text_encoders) == 2
+    for tokenizer in loaded.tokenizers:
+        assert isinstance(tokenizer, transformers.CLIPTokenizer) and len(tokenizer) == CLIP_VOCAB_SIZE
+        assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert loaded.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
+    assert loaded.scheduler_config["timestep_spacing"] == "leading"
+    assert loaded.model_index["_class_name"] == "StableDiffusionXLPipeline"
+
+
+def test_bfloat16_on_a_mesh(sdxl):
+    folder, _, _, _ = sdxl
+    mesh = make_mesh((2, 2, 2))
+    components = load_pipeline_folder(folder, dtype=jnp.bfloat16, mesh=mesh)
+    assert components.image_encoder is None
+    for name, model in components.models().items():
+        leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+        assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.bfloat16)}, name
+        assert all(isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh for leaf in leaves)
+    # A kernel the rules split: the UNet's first Linear of the time embedding, ("embed", "mlp").
+    spec = components.unet.time_embedding.linear_1.kernel[...].sharding.spec
+    assert spec != jax.sharding.PartitionSpec()
+
+
+def _edited_copy(folder, tmp_path, **index_changes):
+    copy = tmp_path / "pipeline"
+    shutil.copytree(folder, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    index.update(index_changes)
+    (copy / "model_index.json").write_text(json.dumps(index))
+    return copy
+
+
+def test_sd15_layout_and_image_encoder_listed_in_the_index(sdxl, tmp_path):
+    """No text_encoder_2 / tokenizer_2 (SD 1.5's index), and an image_encoder sub-folder named by the index."""
+    folder, encoder_folder, _, _ = sdxl
+    copy = _edited_copy(folder, tmp_path, text_encoder_2=[None, None], tokenizer_2=[None, None],
+                        image_encoder=["transformers", "CLIPVisionModelWithProjection"])
+    shutil.copytree(encoder_folder, copy / "image_encoder")
+    components = load_pipeline_folder(copy)
+    assert components.text_encoder_2 is None and components.tokenizer_2 is None
+    assert len(components.text_encoders) == len(components.tokenizers) == 1
+    assert isinstance(components.image_encoder, CLIPVisionModelWithProjection)
+
+
+def test_missing_component_folder_is_named(sdxl, tmp_path):
+    folder, _, _, _ = sdxl
+    copy = _edited_copy(folder, tmp_path)
+    shutil.rmtree(copy / "text_encoder_2")
+    with pytest.raises(FileNotFoundError, match=r"has no text_encoder_2/ .*CLIPTextModelWithProjection"):
+        load_pipeline_folder(copy)
+
+
+def test_unsupported_class_is_rejected(sdxl, tmp_path):
+    folder, _, _, _ = sdxl
+    copy = _edited_copy(folder, tmp_path, text_encoder_2=["transformers", "T5EncoderModel"])
+    with pytest.raises(UnsupportedComponentError, match="text_encoder_2 is a T5EncoderModel"):
+        load_pipeline_folder(copy)
+
+
+def test_required_component_and_tokenizer_pairing(sdxl, tmp_path):
+    folder, _, _, _ = sdxl
+    with pytest.raises(ValueError, match=r"lists no \['unet'\]"):
+        load_pipeline_folder(_edited_copy(folder, tmp_path / "a", unet=[None, None]))
+    with pytest.raises(ValueError, match="only one of text_encoder_2 / tokenizer_2"):
+        load_pipeline_folder(_edited_copy(folder, tmp_path / "b", tokenizer_2=[None, None]))
+
+
+def test_missing_model_index(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        load_pipeline_folder(tmp_path)
