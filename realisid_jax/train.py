@@ -98,38 +98,40 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
     mesh = make_mesh(tuple(config.mesh.shape)) if mesh is None else mesh
     rules = tuple(tuple(r) for r in config.mesh.rules)
     workdir = str(workdir)
-    with use_mesh(mesh, rules):
-        setup, abstract_params, make_params = build_models(config, mesh, rules, pretrained=pretrained,
-                                                           image_encoder=image_encoder)
-        optimizer, schedule = make_optimizer(config.train)
-        shardings = train_state_shardings(optimizer, abstract_params, setup, mesh)
-        if data_iterator is None:
-            data_iterator = _input_iterator(config, data_dir)
-        checkpointer = TrainCheckpointer(_join(workdir, "checkpoints"),
-                                         max_to_keep=int(config.train.keep_checkpoints))
-        seed = int(config.train.seed)
-        try:
-            if checkpointer.latest_step() is not None:
-                target = abstract_train_state(optimizer, abstract_params, shardings, seed)
-                state, start = checkpointer.restore(target, data_iterator)
-            else:
-                state, start = init_train_state(optimizer, make_params(), shardings, seed), 0
-            toks = tokenizers(config, pretrained)
-            settings = StepSettings.from_config(config, [tokenize(t, "")[0] for t in toks])
-            batches = DeviceBatches(data_iterator, toks, config, mesh, rules)
-            step = jit_train_step(graphdefs=setup.graphdefs, scheduler=noise_schedule(pretrained),
-                                  optimizer=optimizer, settings=settings, state_shardings=shardings,
-                                  frozen_shardings=setup.frozen_shardings, batch_shardings=batches.shardings)
-            meta = {"config": json.loads(config.to_json_best_effort())}
-            metrics_file = None if "://" in workdir else Path(workdir) / "metrics.jsonl"
-            with ProgressLog(_join(workdir, "tensorboard"), start_step=start, num_steps=int(config.train.num_steps),
-                             log_every=int(config.train.log_every), metrics_file=metrics_file) as log:
-                result = loop.run(lambda s, b: step(s, setup.frozen_inputs, b), state, batches, start_step=start,
-                                  num_steps=int(config.train.num_steps), checkpointer=checkpointer,
-                                  data_iterator=data_iterator, checkpoint_every=int(config.train.checkpoint_every),
-                                  log=log, learning_rate=schedule, meta=meta, hooks=hooks)
-        finally:
-            checkpointer.close()
+    # Models are built outside the mesh context: nnx.eval_shape would read their logical axis names as mesh
+    # axes there. Explicit out_shardings place everything.
+    setup, abstract_params, make_params = build_models(config, mesh, rules, pretrained=pretrained,
+                                                       image_encoder=image_encoder)
+    optimizer, schedule = make_optimizer(config.train)
+    shardings = train_state_shardings(optimizer, abstract_params, setup, mesh)
+    if data_iterator is None:
+        data_iterator = _input_iterator(config, data_dir)
+    checkpointer = TrainCheckpointer(_join(workdir, "checkpoints"), max_to_keep=int(config.train.keep_checkpoints))
+    seed = int(config.train.seed)
+    try:
+        if checkpointer.latest_step() is not None:
+            target = abstract_train_state(optimizer, abstract_params, shardings, seed)
+            state, start = checkpointer.restore(target, data_iterator)
+        else:
+            state, start = init_train_state(optimizer, make_params(), shardings, seed), 0
+        toks = tokenizers(config, pretrained)
+        settings = StepSettings.from_config(config, [tokenize(t, "")[0] for t in toks])
+        batches = DeviceBatches(data_iterator, toks, config, mesh, rules)
+        step = jit_train_step(graphdefs=setup.graphdefs, scheduler=noise_schedule(pretrained), optimizer=optimizer,
+                              settings=settings, state_shardings=shardings, frozen_shardings=setup.frozen_shardings,
+                              batch_shardings=batches.shardings)
+        meta = {"config": json.loads(config.to_json_best_effort())}
+        metrics_file = None if "://" in workdir else Path(workdir) / "metrics.jsonl"
+        with use_mesh(mesh, rules), ProgressLog(_join(workdir, "tensorboard"), start_step=start,
+                                                num_steps=int(config.train.num_steps),
+                                                log_every=int(config.train.log_every),
+                                                metrics_file=metrics_file) as log:
+            result = loop.run(lambda s, b: step(s, setup.frozen_inputs, b), state, batches, start_step=start,
+                              num_steps=int(config.train.num_steps), checkpointer=checkpointer,
+                              data_iterator=data_iterator, checkpoint_every=int(config.train.checkpoint_every),
+                              log=log, learning_rate=schedule, meta=meta, hooks=hooks)
+    finally:
+        checkpointer.close()
     return TrainResult(result.state, result.step, result.losses, result.preempted, setup)
 
 

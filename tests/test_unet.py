@@ -184,8 +184,8 @@ def test_gradient_checkpointing_remats_every_block():
 
     def remat_count(m):
         graphdef, state = nnx.split(m)
-        loss = lambda s: jnp.mean(call(nnx.merge(graphdef, s), 500, inputs) ** 2)  # noqa: E731
-        return sum(e.primitive.name == "remat2" for e in jax.make_jaxpr(jax.grad(loss))(state).jaxpr.eqns)
+        jaxpr = jax.make_jaxpr(lambda s: call(nnx.merge(graphdef, s), 500, inputs))(state)
+        return sum(e.primitive.name == "remat2" for e in jaxpr.jaxpr.eqns)
 
     assert remat_count(model) == 0
     graphdef, state = nnx.split(model)
@@ -205,7 +205,8 @@ def test_sharded_matches_single_device(mesh_shape):
         assert sharding.active_rules() is not None
         state = jax.device_put(state, sharding.state_shardings(state, mesh, sharding.DEFAULT_RULES))
         specs = [v.sharding.spec for v in jax.tree.leaves(state)]
-        assert any(any(axis is not None for axis in spec) for spec in specs), "no weight is sharded"
+        if mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:  # (8, 1, 1) is pure data parallelism
+            assert any(any(axis is not None for axis in spec) for spec in specs), "no weight is sharded"
         data = jax.tree.map(lambda a: jax.device_put(a, sharding.data_sharding(mesh, a.shape)), inputs)
         # Scalar timestep here; the reference used the (B,) vector of the same value.
         out = jax.jit(lambda state, data: call(nnx.merge(graphdef, state), 999, data))(state, data)

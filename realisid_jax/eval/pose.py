@@ -1,7 +1,8 @@
 """Head pose and expression from the 468 Face Mesh landmarks (the paper's pose and expression errors).
 
-Head pose: ``cv2.solvePnP`` of the 2-D landmarks against MediaPipe's canonical 3-D face model
-(``canonical_face.CANONICAL_FACE_MODEL``) with a face-centred pinhole camera: principal point at the centre
+Head pose: ``cv2.solvePnP`` of the 2-D landmarks against the project's canonical 3-D face
+(``canonical_face.canonical_face_model()``, the mean Face Mesh shape of real photos; its zero pitch is
+the average photo's) with a face-centred pinhole camera: principal point at the centre
 of the landmark box, focal length ``FOCAL_IN_FACE_SIZES`` times the box's longer side. Centring the camera
 on the face makes the pose that of the face as seen along its own viewing ray, so the same face pasted at
 another place or scale of an image has the same pose (what matters when a generated face at a chosen box is
@@ -23,17 +24,16 @@ the expression error: read it together with the pose error.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import cv2
 import numpy as np
 
 from realisid_jax.face import mesh
-from realisid_jax.eval.canonical_face import CANONICAL_FACE_MODEL
+from realisid_jax.eval.canonical_face import canonical_face_model
 
 FOCAL_IN_FACE_SIZES = 5.0  # a face filling 1/5 of a ~53° field of view: a normal portrait lens
 
-# The canonical model has y up and z towards the viewer; OpenCV's camera has y down and z away from it.
-_MODEL = CANONICAL_FACE_MODEL * np.array([1.0, -1.0, -1.0])
 
 
 def _unique(groups) -> tuple[int, ...]:
@@ -42,9 +42,11 @@ def _unique(groups) -> tuple[int, ...]:
 
 EXPRESSION_INDICES: tuple[int, ...] = _unique(
     [mesh.LIPS_OUTER, mesh.LIPS_INNER, mesh.RIGHT_EYE, mesh.LEFT_EYE, *mesh.RIGHT_EYEBROW, *mesh.LEFT_EYEBROW])
-# Upper face oval: the oval points above the nose tip in the canonical model (the jaw moves with the mouth).
-RIGID_INDICES: tuple[int, ...] = _unique(
-    [*mesh.NOSE, [i for i in mesh.FACE_OVAL if CANONICAL_FACE_MODEL[i, 1] > CANONICAL_FACE_MODEL[mesh.NOSE_TIP, 1]]])
+# Upper face oval: forehead point 10 and the 9 oval points on each side of it, which are the oval points
+# above the nose tip in the canonical face (tests/test_canonical_face.py checks it); the jaw moves with the
+# mouth.
+_UPPER_OVAL = mesh.FACE_OVAL[:10] + mesh.FACE_OVAL[-10:-1]
+RIGID_INDICES: tuple[int, ...] = _unique([*mesh.NOSE, _UPPER_OVAL])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +82,13 @@ def _check(landmarks: np.ndarray) -> np.ndarray:
     return points
 
 
+@functools.cache
+def _model() -> np.ndarray:
+    """The canonical face in OpenCV camera axes: it has y up and z towards the viewer, the camera y down
+    and z away from it."""
+    return canonical_face_model() * np.array([1.0, -1.0, -1.0])
+
+
 def face_size(landmarks: np.ndarray) -> float:
     """Longer side of the landmarks' bounding box (their units)."""
     points = _check(landmarks)
@@ -97,8 +106,11 @@ def estimate_head_pose(landmarks: np.ndarray) -> HeadPose:
 
     Raises:
       ValueError: wrong shape, non-finite or degenerate (zero-size) landmarks, or PnP failed.
+      realisid_jax.assets.AssetError: first call only, the canonical face is not cached and the Face Mesh
+        model files it is derived with cannot be fetched.
     """
     points = _check(landmarks)
+    model = _model()
     lo, hi = points.min(0), points.max(0)
     size = float(np.max(hi - lo))
     if size <= 0:
@@ -108,13 +120,13 @@ def estimate_head_pose(landmarks: np.ndarray) -> HeadPose:
     camera = np.array([[focal, 0, cx], [0, focal, cy], [0, 0, 1]], np.float64)
     # Start in front of the camera at the distance where the model's size matches the face's: the
     # iterative solver then converges to the right (not the mirrored, behind-camera) solution.
-    model_size = float(np.ptp(_MODEL[:, :2], axis=0).max())
+    model_size = float(np.ptp(model[:, :2], axis=0).max())
     guess_t = np.array([[0.0], [0.0], [focal * model_size / size]])
-    ok, rvec, tvec = cv2.solvePnP(_MODEL, points, camera, None, rvec=np.zeros((3, 1)), tvec=guess_t,
+    ok, rvec, tvec = cv2.solvePnP(model, points, camera, None, rvec=np.zeros((3, 1)), tvec=guess_t,
                                   useExtrinsicGuess=True, flags=cv2.SOLVEPNP_ITERATIVE)
     if not ok:
         raise ValueError("cv2.solvePnP failed on these landmarks")
-    projected = cv2.projectPoints(_MODEL, rvec, tvec, camera, None)[0].reshape(-1, 2)
+    projected = cv2.projectPoints(model, rvec, tvec, camera, None)[0].reshape(-1, 2)
     yaw, pitch, roll = _euler_degrees(cv2.Rodrigues(rvec)[0])
     return HeadPose(yaw, pitch, roll, float(np.linalg.norm(projected - points, axis=1).mean()))
 

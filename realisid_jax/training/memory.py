@@ -75,26 +75,27 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, pe
     config.train.resolution = int(resolution or config.train.resolution)
     mesh = make_mesh((1, num_devices, 1), devices[:num_devices])
     rules = tuple(tuple(r) for r in config.mesh.rules)
+    # Built outside the mesh context (nnx.eval_shape would read logical axis names as mesh axes there).
+    frozen, realisid = nnx.eval_shape(lambda: random_models(config, 0))
+    graphdefs = graphdefs_of(frozen, realisid, bool(config.train.remat))
+    _, params, rest = nnx.split(realisid, nnx.Param, ...)
+    frozen_inputs = (nnx.state(frozen), rest)
+    frozen_sh = tuple(state_shardings(s, mesh, rules) for s in frozen_inputs)
+    setup = ModelSetup(graphdefs=graphdefs, frozen_inputs=frozen_inputs, frozen_shardings=frozen_sh,
+                       param_shardings=state_shardings(params, mesh, rules).to_pure_dict())
+    optimizer, _ = make_optimizer(config.train)
+    shardings = train_state_shardings(optimizer, params.to_pure_dict(), setup, mesh)
+    state = abstract_train_state(optimizer, params.to_pure_dict(), shardings, 0)
+    num_encoders = 1 if config.model.get("text_encoder_2") is None else 2
+    batch_sh = batch_shardings(config, num_encoders, mesh, rules)
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh[k])
+             for k, (shape, dtype) in batch_shapes(config, num_encoders).items()}
+    # Token values do not change the program's memory; the real step uses the empty prompt's ids.
+    settings = StepSettings.from_config(config, [(0,) * CLIP_MAX_LENGTH] * num_encoders)
+    step = jit_train_step(graphdefs=graphdefs, scheduler=noise_schedule(None), optimizer=optimizer,
+                          settings=settings, state_shardings=shardings, frozen_shardings=frozen_sh,
+                          batch_shardings=batch_sh)
     with use_mesh(mesh, rules):
-        frozen, realisid = nnx.eval_shape(lambda: random_models(config, 0))
-        graphdefs = graphdefs_of(frozen, realisid, bool(config.train.remat))
-        _, params, rest = nnx.split(realisid, nnx.Param, ...)
-        frozen_inputs = (nnx.state(frozen), rest)
-        frozen_sh = tuple(state_shardings(s, mesh, rules) for s in frozen_inputs)
-        setup = ModelSetup(graphdefs=graphdefs, frozen_inputs=frozen_inputs, frozen_shardings=frozen_sh,
-                           param_shardings=state_shardings(params, mesh, rules).to_pure_dict())
-        optimizer, _ = make_optimizer(config.train)
-        shardings = train_state_shardings(optimizer, params.to_pure_dict(), setup, mesh)
-        state = abstract_train_state(optimizer, params.to_pure_dict(), shardings, 0)
-        num_encoders = 1 if config.model.get("text_encoder_2") is None else 2
-        batch_sh = batch_shardings(config, num_encoders, mesh, rules)
-        batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh[k])
-                 for k, (shape, dtype) in batch_shapes(config, num_encoders).items()}
-        # Token values do not change the program's memory; the real step uses the empty prompt's ids.
-        settings = StepSettings.from_config(config, [(0,) * CLIP_MAX_LENGTH] * num_encoders)
-        step = jit_train_step(graphdefs=graphdefs, scheduler=noise_schedule(None), optimizer=optimizer,
-                              settings=settings, state_shardings=shardings, frozen_shardings=frozen_sh,
-                              batch_shardings=batch_sh)
         stats = step.lower(state, with_shardings(frozen_inputs, frozen_sh), batch).compile().memory_analysis()
     argument, output = int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes)
     alias, temp = int(stats.alias_size_in_bytes), int(stats.temp_size_in_bytes)

@@ -50,6 +50,18 @@ def _describe(config, name: str) -> dict:
     return described
 
 
+def _abstract(config, name: str) -> nnx.Module:
+    """Component ``name`` of ``config`` with ``ShapeDtypeStruct`` variables (only that one is traced)."""
+    from realisid_jax.models.factory import FROZEN, dtypes
+    from realisid_jax.models.realisid import RealisID, RealisIDConfig
+
+    kw = dtypes(config)
+    if name == "realisid":
+        return RealisID.abstract(RealisIDConfig.from_config(config), **kw)
+    cls, config_class = FROZEN[name]
+    return cls.abstract(config_class.from_dict(dict(config.model[name])), **kw)
+
+
 def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
@@ -96,8 +108,8 @@ def read_meta(directory: str | os.PathLike) -> dict:
     return json.loads(meta_file.read_text())
 
 
-def _stored_shapes(checkpointer: ocp.Checkpointer, path: Path, name: str) -> dict[tuple[str, ...], tuple]:
-    tree = checkpointer.metadata(path).item_metadata[name].tree
+def _stored_shapes(item: Path) -> dict[tuple[str, ...], tuple]:
+    tree = ocp.PyTreeCheckpointHandler().metadata(item).tree
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
     return {tuple(str(getattr(k, "key", k)) for k in p): tuple(leaf.shape) for p, leaf in leaves}
 
@@ -135,8 +147,6 @@ def load_converted(directory: str | os.PathLike, config, *, mesh: Mesh | None = 
       FileNotFoundError: not a cache. KeyError: a requested component is not cached. ValueError: the config
       describes a component differently than when it was cached. CheckpointMismatchError: stored shapes differ.
     """
-    from realisid_jax.models.factory import abstract_components
-
     path = _absolute(directory)
     meta = read_meta(path)
     names = list(components) if components is not None else meta["components"]
@@ -146,13 +156,12 @@ def load_converted(directory: str | os.PathLike, config, *, mesh: Mesh | None = 
         if _describe(config, name) != meta["config"][name]:
             raise ValueError(f"the config describes {name!r} differently than the cache {path} (cached: "
                              f"{meta['config'][name]}); convert again or use the config it was made with")
-    abstract = {name: model for name, model in abstract_components(config).items() if name in names}
     checkpointer = _checkpointer()
     items, graphdefs, states = {}, {}, {}
     for name in names:
-        graphdefs[name], states[name] = nnx.split(abstract[name])
+        graphdefs[name], states[name] = nnx.split(_abstract(config, name))
         target = states[name].to_pure_dict()
-        _check_shapes(_stored_shapes(checkpointer, path, name), target, f"{path / name}")
+        _check_shapes(_stored_shapes(path / name), target, f"{path / name}")
         if mesh is not None:
             shardings = state_shardings(states[name], mesh, rules).to_pure_dict()
         else:

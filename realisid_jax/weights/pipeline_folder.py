@@ -131,9 +131,9 @@ def model_class(class_name: str) -> type:
     return getattr(importlib.import_module(module), attribute)
 
 
-def load_pipeline_folder(folder: str | os.PathLike, *, dtype=jnp.float32, image_encoder: str | os.PathLike | None = None,
-                         attention_impl: str | None = "xla", mesh: Mesh | None = None,
-                         rules: Rules = DEFAULT_RULES) -> PipelineComponents:
+def load_pipeline_folder(folder: str | os.PathLike, *, dtype=jnp.float32,
+                         image_encoder: str | os.PathLike | None = None, attention_impl: str | None = "xla",
+                         mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> PipelineComponents:
     """Loads a diffusers SD 1.5 / SDXL pipeline folder.
 
     Args:
