@@ -3,7 +3,8 @@
 Identity embedders: a deterministic stand-in defined here (grey-level square face crop, mean-centred; it
 tells crops apart but is no face recogniser), the tiny random Flax CLIP fallback, and the FaceNet slot with
 a tiny TorchScript model. Pose numbers measured here: the astronaut rotated by 15° about its face centre
-gives a roll error of 15.13° (yaw 0.23°, pitch 0.58°).
+gives a roll error of 15.12° (yaw 0.22°, pitch 0.53°) against the derived canonical face
+(eval/canonical_face.py; 15.13°, 0.23°, 0.58° against MediaPipe's canonical face it replaced).
 """
 
 import argparse

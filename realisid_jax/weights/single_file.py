@@ -172,23 +172,41 @@ def load_single_file(path: str | os.PathLike, config, *, components: Iterable[st
     return models
 
 
-def load_pipeline_folder(folder: str | os.PathLike, config, *, components: Iterable[str] | None = None,
-                         mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> dict[str, nnx.Module]:
-    """Loads frozen models from a diffusers pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, ...).
+def load_model_folders(folder: str | os.PathLike, config, *, components: Iterable[str] | None = None,
+                       mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> dict[str, nnx.Module]:
+    """Loads frozen models from a folder with one diffusers/transformers sub-folder per component (``unet/``,
+    ``vae/``, ``text_encoder/``, ...; a pipeline folder, no ``model_index.json`` or tokenizers needed).
 
-    ``components`` defaults to every sub-folder of ``FROZEN`` present that the config describes; a requested
-    one that is absent raises FileNotFoundError (from ``from_pretrained``).
+    Unlike ``pipeline_folder.load_pipeline_folder``, the project config decides what is loaded: each
+    sub-folder's ``config.json`` must describe the same architecture as ``c.model.<name>``.
+
+    Args:
+      components: default every sub-folder of ``factory.FROZEN`` present that the config describes.
+
+    Raises:
+      FileNotFoundError: a requested component's sub-folder, config or weights missing. ValueError: a
+      sub-folder's ``config.json`` differs from the project config (the differing keys are named).
     """
     root = Path(folder)
     wanted = list(components) if components is not None else [
         n for n in FROZEN if (root / n).is_dir() and config.model.get(n) is not None]
-    return {name: FROZEN[name][0].from_pretrained(root, subfolder=name, mesh=mesh, rules=rules, **dtypes(config))
-            for name in wanted}
+    models = {}
+    for name in wanted:
+        cls, config_class = FROZEN[name]
+        model = cls.from_pretrained(root, subfolder=name, mesh=mesh, rules=rules, **dtypes(config))
+        expected = config_class.from_dict(dict(config.model[name]))
+        if model.config != expected:
+            theirs, ours = model.config.to_dict(), expected.to_dict()
+            keys = sorted(k for k in ours if theirs[k] != ours[k])
+            raise ValueError(f"{root / name}/config.json differs from the config's model.{name}: "
+                             + ", ".join(f"{k}: folder {theirs[k]!r}, config {ours[k]!r}" for k in keys))
+        models[name] = model
+    return models
 
 
 def load_base(source: str | os.PathLike, config, *, components: Iterable[str] | None = None,
               mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> dict[str, nnx.Module]:
-    """``load_single_file`` for a ``.safetensors`` file, ``load_pipeline_folder`` for a folder.
+    """``load_single_file`` for a ``.safetensors`` file, ``load_model_folders`` for a folder.
 
     Raises:
       HubIdError / FileNotFoundError: ``source`` is neither an existing file nor a local folder.
@@ -197,4 +215,4 @@ def load_base(source: str | os.PathLike, config, *, components: Iterable[str] | 
 
     if Path(source).is_file():
         return load_single_file(source, config, components=components, mesh=mesh, rules=rules)
-    return load_pipeline_folder(resolve_folder(source), config, components=components, mesh=mesh, rules=rules)
+    return load_model_folders(resolve_folder(source), config, components=components, mesh=mesh, rules=rules)
