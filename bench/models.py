@@ -58,15 +58,16 @@ def _randomise_zero_convs(controlnet, generator: torch.Generator) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
 
 
-def build_models(config, *, seed: int = 0, with_torch: bool = True) -> Models:
+def build_models(config, *, seed: int = 0, frameworks: tuple[str, ...] = ("jax", "torch")) -> Models:
     """diffusers UNet + two ControlNets (``from_unet``, zero convs randomised) and the same weights in JAX.
 
-    ``with_torch=False`` builds random JAX models only (subprocess measurements that do not need PyTorch).
+    ``frameworks=("jax",)`` builds random JAX models only, ``("torch",)`` the PyTorch ones only (the
+    subprocess measurements of one framework); the other side's fields are None then.
     """
     rcfg = RealisIDConfig.from_config(config)
     unet_cfg = UNet2DConditionConfig.from_dict(dict(config.model.unet))
     rngs = nnx.Rngs(seed)
-    if not with_torch:
+    if "torch" not in frameworks:
         unet = UNet2DConditionModel(unet_cfg, rngs=rngs)
         realisid = RealisID(rcfg, rngs=rngs)
         return Models(config, rcfg, *nnx.split(unet), *nnx.split(realisid), None, None, None)
@@ -83,6 +84,9 @@ def build_models(config, *, seed: int = 0, with_torch: bool = True) -> Models:
             conditioning_embedding_out_channels=tuple(branch.conditioning_embedding_out_channels)).eval()
         _randomise_zero_convs(net, generator)
         branches[name] = net
+    if "jax" not in frameworks:
+        return Models(config, rcfg, None, None, None, None, t_unet, branches["local_branch"],
+                      branches["global_branch"])
     unet = UNet2DConditionModel.from_state_dict(unet_cfg, _torch_state(t_unet), source="bench torch unet")
     realisid = RealisID.abstract(rcfg)
     for name, net in branches.items():

@@ -78,7 +78,8 @@ def test_restore_casts_to_config_param_dtype(cache):
     unet = load_converted(path, config, components=["unet"])["unet"]
     kernel = unet.conv_in.kernel.get_value()
     assert kernel.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(models["unet"].conv_in.kernel.get_value(), jnp.bfloat16))
+    expected = np.asarray(models["unet"].conv_in.kernel.get_value(), jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(kernel), expected)
 
 
 def test_other_architecture_is_refused(cache):
@@ -105,7 +106,8 @@ def test_convert_command_from_pipeline_folder(tmp_path, capsys):
     base = tmp_path / "pipeline"
     _randomised(TorchUNet(**dict(m.unet))).save_pretrained(base / "unet")
     _randomised(TorchVAE(**dict(m.vae))).save_pretrained(base / "vae")
-    transformers.CLIPTextModel(transformers.CLIPTextConfig(**dict(m.text_encoder))).save_pretrained(base / "text_encoder")
+    text_config = transformers.CLIPTextConfig(**dict(m.text_encoder))
+    transformers.CLIPTextModel(text_config).save_pretrained(base / "text_encoder")
     transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**dict(m.text_encoder_2))).save_pretrained(
         base / "text_encoder_2")
     parser = argparse.ArgumentParser()

@@ -82,7 +82,8 @@ def test_diffusers_builds_id_projection(exported):
     assert config.pop("_class_name") == "IPAdapterPlusImageProjection"
     config.pop("_diffusers_version")
     theirs = IPAdapterPlusImageProjection(**config).eval()
-    theirs.load_state_dict(load_file(str(folders["id_projection"] / "diffusion_pytorch_model.safetensors")), strict=True)
+    weights = folders["id_projection"] / "diffusion_pytorch_model.safetensors"
+    theirs.load_state_dict(load_file(str(weights)), strict=True)
     tokens = np.random.default_rng(2).standard_normal((2, 9, RID.embed_dims)).astype(np.float32)
     with torch.no_grad():
         expected = theirs(torch.from_numpy(tokens)).numpy()

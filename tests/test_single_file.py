@@ -155,7 +155,8 @@ def _write_checkpoint(config, path):
     _same_state(sfu.convert_ldm_clip_checkpoint(checkpoint), te_sd)
     models = dict(unet=unet, vae=vae, text_encoder=te)
     if sdxl:
-        te2 = _randomised(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**dict(m.text_encoder_2))))
+        te2_config = transformers.CLIPTextConfig(**dict(m.text_encoder_2))
+        te2 = _randomised(transformers.CLIPTextModelWithProjection(te2_config))
         checkpoint.update(_prefixed("conditioner.embedders.1.model.", _open_clip_to_ldm(te2.state_dict())))
         _same_state(sfu.convert_open_clip_checkpoint(te2, checkpoint, prefix="conditioner.embedders.1.model."),
                     te2.state_dict())
@@ -262,3 +263,6 @@ def test_missing_component_and_folder(loaded, tmp_path):
     vae = load_base(tmp_path, config)["vae"]
     np.testing.assert_array_equal(np.asarray(vae.decoder.conv_out.kernel[...]),
                                   np.asarray(ours["vae"].decoder.conv_out.kernel[...]))
+    other = load_config("configs/tiny.py", ["model.vae.norm_num_groups=4"])
+    with pytest.raises(ValueError, match="norm_num_groups: folder 8, config 4"):
+        load_base(tmp_path, other)

@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -77,7 +78,8 @@ def load_branches(folder: str | os.PathLike, *, dtype=None, param_dtype=None, at
     from realisid_jax.models.realisid import RealisIDConfig
 
     root = resolve_folder(folder)
-    kw = dict(dtype=dtype or np.float32, param_dtype=param_dtype, attention_impl=attention_impl, mesh=mesh, rules=rules)
+    kw = dict(dtype=dtype or jnp.float32, param_dtype=param_dtype, attention_impl=attention_impl, mesh=mesh,
+              rules=rules)
     parts = {name: cls.from_pretrained(root, subfolder=name, **kw)
              for name, cls in (("local_branch", ControlNetModel), ("global_branch", ControlNetModel),
                                ("id_projection", IDProjection))}

@@ -1,0 +1,118 @@
+"""Guided sampling (paper Eq. 8, three predictions per step): the pipeline's jitted ``_denoise`` loop and a
+PyTorch loop doing the same work (DDIM, same timesteps, same guidance, same branch batch)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from bench.models import Models, torch_residuals
+from realisid_jax import pipeline
+from realisid_jax.schedulers import get_scheduler
+
+TEXT_SCALE, ID_SCALE, ID_START_FRACTION = 7.5, 5.0, 0.2
+
+
+@dataclasses.dataclass
+class SamplingInputs:
+    """Host inputs of one guided sampling call: ``num_images`` images, K persons, ``steps`` DDIM steps."""
+
+    latents: np.ndarray        # (n, h, w, 4)
+    text: tuple                # (prompt (n, 77, D), negative (n, 77, D), pooled | None, negative pooled | None)
+    time_ids: np.ndarray       # (n, 6)
+    id_embedding: np.ndarray   # (K, Q, D)
+    no_id: np.ndarray          # (K, Q, D)
+    boxes: np.ndarray          # (n, K, 4)
+    valid: np.ndarray          # (n, K)
+    landmark_images: np.ndarray  # (n, K, 8S, 8S, 3)
+    steps: int
+
+
+def make_sampling_inputs(config, step_inputs: dict, steps: int, seed: int = 0) -> SamplingInputs:
+    """From ``bench.models.make_inputs`` (its batch is the number of images)."""
+    rng = np.random.default_rng(seed + 1)
+    n = step_inputs["sample"].shape[0]
+    context = step_inputs["context"]
+    added = step_inputs["added"]
+    pooled = None if added is None else added["text_embeds"]
+    negative_pooled = None if added is None else rng.standard_normal(pooled.shape, np.float32)
+    size = int(config.sampling.height)
+    return SamplingInputs(
+        latents=step_inputs["sample"],
+        text=(context, rng.standard_normal(context.shape, np.float32), pooled, negative_pooled),
+        time_ids=np.tile(np.array([[size, size, 0, 0, size, size]], np.float32), (n, 1)),
+        id_embedding=step_inputs["p_id"][0], no_id=rng.standard_normal(step_inputs["p_id"][0].shape, np.float32),
+        boxes=step_inputs["boxes"], valid=step_inputs["valid"], landmark_images=step_inputs["landmark_images"],
+        steps=steps)
+
+
+def jax_sampler(models: Models, inputs: SamplingInputs):
+    """A no-argument callable running ``pipeline._denoise`` to the final latents (blocks), and the callable's
+    jitted function (for ``_cache_size``)."""
+    scheduler = get_scheduler("ddim", None)
+    state = scheduler.set_timesteps(inputs.steps)
+    start = int(np.floor(ID_START_FRACTION * inputs.steps))
+    args = jax.tree.map(jnp.asarray, (inputs.latents, inputs.text, inputs.time_ids, inputs.id_embedding,
+                                      inputs.no_id, inputs.boxes, inputs.valid, inputs.landmark_images))
+
+    def run(latents=None, text=None, boxes=None):
+        a = list(args)
+        for i, value in ((0, latents), (1, text), (5, boxes)):
+            if value is not None:
+                a[i] = jax.tree.map(jnp.asarray, value)
+        out = pipeline._denoise(models.unet_def, models.realisid_def, scheduler, models.unet_state,
+                                models.realisid_state, state, *a, jnp.float32(TEXT_SCALE), jnp.float32(ID_SCALE),
+                                jnp.int32(start))
+        return out.block_until_ready()
+
+    return run, pipeline._denoise
+
+
+def torch_sampler(models: Models, inputs: SamplingInputs, share_no_id_branches: bool):
+    """The same loop in PyTorch. ``share_no_id_branches``: run the branches on [no ID, with ID] (2N) and
+    reuse the no-ID residuals for ε_none and ε_t, as the JAX pipeline does when it does so."""
+    state = get_scheduler("ddim", None).set_timesteps(inputs.steps)
+    timesteps = np.asarray(state.timesteps)
+    a_t, a_prev = np.asarray(state.alpha_prod_t), np.asarray(state.alpha_prod_t_prev)
+    start = int(np.floor(ID_START_FRACTION * inputs.steps))
+    t = lambda x: None if x is None else torch.from_numpy(np.ascontiguousarray(x))  # noqa: E731
+    prompt, negative, pooled, negative_pooled = (t(x) for x in inputs.text)
+    latents = t(inputs.latents).permute(0, 3, 1, 2).contiguous()
+    n = latents.shape[0]
+    context = torch.cat([negative, prompt, prompt])
+    added = None
+    if pooled is not None:
+        added = {"text_embeds": torch.cat([negative_pooled, pooled, pooled]),
+                 "time_ids": t(inputs.time_ids).repeat(3, 1)}
+    id_embedding, no_id = t(inputs.id_embedding), t(inputs.no_id)
+    boxes, valid, marks = t(inputs.boxes), t(inputs.valid), t(inputs.landmark_images)
+    groups = 2 if share_no_id_branches else 3
+    per_image = lambda x: x.expand(n, *x.shape)  # noqa: E731
+
+    @torch.inference_mode()
+    def run():
+        x = latents
+        for i, step_t in enumerate(timesteps):
+            with_id = id_embedding if i >= start else no_id
+            ids = [per_image(no_id)] * (groups - 1) + [per_image(with_id)]
+            x_b = torch.cat([x] * groups)
+            branch_added = None if added is None else {k: v[-groups * n:] for k, v in added.items()}
+            down, mid = torch_residuals(models, x_b, int(step_t), torch.cat(ids), torch.cat([boxes] * groups),
+                                        torch.cat([valid] * groups), torch.cat([marks] * groups), branch_added)
+            if share_no_id_branches:
+                down = [torch.cat([r[:n], r]) for r in down]
+                mid = torch.cat([mid[:n], mid])
+            eps = models.torch_unet(torch.cat([x] * 3), int(step_t), context, added_cond_kwargs=added,
+                                    down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                                    return_dict=False)[0]
+            e_none, e_text, e_id = eps.chunk(3)
+            eps = e_none + TEXT_SCALE * (e_text - e_none) + ID_SCALE * (e_id - e_text)
+            x0 = (x - (1 - a_t[i]) ** 0.5 * eps) / a_t[i] ** 0.5
+            x = a_prev[i] ** 0.5 * x0 + (1 - a_prev[i]) ** 0.5 * eps
+        return x
+
+    return run
