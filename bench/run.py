@@ -10,6 +10,7 @@ Sections (each comparison in one process, JAX and PyTorch runs interleaved, medi
   memory   XLA ``memory_analysis`` of the compiled step; peak RSS of one step per framework (subprocesses)
   mfu      XLA ``cost_analysis`` FLOPs / step time, against a timed large float32 matmul (the machine's peak)
 Both frameworks use every core: XLA:CPU's intra-op pool and ``torch.set_num_threads(os.cpu_count())``.
+PyTorch's OpenMP threads wait passively (``OMP_WAIT_POLICY=PASSIVE``, see ``bench/__init__.py``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """RealisID composition: K persons padded with a validity mask, sum/mean semantics, Eq. 3 reduction, sharding."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,29 +11,44 @@ from flax import nnx
 
 from realisid_jax.config import load_config
 from realisid_jax.face.ops import crop_and_resize, location_mask, relocate_levels
+from realisid_jax.models.id_projection import IDProjectionConfig
 from realisid_jax.models.modeling_utils import count_params
 from realisid_jax.models.realisid import RealisID, RealisIDConfig
 from realisid_jax.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 from realisid_jax.sharding import DEFAULT_RULES, data_sharding, make_mesh, state_shardings, use_mesh
 
-LATENT = 16  # tiny config: local_latent_size 16 too, so a full box makes the crop the identity
+LATENT = 8  # latent side; local_latent_size is set to it, so a full box makes the crop the identity
 PIXELS = 8 * LATENT
+
+
+def _random_state(abstract: nnx.State, seed: int) -> nnx.State:
+    """Host-side random weights for an abstract state (fast: no per-shape init programs to compile). Every
+    leaf is random, including the zero-initialised ControlNet convs, so residuals are never trivially 0."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        if path[-1] == "scale":
+            value = 1.0 + 0.1 * rng.normal(size=x.shape)
+        elif path[-1] == "kernel":
+            value = rng.normal(size=x.shape) / np.sqrt(np.prod(x.shape[:-1]))
+        else:
+            value = 0.1 * rng.normal(size=x.shape)
+        return jnp.asarray(value, x.dtype)
+
+    return nnx.from_flat_state([(p, v.replace(fill(p, v))) for p, v in nnx.to_flat_state(abstract)])
+
+
+def _random(abstract_module, seed: int):
+    graphdef, abstract = nnx.split(abstract_module)
+    return nnx.merge(graphdef, _random_state(abstract, seed))
 
 
 @pytest.fixture(scope="module")
 def tiny():
     config = load_config("configs/tiny.py")
-    unet = UNet2DConditionModel(UNet2DConditionConfig.from_dict(dict(config.model.unet)), rngs=nnx.Rngs(0))
-    rid_config = RealisIDConfig.from_config(config)
-    model = RealisID.from_unet(unet, rid_config, rngs=nnx.Rngs(1))
-    # Zero-initialised convs (Z1 output, Z2) would make every residual 0 and every comparison trivial.
-    graphdef, state = nnx.split(model)
-    keys = iter(jax.random.split(jax.random.key(2), 10_000))
-
-    def randomise(x):
-        return 0.1 * jax.random.normal(next(keys), x.shape, x.dtype) if not np.any(np.asarray(x)) else x
-
-    model = nnx.merge(graphdef, jax.tree.map(randomise, state))
+    config.realisid.local_latent_size = LATENT
+    unet = _random(UNet2DConditionModel.abstract(UNet2DConditionConfig.from_dict(dict(config.model.unet))), 0)
+    model = _random(RealisID.abstract(RealisIDConfig.from_config(config)), 1)
     return config, unet, model
 
 
@@ -68,34 +84,37 @@ def _run(model, inputs):
     return jax.tree.map(np.asarray, _residuals(*nnx.split(model), inputs))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2, 10))
+def _person(local_graph, local_state, global_graph, global_state, sample, t, context, box, landmarks, added, size):
+    """One person of one image, each ControlNet called directly at batch 1: (relocated local levels, global
+    levels), unbatched."""
+    mask = location_mask(box, (8 * sample.shape[1], 8 * sample.shape[2]))[None]
+    g_down, g_mid = nnx.merge(global_graph, global_state)(sample, t, context, mask, added_cond_kwargs=added)
+    crop = crop_and_resize(sample[0], box, size)[None]
+    box_h, box_w = (box[3] - box[1]) * 8 * sample.shape[1], (box[2] - box[0]) * 8 * sample.shape[2]
+    local_added = dict(text_embeds=added["text_embeds"],
+                       time_ids=jnp.stack([box_h, box_w, 0.0, 0.0, 8.0 * size, 8.0 * size])[None])
+    l_down, l_mid = nnx.merge(local_graph, local_state)(crop, t, context, landmarks, added_cond_kwargs=local_added)
+    g = [x[0] for x in (*g_down, g_mid)]
+    return relocate_levels([x[0] for x in (*l_down, l_mid)], box, [x.shape[:2] for x in g]), g
+
+
 def _loop_reference(model, inputs):
-    """Python loop over images and persons calling each ControlNet on one person (batch 1)."""
-    size = model.config.local_latent_size
-    local_split, global_split = nnx.split(model.local_branch), nnx.split(model.global_branch)
+    """Python loop over images and valid persons; local injections summed, global ones averaged."""
+    c = model.config
+    branches = (*nnx.split(model.local_branch), *nnx.split(model.global_branch))
     per_image = []
     for b in range(inputs["sample"].shape[0]):
-        sample = inputs["sample"][b:b + 1]
-        t = inputs["timesteps"][b:b + 1]
-        added = {n: v[b:b + 1] for n, v in inputs["added_cond_kwargs"].items()}
-        local_sum, global_sum, count = None, None, 0
+        one = lambda x: x[b:b + 1]  # noqa: E731
+        local_sum, global_sum, count = 0.0, 0.0, 0
         for k in np.flatnonzero(np.asarray(inputs["valid"][b])):
-            box = inputs["boxes"][b, k]
-            context = inputs["id_embedding"][b, k][None]
-            mask = location_mask(box, (PIXELS, PIXELS))[None]
-            g_down, g_mid = _branch(*global_split, sample, t, context, mask, added)
-            g = [np.asarray(x[0]) for x in (*g_down, g_mid)]
-            crop = crop_and_resize(sample[0], box, size)[None]
-            box_h, box_w = float(box[3] - box[1]) * PIXELS, float(box[2] - box[0]) * PIXELS
-            local_added = dict(text_embeds=added["text_embeds"],
-                               time_ids=jnp.asarray([[box_h, box_w, 0.0, 0.0, 8.0 * size, 8.0 * size]]))
-            l_down, l_mid = _branch(*local_split, crop, t, context, inputs["landmark_images"][b, k][None],
-                                    local_added)
-            relocated = relocate_levels([x[0] for x in (*l_down, l_mid)], box, [x.shape[:2] for x in g])
-            loc = [np.asarray(x) for x in relocated]
-            local_sum = loc if local_sum is None else [a + c for a, c in zip(local_sum, loc)]
-            global_sum = g if global_sum is None else [a + c for a, c in zip(global_sum, g)]
+            loc, glob = _person(*branches, one(inputs["sample"]), one(inputs["timesteps"]),
+                                inputs["id_embedding"][b, k][None], inputs["boxes"][b, k],
+                                inputs["landmark_images"][b, k][None], jax.tree.map(one, inputs["added_cond_kwargs"]),
+                                c.local_latent_size)
+            local_sum = [s + np.asarray(x) for s, x in zip(local_sum or [0.0] * len(loc), loc)]
+            global_sum = [s + np.asarray(x) for s, x in zip(global_sum or [0.0] * len(glob), glob)]
             count += 1
-        c = model.config
         per_image.append([c.local_scale * lo + c.global_scale * gl / count for lo, gl in zip(local_sum, global_sum)])
     levels = [np.stack(level) for level in zip(*per_image)]
     return levels[:-1], levels[-1]
@@ -108,19 +127,31 @@ def _assert_close(got, want, tol=1e-4):
         np.testing.assert_allclose(g, w, atol=tol * scale, rtol=0)
 
 
-def test_configs_and_param_counts(tiny):
-    config, unet, model = tiny
-    assert model.config.local_latent_size == LATENT
+def test_config_and_param_counts(tiny):
+    _, _, model = tiny
     assert model.local_branch.config.conditioning_channels == 3
     assert model.global_branch.config.conditioning_channels == 1
-    abstract = RealisID.abstract(model.config)
-    assert count_params(abstract) == count_params(model) == (
-        count_params(model.local_branch) + count_params(model.global_branch) + count_params(model.id_projection))
-    # from_unet copies the encoder: the branches' first conv equals the UNet's.
-    np.testing.assert_array_equal(np.asarray(model.local_branch.conv_in.kernel[...]), np.asarray(unet.conv_in.kernel[...]))
+    assert count_params(model) == (count_params(model.local_branch) + count_params(model.global_branch)
+                                   + count_params(model.id_projection))
     with pytest.raises(ValueError, match="output_dims"):
-        RealisIDConfig(model.config.local_branch, model.config.global_branch,
-                       model.config.id_projection.__class__(output_dims=32))
+        dataclasses.replace(model.config, id_projection=IDProjectionConfig(output_dims=32))
+
+
+def test_from_unet_copies_the_encoder(tiny):
+    config, unet, _ = tiny
+    model = RealisID.from_unet(unet, RealisIDConfig.from_config(config), rngs=nnx.Rngs(3))
+    unet_state = nnx.to_flat_state(nnx.state(unet, nnx.Param))
+    unet_params = {path: v for path, v in unet_state}
+    for branch in (model.local_branch, model.global_branch):
+        copied = 0
+        for path, v in nnx.to_flat_state(nnx.state(branch, nnx.Param)):
+            if path[0] in ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block"):
+                np.testing.assert_array_equal(np.asarray(v.get_value()), np.asarray(unet_params[path].get_value()))
+                copied += 1
+            elif path[0] in ("controlnet_down_blocks", "controlnet_mid_block"):
+                assert not np.any(np.asarray(v.get_value())), path  # Z2 starts at zero: a no-op branch
+        assert copied > 0
+    assert np.abs(np.asarray(model.id_projection.latents.get_value())).max() > 0
 
 
 def test_sum_and_mean_match_python_loop(tiny):
@@ -168,24 +199,38 @@ def test_full_box_reduces_to_naive_local_branch(tiny):
     config, _, model = tiny
     inputs = _inputs(config, 2, 1, seed=5)
     inputs["boxes"] = jnp.tile(jnp.asarray([[[0.0, 0.0, 1.0, 1.0]]]), (2, 1, 1))
-    only_local = nnx.merge(*nnx.split(model))
-    only_local.config = dataclasses.replace(model.config, global_scale=0.0)
-    got = _run(only_local, inputs)
-    added = dict(text_embeds=inputs["added_cond_kwargs"]["text_embeds"],
-                 time_ids=jnp.tile(jnp.asarray([[PIXELS, PIXELS, 0.0, 0.0, PIXELS, PIXELS]], jnp.float32), (2, 1)))
-    want = _branch(*nnx.split(model.local_branch), inputs["sample"], inputs["timesteps"],
-                   inputs["id_embedding"][:, 0], inputs["landmark_images"][:, 0], added)
-    _assert_close(got, jax.tree.map(np.asarray, want), tol=1e-5)
+    got = _run(model, inputs)
+    c = model.config
+    branches = (*nnx.split(model.local_branch), *nnx.split(model.global_branch))
+    per_image = []
+    for b in range(2):
+        one = lambda x: x[b:b + 1]  # noqa: E731
+        added = jax.tree.map(one, inputs["added_cond_kwargs"])
+        context, landmarks = inputs["id_embedding"][b:b + 1, 0], inputs["landmark_images"][b:b + 1, 0]
+        _, glob = _person(*branches, one(inputs["sample"]), one(inputs["timesteps"]), context, inputs["boxes"][b, 0],
+                          landmarks, added, c.local_latent_size)
+        local_added = dict(added, time_ids=jnp.asarray([[PIXELS, PIXELS, 0, 0, PIXELS, PIXELS]], jnp.float32))
+        naive = _branch(*branches[:2], one(inputs["sample"]), one(inputs["timesteps"]), context, landmarks,
+                        local_added)
+        per_image.append([c.local_scale * np.asarray(n[0]) + c.global_scale * np.asarray(g)
+                          for n, g in zip((*naive[0], naive[1]), glob)])
+    levels = [np.stack(level) for level in zip(*per_image)]
+    _assert_close(got, (levels[:-1], levels[-1]), tol=1e-5)
 
 
 def test_encode_id_keeps_leading_axes(tiny):
     config, _, model = tiny
     hidden = jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 257, config.model.id_projection.embed_dims)),
                          jnp.float32)
-    p_id = nnx.jit(lambda m, x: m.encode_id(x))(model, hidden)
+
+    @jax.jit
+    def both(graphdef, state, hidden):
+        rid = nnx.merge(graphdef, state)
+        return rid.encode_id(hidden), rid.id_projection(hidden[1, 2][None])[0]
+
+    p_id, single = both(*nnx.split(model), hidden)
     assert p_id.shape == (2, 3, 16, config.model.id_projection.output_dims)
-    np.testing.assert_allclose(np.asarray(p_id[1, 2]), np.asarray(model.id_projection(hidden[1, 2][None])[0]),
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(p_id[1, 2]), np.asarray(single), atol=1e-5)
 
 
 def _step(unet_graph, unet_state, rid_graph, rid_state, inputs, text_context):

@@ -23,9 +23,9 @@ from realisid_jax.models.unet_blocks import FEATURE_MAP, UNetMidBlock2DCrossAttn
 from realisid_jax.sharding import constrain
 
 
-def _frozen(value):
+def freeze_nested(value):
     """Nested lists from ``config.json`` (e.g. per-layer transformer depths) as nested tuples (hashable)."""
-    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+    return tuple(freeze_nested(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 # Config values this implementation supports, by key: a key absent from a config class is not checked. Each
@@ -140,7 +140,7 @@ class UNet2DConditionConfig(ModelConfig):
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _frozen(getattr(self, f.name)))
+            object.__setattr__(self, f.name, freeze_nested(getattr(self, f.name)))
         if len(self.up_block_types) != len(self.down_block_types):
             raise ValueError(f"UNet2DConditionConfig: {len(self.down_block_types)} down blocks but "
                              f"{len(self.up_block_types)} up blocks")

@@ -8,6 +8,7 @@ the train state (parameters, optimiser state, step, RNG key) is donated and come
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -62,18 +63,16 @@ def sdxl_time_ids(batch: int, resolution: int) -> jax.Array:
     return jnp.broadcast_to(row, (batch, 6))
 
 
-def compute_loss(params: dict, frozen_inputs: tuple[nnx.State, nnx.State], batch: Batch, key: jax.Array, *,
-                 graphdefs: tuple[nnx.GraphDef, nnx.GraphDef], scheduler: DDPMScheduler,
+def compute_loss(params: dict, frozen, batch: Batch, key: jax.Array, *, branch_graphdef: nnx.GraphDef,
+                 branch_rest: nnx.State, scheduler: DDPMScheduler,
                  settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Eq. 7 on one batch: returns ``(loss, {"mse", "face_loss"})``.
 
-    ``batch``: ``pixel_values`` (B, R, R, 3) in [-1, 1]; ``input_ids`` (and ``input_ids_2`` for SDXL) (B, 77)
-    int32; ``face_box`` (B, 4) normalised; ``landmark_image`` (B, P, P, 3) in [0, 1] (P = the local branch's
-    pixel size); ``reference`` (B, S, S, 3) CLIP-normalised.
+    ``frozen``: the ``FrozenModels`` module. ``batch``: ``pixel_values`` (B, R, R, 3) in [-1, 1];
+    ``input_ids`` (and ``input_ids_2`` for SDXL) (B, 77) int32; ``face_box`` (B, 4) normalised;
+    ``landmark_image`` (B, P, P, 3) in [0, 1] (P = the local branch's pixel size); ``reference`` (B, S, S, 3)
+    CLIP-normalised.
     """
-    frozen_graphdef, branch_graphdef = graphdefs
-    frozen_state, branch_rest = frozen_inputs
-    frozen = nnx.merge(frozen_graphdef, frozen_state)
     realisid = nnx.merge(branch_graphdef, nnx.State(params), branch_rest)
     k_vae, k_noise, k_t, k_drop = jax.random.split(key, 4)
     b = batch["pixel_values"].shape[0]
@@ -114,9 +113,15 @@ def train_step(state: TrainState, frozen_inputs: tuple[nnx.State, nnx.State], ba
       the new state and float32 scalar metrics ``loss``, ``mse``, ``face_loss``, ``grad_norm``.
     """
     key = jax.random.fold_in(state["rng"], state["step"])
-    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-    (loss, aux), grads = grad_fn(state["params"], frozen_inputs, batch, key, graphdefs=graphdefs,
-                                 scheduler=scheduler, settings=settings)
+    frozen_graphdef, branch_graphdef = graphdefs
+    frozen_state, branch_rest = frozen_inputs
+    # nnx.value_and_grad, not jax's: the frozen module enters as a graph node, so that its blocks'
+    # nnx.remat (gradient checkpointing) sees variables of the right trace level; only argument 0 (the branch
+    # parameters) is differentiated.
+    loss_fn = functools.partial(compute_loss, branch_graphdef=branch_graphdef, branch_rest=branch_rest,
+                                scheduler=scheduler, settings=settings)
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=0, has_aux=True)
+    (loss, aux), grads = grad_fn(state["params"], nnx.merge(frozen_graphdef, frozen_state), batch, key)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
