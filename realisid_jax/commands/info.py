@@ -28,10 +28,9 @@ def parameter_counts(config) -> dict[str, int]:
 def run(args) -> int:
     config = load_config(args.config, args.config_overrides)
     counts = parameter_counts(config)
+    counts["trainable (branches)"] = counts["local_branch"] + counts["global_branch"] + counts["id_projection"]
     width = max(map(len, counts))
     print(f"{'component':<{width}}  {'parameters':>15}")
     for name, n in counts.items():
         print(f"{name:<{width}}  {n:>15,}")
-    trainable = counts["local_branch"] + counts["global_branch"] + counts["id_projection"]
-    print(f"{'trainable (branches)':<{width}}  {trainable:>15,}")
     return 0

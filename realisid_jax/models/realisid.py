@@ -26,6 +26,7 @@ from realisid_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from realisid_jax.models.embeddings import broadcast_timesteps
 from realisid_jax.models.id_projection import IDProjection, IDProjectionConfig
 from realisid_jax.models.modeling_utils import abstract_module
+from realisid_jax.models.unet_2d_condition import UNet2DConditionConfig
 
 # Latent cells per pixel edge (SD / SDXL VAE): the condition images are 8x the latent.
 VAE_SCALE = 8
@@ -64,7 +65,7 @@ class RealisIDConfig:
         """From a project config (``configs/*.py``): ``model.unet`` with the ``model.local_branch`` /
         ``model.global_branch`` overrides, ``model.id_projection`` and the ``realisid`` section."""
         model, realisid = config.model, config.realisid
-        unet = dict(model.unet)
+        unet = UNet2DConditionConfig.from_dict(dict(model.unet))
         return cls(
             local_branch=ControlNetConfig.from_unet_config(unet, **dict(model.local_branch)),
             global_branch=ControlNetConfig.from_unet_config(unet, **dict(model.global_branch)),
