@@ -110,6 +110,7 @@ def run(args) -> int:
     for name, image in files:
         fd, tmp = tempfile.mkstemp(dir=out, suffix=".png.tmp")
         os.close(fd)
+        os.chmod(tmp, 0o644)
         image.save(tmp, format="PNG")
         os.replace(tmp, out / name)
     print(f"wrote {len(result.images)} image(s) and conditioning_sheet.png to {out}/ "
