@@ -27,7 +27,23 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
     args.config_overrides = rest
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as e:
+        # Bad input is reported as one clear message, not a traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from realisid_jax.assets import AssetError
+    from realisid_jax.conditioning import BoxError, SizeError, TooManyPersonsError
+    from realisid_jax.face.errors import FaceError
+    from realisid_jax.tokenizer import TokenizerError
+    from realisid_jax.weights.errors import CheckpointMismatchError
+
+    return (FileNotFoundError, NotADirectoryError, AssetError, BoxError, SizeError, TooManyPersonsError, FaceError,
+            TokenizerError, CheckpointMismatchError)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ class BoxError(ValueError):
     """A face box that is malformed or not inside the output image."""
 
 
+class SizeError(ValueError):
+    """An output size the models cannot take (not a positive multiple of 8 latent cells)."""
+
+
 class TooManyPersonsError(ValueError):
     """More persons than the configured static maximum ``realisid.max_persons``."""
 
@@ -80,10 +84,11 @@ def check_box(box: Sequence[float], height: int, width: int) -> np.ndarray:
     if b.size != 4 or not np.all(np.isfinite(b)):
         raise BoxError(f"a box is 4 numbers x0,y0,x1,y1 in pixels, got {list(box)}")
     x0, y0, x1, y1 = b
+    text = ",".join(f"{v:g}" for v in b)
     if not (x1 > x0 and y1 > y0):
-        raise BoxError(f"box {list(b)} is empty: need x1 > x0 and y1 > y0")
+        raise BoxError(f"box {text} is empty: need x1 > x0 and y1 > y0")
     if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-        raise BoxError(f"box {list(b)} is outside the {width}x{height} image (pixels, x0,y0,x1,y1)")
+        raise BoxError(f"box {text} is not inside the {width}x{height} image (pixels, x0,y0,x1,y1)")
     return (b / np.array([width, height, width, height])).astype(np.float32)
 
 

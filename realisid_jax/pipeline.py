@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from realisid_jax.conditioning import Person, PersonConditions, prepare_persons
+from realisid_jax.conditioning import Person, PersonConditions, SizeError, prepare_persons
 from realisid_jax.face.analysis import FaceAnalyzer
 from realisid_jax.models.realisid import VAE_SCALE
 from realisid_jax.prompt_encoding import encode_prompt_sd15, encode_prompt_sdxl
@@ -53,6 +53,24 @@ class Guidance:
     text_scale: float
     id_scale: float
     id_start_step: int
+
+
+def prepare_conditions(config, persons: Sequence[Person], height: int, width: int,
+                       analyzer: FaceAnalyzer | None = None) -> PersonConditions:
+    """Checks the output size and the persons, analyses their photos (host only, no model needed).
+
+    Raises:
+      SizeError: height/width not positive multiples of 8 latent cells (64 px).
+      BoxError, TooManyPersonsError, NoFaceError, ImageReadError, FaceTooSmallError: see
+      ``conditioning.prepare_persons``.
+    """
+    step = 8 * VAE_SCALE
+    if height % step or width % step or height <= 0 or width <= 0:
+        raise SizeError(f"height and width must be positive multiples of {step} px (8 latent cells), "
+                        f"got {height}x{width}")
+    return prepare_persons(persons, height=height, width=width, max_persons=config.realisid.max_persons,
+                           landmark_px=VAE_SCALE * config.realisid.local_latent_size,
+                           analyzer=analyzer or FaceAnalyzer(), clip_size=config.model.image_encoder["image_size"])
 
 
 class RealisIDPipeline:
@@ -142,18 +160,10 @@ class RealisIDPipeline:
 
     # ----------------------------------------------------------------------------------------------- host
     def prepare(self, persons: Sequence[Person], height: int, width: int) -> PersonConditions:
-        """Checks the size and persons, analyses the photos. Raises ValueError for a size that is not a
-        multiple of 8 latent cells (64 px), and the errors of ``conditioning.prepare_persons``."""
-        step = 8 * VAE_SCALE
-        if height % step or width % step or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {step} px (8 latent cells), "
-                             f"got {height}x{width}")
+        """``prepare_conditions`` with this pipeline's config and face analyser."""
         if self.analyzer is None:
             self.analyzer = FaceAnalyzer()
-        vision = self.image_encoder.config
-        return prepare_persons(persons, height=height, width=width, max_persons=self.config.realisid.max_persons,
-                               landmark_px=VAE_SCALE * self.config.realisid.local_latent_size,
-                               analyzer=self.analyzer, clip_size=vision.image_size)
+        return prepare_conditions(self.config, persons, height, width, self.analyzer)
 
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | None, num_images: int):
         """(text, negative text, pooled, negative pooled): each repeated to the ``num_images`` batch; the
@@ -167,27 +177,29 @@ class RealisIDPipeline:
         return text, negative, None, None
 
     # --------------------------------------------------------------------------------------------- device
-    def __call__(self, prompt: str, persons: Sequence[Person], *, negative_prompt: str | None = None,
+    def __call__(self, prompt: str, persons: Sequence[Person] | PersonConditions, *, negative_prompt: str | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                  text_guidance_scale: float | None = None, id_guidance_scale: float | None = None,
                  id_start_fraction: float | None = None, num_images: int = 1, seed: int = 0,
-                 progress: bool = True) -> SamplingOutput:
+                 latents: np.ndarray | None = None, progress: bool = True) -> SamplingOutput:
         """Generates ``num_images`` images of ``prompt`` with the given persons.
 
         Defaults come from ``config.sampling`` (paper: 30 DDIM steps, λ_t = 7.5, λ_i = 5.0, ID from 20% of
-        the steps on). ``persons`` may be empty (then the branches see no valid person and add nothing).
+        the steps on). ``persons`` may be empty (then the branches see no valid person and add nothing), or
+        already prepared by ``prepare_conditions``.
+        ``latents`` (num_images, height/8, width/8, C) replaces the seed's initial noise (diffusers' argument;
+        scaled by the scheduler's ``init_noise_sigma`` as there).
 
         Returns:
           ``SamplingOutput`` with (num_images, height, width, 3) uint8 images.
 
         Raises:
-          ValueError (size), BoxError, TooManyPersonsError, and the face-analysis errors, before any
-          device work.
+          SizeError, BoxError, TooManyPersonsError, and the face-analysis errors, before any device work.
         """
         s = self.config.sampling
         height, width = height or s.height, width or s.width
         steps = num_inference_steps or s.num_inference_steps
-        conditions = self.prepare(persons, height, width)
+        conditions = persons if isinstance(persons, PersonConditions) else self.prepare(persons, height, width)
         sched_state = self.scheduler.set_timesteps(steps)
         fraction = s.id_start_fraction if id_start_fraction is None else id_start_fraction
         guidance = Guidance(s.text_guidance_scale if text_guidance_scale is None else text_guidance_scale,
@@ -196,7 +208,11 @@ class RealisIDPipeline:
         text = self.encode_prompt(prompt, negative_prompt if negative_prompt is not None else s.negative_prompt or None,
                                   num_images)
         latent_shape = (num_images, height // VAE_SCALE, width // VAE_SCALE, self.config.model.unet["in_channels"])
-        latents = jax.random.normal(jax.random.key(seed), latent_shape, jnp.float32) * sched_state.init_noise_sigma
+        if latents is None:
+            latents = jax.random.normal(jax.random.key(seed), latent_shape, jnp.float32)
+        elif tuple(latents.shape) != latent_shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {latent_shape}")
+        latents = jnp.asarray(latents, jnp.float32) * sched_state.init_noise_sigma
         time_ids = np.tile(np.array([[height, width, 0, 0, height, width]], np.float32), (num_images, 1))
         with self._mesh_context():
             inputs = self._place(dict(latents=latents, text=text, time_ids=time_ids, conditions=conditions,

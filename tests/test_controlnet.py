@@ -167,6 +167,14 @@ def test_from_unet_copies_weights_and_zero_inits():
     # Copies, not aliases: donating the branch state must not delete the frozen UNet's buffers.
     assert ours.conv_in.kernel.get_value() is not unet.conv_in.kernel.get_value()
 
+    random = export_torch_state(nnx.state(ControlNetModel.from_unet(
+        unet, conditioning_channels=3, conditioning_embedding_out_channels=EMBED_CHANNELS,
+        load_weights_from_unet=False), nnx.Param))
+    assert random.keys() == theirs.keys()
+    assert all(not random[k].any() for k in random if k.startswith(zero))
+    assert np.std(random["conv_in.weight"]) > 0.01 and not np.allclose(random["conv_in.weight"],
+                                                                       exported["conv_in.weight"])
+
     # A fresh branch adds exactly nothing: zero residuals, the UNet's own output.
     forward, _ = branch_then_unet(kind)
     down, mid, out = forward(nnx.state(ours), 999)

@@ -92,15 +92,17 @@ def run(args) -> int:
     from PIL import Image
 
     from realisid_jax.conditioning import conditioning_sheet
+    from realisid_jax.pipeline import prepare_conditions
 
     config = load_config(args.config, args.config_overrides)
     height = args.height or config.sampling.height
     width = args.width or config.sampling.width
     persons, source = _persons(args, height, width)
     out = Path(args.out)
+    conditions = prepare_conditions(config, persons, height, width)  # bad input fails before models load
     _enable_compilation_cache()
     pipeline = build_pipeline(config, args)
-    result = pipeline(args.prompt, persons, negative_prompt=args.negative_prompt, height=height, width=width,
+    result = pipeline(args.prompt, conditions, negative_prompt=args.negative_prompt, height=height, width=width,
                       num_inference_steps=args.steps, num_images=args.num_images,
                       seed=config.sampling.seed if args.seed is None else args.seed)
     # Everything is computed before anything is written: a failure leaves --out untouched.

@@ -30,22 +30,20 @@ from realisid_jax.sharding import constrain
 _COPIED_FROM_UNET = ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block")
 
 
-def _jit_init(build, rngs: nnx.Rngs) -> nnx.Module:
-    """``build(rngs)`` compiled as one program (advancing ``rngs``). Eagerly every initializer compiles on its
-    own; and on CPU, LLVM-optimising threefry code is what costs (8 convs: 18 s at the default level, 1.5 s
-    without backend optimisation, which init code does not need)."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
-    rng_graphdef, rng_state = nnx.split(rngs)
+def _ref_rngs(key: jax.Array) -> nnx.Rngs:
+    # RNG count in a Ref: see ``PretrainedMixin.abstract`` (a traced count makes tracing quadratic).
+    with nnx.var_defaults(ref=True):
+        return nnx.Rngs(key)
 
-    def init(rng_state):
-        rngs = nnx.merge(rng_graphdef, rng_state)
-        state = nnx.state(build(rngs))
-        return state, nnx.state(rngs)
 
+def _jit_init(build, key: jax.Array) -> nnx.Module:
+    """``build(rngs)`` compiled as one program. Eagerly every initializer compiles on its own; and on CPU,
+    LLVM-optimising threefry code is what costs (8 convs: 18 s at the default level, 1.5 s without backend
+    optimisation, which init code does not need)."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(_ref_rngs(jax.random.key(0)))))
+    init = jax.jit(lambda key: nnx.state(build(_ref_rngs(key))))
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
-    state, rng_state = jax.jit(init).lower(rng_state).compile(compiler_options=options)(rng_state)
-    nnx.update(rngs, rng_state)
-    return nnx.merge(graphdef, state)
+    return nnx.merge(graphdef, init.lower(key).compile(compiler_options=options)(key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,21 +214,22 @@ class ControlNetModel(UNetEncoderMixin, PretrainedMixin, nnx.Module):
         ``mid_block`` are copies of the UNet's (new buffers, so donating the ControlNet's state in a train
         step leaves the frozen UNet intact; same shardings); ``controlnet_cond_embedding.conv_out`` (Z1),
         ``controlnet_down_blocks`` and ``controlnet_mid_block`` (Z2) are zero, so the fresh branch adds
-        nothing; the rest of the condition encoder is randomly initialised from ``rngs`` (default seed 0).
-        dtype, param_dtype and attention_impl follow the UNet.
+        nothing; the rest of the condition encoder is randomly initialised from one key drawn from ``rngs``
+        (default ``nnx.Rngs(0)``). Without it, everything but Z1/Z2 is random. dtype, param_dtype and
+        attention_impl follow the UNet.
         """
         config = ControlNetConfig.from_unet_config(
             unet.config, conditioning_channels=conditioning_channels,
             conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels))
         kw = dict(dtype=unet.dtype, param_dtype=unet.param_dtype, attention_impl=unet.attention_impl)
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        key = (rngs if rngs is not None else nnx.Rngs(0)).params()
         if not load_weights_from_unet:
-            return cls(config, rngs=rngs, **kw)
+            return _jit_init(lambda rngs: cls(config, rngs=rngs, **kw), key)
         graphdef, abstract = nnx.split(cls.abstract(config, **kw))
         from_unet = dict(nnx.to_flat_state(nnx.state(unet, nnx.Param)))
         cond_embedding = _jit_init(lambda rngs: ControlNetConditioningEmbedding(
             config.block_out_channels[0], conditioning_channels, config.conditioning_embedding_out_channels,
-            rngs=rngs, dtype=unet.dtype, param_dtype=unet.param_dtype), rngs)
+            rngs=rngs, dtype=unet.dtype, param_dtype=unet.param_dtype), key)
         from_embedding = dict(nnx.to_flat_state(nnx.state(cond_embedding, nnx.Param)))
 
         def value(path, variable):
