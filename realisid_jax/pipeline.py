@@ -135,24 +135,20 @@ class RealisIDPipeline:
         Raises:
           FileNotFoundError / HubIdError / CheckpointMismatchError: from the loaders, naming the folder.
         """
-        from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
-        from realisid_jax.models.controlnet import ControlNetModel
         from realisid_jax.models.factory import dtypes
-        from realisid_jax.models.id_projection import IDProjection
         from realisid_jax.models.realisid import RealisID, RealisIDConfig
+        from realisid_jax.weights.export import load_branches
         from realisid_jax.weights.pipeline_folder import load_pipeline_folder
 
         kw = dtypes(config)
         rules = tuple(config.mesh.rules)
-        parts = load_pipeline_folder(base, dtype=kw["dtype"], mesh=mesh, rules=rules, image_encoder=image_encoder)
+        parts = load_pipeline_folder(base, dtype=kw["dtype"], mesh=mesh, rules=rules, image_encoder=image_encoder,
+                                     attention_impl=kw["attention_impl"])
         if parts.image_encoder is None:
             raise FileNotFoundError(f"no image encoder: {base} has no image_encoder/ and --image-encoder was not given")
         realisid = RealisID.from_unet(parts.unet, RealisIDConfig.from_config(config))
         if branches is not None:
-            load = dict(mesh=mesh, rules=rules, dtype=kw["dtype"], attention_impl=kw["attention_impl"])
-            realisid.local_branch = ControlNetModel.from_pretrained(branches, subfolder="local_branch", **load)
-            realisid.global_branch = ControlNetModel.from_pretrained(branches, subfolder="global_branch", **load)
-            realisid.id_projection = IDProjection.from_pretrained(branches, subfolder="id_projection", **load)
+            realisid = load_branches(branches, realisid=realisid, mesh=mesh, rules=rules, **kw)
         models = dict(unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
                       text_encoder_2=parts.text_encoder_2, image_encoder=parts.image_encoder, realisid=realisid)
         tokenizers = tuple(t for t in (parts.tokenizer, parts.tokenizer_2) if t is not None)

@@ -9,55 +9,24 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from flax import nnx
+from tiny_sdxl import build_tiny_sdxl
 from jax.sharding import NamedSharding
 
-from realisid_jax.config import load_config
 from realisid_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
 from realisid_jax.models.modeling_utils import count_params
 from realisid_jax.models.unet_2d_condition import UNet2DConditionModel as JaxUNet
 from realisid_jax.models.vae import AutoencoderKL as JaxVAE
 from realisid_jax.sharding import make_mesh
-from realisid_jax.tokenizer import CLIP_VOCAB_SIZE, offline_clip_tokenizer
+from realisid_jax.tokenizer import CLIP_VOCAB_SIZE
 from realisid_jax.weights.pipeline_folder import (PipelineComponents, UnsupportedComponentError,
                                                   load_pipeline_folder)
 
-TINY = load_config("configs/tiny.py").model
-
-
-def _randomised(module: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return module.eval()
-
-
-def _text_encoder(cls, section: str) -> torch.nn.Module:
-    return _randomised(cls(transformers.CLIPTextConfig(**TINY[section].to_dict())))
-
-
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
-    """(folder, torch pipeline) of a tiny SDXL pipeline (the tiny project config's architectures) with the real
-    49,408-entry CLIP tokenizer, plus a separate image-encoder folder: (folder, encoder folder, pipeline)."""
-    torch.manual_seed(0)
-    tokenizer = offline_clip_tokenizer()
-    pipe = StableDiffusionXLPipeline(
-        vae=_randomised(AutoencoderKL(**TINY.vae.to_dict())),
-        text_encoder=_text_encoder(transformers.CLIPTextModel, "text_encoder"),
-        text_encoder_2=_text_encoder(transformers.CLIPTextModelWithProjection, "text_encoder_2"),
-        tokenizer=tokenizer, tokenizer_2=tokenizer,
-        unet=_randomised(UNet2DConditionModel(**TINY.unet.to_dict())),
-        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                         steps_offset=1, timestep_spacing="leading"))
-    root = tmp_path_factory.mktemp("sdxl")
-    pipe.save_pretrained(root / "pipeline")
-    image_encoder = _randomised(transformers.CLIPVisionModelWithProjection(
-        transformers.CLIPVisionConfig(**TINY.image_encoder.to_dict())))
-    image_encoder.save_pretrained(root / "image_encoder")
-    return root / "pipeline", root / "image_encoder", pipe, image_encoder
+    """(pipeline folder, image-encoder folder, torch pipeline, torch image encoder): ``tiny_sdxl``."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl"))
 
 
 @pytest.fixture(scope="module")
