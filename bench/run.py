@@ -90,10 +90,10 @@ def format_table(rows: list[Row], header: str) -> str:
 class Bench:
     """Runs the sections of one config, sharing the models and the step timings between them."""
 
-    def __init__(self, config_name: str, repeat: int):
+    def __init__(self, config_name: str, repeat: int, persons: tuple[int, ...] = PERSONS):
         from bench.models import build_models
 
-        self.name, self.repeat = config_name, repeat
+        self.name, self.repeat, self.persons = config_name, repeat, persons
         self.config = load(config_name)
         self.threads = set_threads()
         self.models, self.build_s = timed(lambda: build_models(self.config))
@@ -109,7 +109,7 @@ class Bench:
     def step(self):
         from bench.models import jax_args, jax_step, run_jax_step, run_torch_step, torch_args
 
-        for k in PERSONS:
+        for k in self.persons:
             inputs = self._inputs(k)
             ja, ta = jax_args(self.models, inputs), torch_args(inputs)
             out, first_s = timed(lambda: run_jax_step(self.models, ja))  # noqa: B023
@@ -121,7 +121,7 @@ class Bench:
             self.rows.append(Row("step", f"denoising step, K={k}", med["jax"], med["torch"], "s",
                                  note=f"max|dJAX-torch|/max(1,max|torch|)={err:.1e}; first JAX call {first_s:.1f}s"))
         before = jax_step._cache_size()
-        other = self._inputs(PERSONS[-1], seed=1)
+        other = self._inputs(self.persons[-1], seed=1)
         other["timestep"] = np.float32(17)
         run_jax_step(self.models, jax_args(self.models, other))
         self.rows.append(Row("step", "recompiles (new latents/timestep/boxes)", jax_step._cache_size() - before,
@@ -133,15 +133,13 @@ class Bench:
         steps = int(self.config.sampling.num_inference_steps)
         inputs = make_sampling_inputs(self.config, self._inputs(1), steps)
         run_jax, denoise = jax_sampler(self.models, inputs)
-        share = self.config.model.unet.get("addition_embed_type") is None and _shares_no_id_branches()
-        run_torch = torch_sampler(self.models, inputs, share_no_id_branches=share)
+        run_torch = torch_sampler(self.models, inputs)
         _, first_s = timed(run_jax)
         med = interleaved({"jax": run_jax, "torch": run_torch}, max(1, self.repeat // 2))
         n = inputs.latents.shape[0]
         self.rows.append(Row("sample", f"guided sampling, {steps} steps, K=1", n / med["jax"], n / med["torch"],
                              "img/s", higher_is_better=True,
-                             note=f"first JAX call {first_s:.1f}s (compile + run); branches on "
-                                  f"{'2' if share else '3'}N"))
+                             note=f"first JAX call {first_s:.1f}s (compile + run)"))
         before = denoise._cache_size()
         rng = np.random.default_rng(7)
         run_jax(latents=rng.standard_normal(inputs.latents.shape, np.float32))
@@ -172,14 +170,14 @@ class Bench:
     def memory(self):
         from bench.models import jax_args, jax_step
 
-        for k in PERSONS:
+        for k in self.persons:
             lowered = jax_step.lower(self.models.unet_def, self.models.realisid_def,
                                      *jax_args(self.models, self._inputs(k)))
             mem = lowered.compile().memory_analysis()
             self.rows.append(Row("memory", f"XLA step K={k}: temp / args / out", mem.temp_size_in_bytes / 2**20,
                                  unit="MiB", note=f"args {mem.argument_size_in_bytes / 2**20:.0f} MiB, out "
                                                   f"{mem.output_size_in_bytes / 2**20:.2f} MiB"))
-        k = PERSONS[-1]
+        k = self.persons[-1]
         rss = {fw: _child(["rss", "--config", self.name, "--framework", fw, "--persons", str(k)])
                for fw in ("jax", "torch")}
         self.rows.append(Row("memory", f"process RSS with models built, K={k}", rss["jax"]["models_rss_mib"],
@@ -196,7 +194,7 @@ class Bench:
         self.rows.append(Row("mfu", f"peak: {MATMUL}^3 float32 matmul", peak["jax"] / 1e9, peak["torch"] / 1e9,
                              "GFLOP/s", higher_is_better=True, note="the machine's measured peak is the larger"))
         best = max(peak.values())
-        for k in PERSONS:
+        for k in self.persons:
             inputs = self._inputs(k)
             ja = jax_args(self.models, inputs)
             compiled = jax_step.lower(self.models.unet_def, self.models.realisid_def, *ja).compile()
@@ -217,13 +215,6 @@ class Bench:
         header = (f"realisid-jax bench, config {self.name}: float32, XLA:CPU and PyTorch {self.threads} threads, "
                   f"{load_average()} (at the end), models built in {self.build_s:.1f}s, jax {jax.__version__}")
         return format_table(self.rows, header)
-
-
-def _shares_no_id_branches() -> bool:
-    """Whether ``pipeline._denoise`` runs the branches once for ε_none and ε_t (see ``realisid_jax.pipeline``)."""
-    from realisid_jax import pipeline
-
-    return bool(getattr(pipeline, "SHARE_NO_ID_BRANCHES", False))
 
 
 def _flops(compiled) -> float:
@@ -260,12 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="tiny", help="tiny | mid | path to a config file")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions per contender (medians)")
+    p.add_argument("--persons", default=",".join(map(str, PERSONS)), help="person counts K of the step sections")
     args = p.parse_args(argv)
     sections = [s for s in args.only.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
-    print(Bench(args.config, args.repeat).run(sections), flush=True)
+    persons = tuple(int(k) for k in args.persons.split(","))
+    print(Bench(args.config, args.repeat, persons).run(sections), flush=True)
     return 0
 
 

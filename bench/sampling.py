@@ -72,9 +72,8 @@ def jax_sampler(models: Models, inputs: SamplingInputs):
     return run, pipeline._denoise
 
 
-def torch_sampler(models: Models, inputs: SamplingInputs, share_no_id_branches: bool):
-    """The same loop in PyTorch. ``share_no_id_branches``: run the branches on [no ID, with ID] (2N) and
-    reuse the no-ID residuals for ε_none and ε_t, as the JAX pipeline does when it does so."""
+def torch_sampler(models: Models, inputs: SamplingInputs):
+    """The same loop in PyTorch: branches and UNet on the 3N batch of every step, DDIM (eta 0) update."""
     state = get_scheduler("ddim", None).set_timesteps(inputs.steps)
     timesteps = np.asarray(state.timesteps)
     a_t, a_prev = np.asarray(state.alpha_prod_t), np.asarray(state.alpha_prod_t_prev)
@@ -90,7 +89,6 @@ def torch_sampler(models: Models, inputs: SamplingInputs, share_no_id_branches: 
                  "time_ids": t(inputs.time_ids).repeat(3, 1)}
     id_embedding, no_id = t(inputs.id_embedding), t(inputs.no_id)
     boxes, valid, marks = t(inputs.boxes), t(inputs.valid), t(inputs.landmark_images)
-    groups = 2 if share_no_id_branches else 3
     per_image = lambda x: x.expand(n, *x.shape)  # noqa: E731
 
     @torch.inference_mode()
@@ -98,15 +96,11 @@ def torch_sampler(models: Models, inputs: SamplingInputs, share_no_id_branches: 
         x = latents
         for i, step_t in enumerate(timesteps):
             with_id = id_embedding if i >= start else no_id
-            ids = [per_image(no_id)] * (groups - 1) + [per_image(with_id)]
-            x_b = torch.cat([x] * groups)
-            branch_added = None if added is None else {k: v[-groups * n:] for k, v in added.items()}
-            down, mid = torch_residuals(models, x_b, int(step_t), torch.cat(ids), torch.cat([boxes] * groups),
-                                        torch.cat([valid] * groups), torch.cat([marks] * groups), branch_added)
-            if share_no_id_branches:
-                down = [torch.cat([r[:n], r]) for r in down]
-                mid = torch.cat([mid[:n], mid])
-            eps = models.torch_unet(torch.cat([x] * 3), int(step_t), context, added_cond_kwargs=added,
+            ids = torch.cat([per_image(no_id), per_image(no_id), per_image(with_id)])
+            x3 = torch.cat([x] * 3)
+            down, mid = torch_residuals(models, x3, int(step_t), ids, torch.cat([boxes] * 3),
+                                        torch.cat([valid] * 3), torch.cat([marks] * 3), added)
+            eps = models.torch_unet(x3, int(step_t), context, added_cond_kwargs=added,
                                     down_block_additional_residuals=down, mid_block_additional_residual=mid,
                                     return_dict=False)[0]
             e_none, e_text, e_id = eps.chunk(3)

@@ -39,7 +39,7 @@ from realisid_jax.training.checkpoint import StatefulIterator, TrainCheckpointer
 from realisid_jax.training.optimizer import make_optimizer
 from realisid_jax.training.state import (ModelSetup, TrainState, abstract_train_state, build_models,
                                          init_train_state, train_state_shardings)
-from realisid_jax.training.step import StepSettings, jit_train_step
+from realisid_jax.training.step import StepSettings, compile_train_step, jit_train_step
 from realisid_jax.training.summary import ProgressLog
 
 
@@ -76,7 +76,8 @@ class TrainResult:
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
           data_iterator: StatefulIterator | None = None, pretrained: Path | None = None,
-          image_encoder: Path | None = None, hooks: Sequence[loop.Hook] = (), mesh: Mesh | None = None) -> TrainResult:
+          image_encoder: Path | None = None, hooks: Sequence[loop.Hook] = (), mesh: Mesh | None = None,
+          compiler_options: dict | None = None) -> TrainResult:
     """Trains until ``config.train.num_steps`` (resuming from the newest checkpoint in ``workdir/checkpoints``).
 
     Args:
@@ -88,6 +89,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
         (both or neither; neither = random weights).
       hooks: called after every step with ``(step, train_state)``.
       mesh: default ``make_mesh(config.mesh.shape)`` over all devices.
+      compiler_options: XLA options for compiling the step (see ``compile_train_step``).
 
     Raises:
       NonFiniteLossError: a NaN/inf loss or gradient norm (the last good checkpoint stays).
@@ -126,7 +128,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
                                                 num_steps=int(config.train.num_steps),
                                                 log_every=int(config.train.log_every),
                                                 metrics_file=metrics_file) as log:
-            result = loop.run(lambda s, b: step(s, setup.frozen_inputs, b), state, batches, start_step=start,
+            compiled = compile_train_step(step, state, setup.frozen_inputs, batches.spec, compiler_options)
+            result = loop.run(lambda s, b: compiled(s, setup.frozen_inputs, b), state, batches, start_step=start,
                               num_steps=int(config.train.num_steps), checkpointer=checkpointer,
                               data_iterator=data_iterator, checkpoint_every=int(config.train.checkpoint_every),
                               log=log, learning_rate=schedule, meta=meta, hooks=hooks)

@@ -1,7 +1,6 @@
 """RealisID composition: K persons padded with a validity mask, sum/mean semantics, Eq. 3 reduction, sharding."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +14,9 @@ from realisid_jax.models.id_projection import IDProjectionConfig
 from realisid_jax.models.modeling_utils import count_params
 from realisid_jax.models.realisid import RealisID, RealisIDConfig
 from realisid_jax.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
-from realisid_jax.sharding import DEFAULT_RULES, data_sharding, make_mesh, state_shardings, use_mesh
 
+# Tiny models compile several times faster without LLVM optimisation (as tests/test_unet.py).
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 LATENT = 8  # latent side; local_latent_size is set to it, so a full box makes the crop the identity
 PIXELS = 8 * LATENT
 
@@ -70,22 +70,38 @@ def _inputs(config, b, k, seed=0):
     )
 
 
-@jax.jit
-def _residuals(graphdef, state, inputs):
-    return nnx.merge(graphdef, state).residuals(**inputs)
+def _fast_jit(fn, static_argnums=()):
+    """``jax.jit(fn)`` compiled with ``FAST_COMPILE``, once per argument signature (shapes, dtypes, shardings;
+    static arguments by value)."""
+    jitted = jax.jit(fn, static_argnums=static_argnums)
+    cache = {}
+
+    def signature(i, arg):
+        if i in static_argnums:
+            return arg
+        leaves, treedef = jax.tree.flatten(arg)
+        return treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
+
+    def call(*args):
+        key = tuple(signature(i, a) for i, a in enumerate(args))
+        if key not in cache:
+            cache[key] = jitted.lower(*args).compile(compiler_options=FAST_COMPILE)
+        dynamic = [a for i, a in enumerate(args) if i not in static_argnums]
+        return cache[key](*dynamic)
+
+    return call
 
 
-@jax.jit
-def _branch(graphdef, state, sample, t, context, cond, added):
-    return nnx.merge(graphdef, state)(sample, t, context, cond, added_cond_kwargs=added)
+_residuals = _fast_jit(lambda graphdef, state, inputs: nnx.merge(graphdef, state).residuals(**inputs), (0,))
+_branch = _fast_jit(lambda graphdef, state, sample, t, context, cond, added: nnx.merge(graphdef, state)(
+    sample, t, context, cond, added_cond_kwargs=added), (0,))
 
 
 def _run(model, inputs):
     return jax.tree.map(np.asarray, _residuals(*nnx.split(model), inputs))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 10))
-def _person(local_graph, local_state, global_graph, global_state, sample, t, context, box, landmarks, added, size):
+def _person_fn(local_graph, local_state, global_graph, global_state, sample, t, context, box, landmarks, added, size):
     """One person of one image, each ControlNet called directly at batch 1: (relocated local levels, global
     levels), unbatched."""
     mask = location_mask(box, (8 * sample.shape[1], 8 * sample.shape[2]))[None]
@@ -97,6 +113,9 @@ def _person(local_graph, local_state, global_graph, global_state, sample, t, con
     l_down, l_mid = nnx.merge(local_graph, local_state)(crop, t, context, landmarks, added_cond_kwargs=local_added)
     g = [x[0] for x in (*g_down, g_mid)]
     return relocate_levels([x[0] for x in (*l_down, l_mid)], box, [x.shape[:2] for x in g]), g
+
+
+_person = _fast_jit(_person_fn, (0, 2, 10))
 
 
 def _loop_reference(model, inputs):
@@ -223,44 +242,10 @@ def test_encode_id_keeps_leading_axes(tiny):
     hidden = jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 257, config.model.id_projection.embed_dims)),
                          jnp.float32)
 
-    @jax.jit
     def both(graphdef, state, hidden):
         rid = nnx.merge(graphdef, state)
         return rid.encode_id(hidden), rid.id_projection(hidden[1, 2][None])[0]
 
-    p_id, single = both(*nnx.split(model), hidden)
+    p_id, single = _fast_jit(both, (0,))(*nnx.split(model), hidden)
     assert p_id.shape == (2, 3, 16, config.model.id_projection.output_dims)
     np.testing.assert_allclose(np.asarray(p_id[1, 2]), np.asarray(single), atol=1e-5)
-
-
-def _step(unet_graph, unet_state, rid_graph, rid_state, inputs, text_context):
-    unet, rid = nnx.merge(unet_graph, unet_state), nnx.merge(rid_graph, rid_state)
-    down, mid = rid.residuals(**inputs)
-    return unet(inputs["sample"], inputs["timesteps"], text_context, added_cond_kwargs=inputs["added_cond_kwargs"],
-                down_block_additional_residuals=down, mid_block_additional_residual=mid)
-
-
-def test_sharded_step_matches_single_device(tiny):
-    """One jitted UNet + both branches step, K = 2, batch on the data axes and FSDP-sharded weights."""
-    config, unet, model = tiny
-    inputs = _inputs(config, 8, 2, seed=7)
-    inputs["valid"] = inputs["valid"].at[::3, 1].set(False)
-    text_context = jnp.asarray(np.random.default_rng(8).normal(size=(8, 77, 64)), jnp.float32)
-    (ug, us), (rg, rs) = nnx.split(unet), nnx.split(model)
-    step = jax.jit(_step, static_argnums=(0, 2))
-    want = np.asarray(step(ug, us, rg, rs, inputs, text_context))
-    assert np.all(np.isfinite(want))
-    for shape in ((8, 1, 1), (2, 4, 1), (2, 2, 2)):
-        mesh = make_mesh(shape)
-        with use_mesh(mesh):
-            us_sharded = jax.device_put(us, state_shardings(us, mesh, DEFAULT_RULES))
-            rs_sharded = jax.device_put(rs, state_shardings(rs, mesh, DEFAULT_RULES))
-            sharded_inputs = jax.tree.map(lambda x: jax.device_put(x, data_sharding(mesh, x.shape)), inputs)
-            assert not sharded_inputs["sample"].sharding.is_fully_replicated
-            if shape[1] > 1:
-                specs = [v.sharding.spec for v in jax.tree.leaves(rs_sharded)]
-                assert any("fsdp" in jax.tree.leaves(tuple(s)) for s in specs)
-            got = step(ug, us_sharded, rg, rs_sharded, sharded_inputs,
-                       jax.device_put(text_context, data_sharding(mesh, text_context.shape)))
-            got = np.asarray(jax.block_until_ready(got))
-        np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=0)

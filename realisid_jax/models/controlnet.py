@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from realisid_jax.models.layers import conv, zero_conv
-from realisid_jax.models.modeling_utils import ModelConfig, PretrainedMixin
+from realisid_jax.models.modeling_utils import ModelConfig, PretrainedMixin, abstract_module
 from realisid_jax.models.unet_2d_condition import (
     UNet2DConditionConfig, UNet2DConditionModel, UNetEncoderMixin, freeze_nested, build_embeddings, build_encoder,
     check_supported)
@@ -31,7 +31,7 @@ _COPIED_FROM_UNET = ("conv_in", "time_embedding", "add_embedding", "down_blocks"
 
 
 def _ref_rngs(key: jax.Array) -> nnx.Rngs:
-    # RNG count in a Ref: see ``PretrainedMixin.abstract`` (a traced count makes tracing quadratic).
+    # RNG count in a Ref, as in ``abstract_module``: a traced count makes tracing quadratic.
     with nnx.var_defaults(ref=True):
         return nnx.Rngs(key)
 
@@ -40,7 +40,7 @@ def _jit_init(build, key: jax.Array) -> nnx.Module:
     """``build(rngs)`` compiled as one program. Eagerly every initializer compiles on its own; and on CPU,
     LLVM-optimising threefry code is what costs (8 convs: 18 s at the default level, 1.5 s without backend
     optimisation, which init code does not need)."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build(_ref_rngs(jax.random.key(0)))))
+    graphdef = nnx.graphdef(abstract_module(build))
     init = jax.jit(lambda key: nnx.state(build(_ref_rngs(key))))
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
     return nnx.merge(graphdef, init.lower(key).compile(compiler_options=options)(key))
@@ -200,7 +200,8 @@ class ControlNetModel(UNetEncoderMixin, PretrainedMixin, nnx.Module):
         sample, skips = self.encode_down(sample, emb, encoder_hidden_states)
         sample = self.encode_mid(sample, emb, encoder_hidden_states)
         scale = jnp.asarray(conditioning_scale, dtype=sample.dtype)
-        down = tuple(constrain(block(s) * scale, FEATURE_MAP) for s, block in zip(skips, self.controlnet_down_blocks))
+        blocks = self.controlnet_down_blocks
+        down = tuple(constrain(block(s) * scale, FEATURE_MAP) for s, block in zip(skips, blocks, strict=True))
         mid = constrain(self.controlnet_mid_block(sample) * scale, FEATURE_MAP)
         return down, mid
 

@@ -45,7 +45,37 @@ def conv(in_features: int, out_features: int, kernel_size: int = 3, *, rngs: nnx
         padding = ((padding, padding), (padding, padding))
     return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride, padding=padding,
                     use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=_partitioned(kernel_init, CONV_AXES), rngs=rngs)
+                    kernel_init=_partitioned(kernel_init, CONV_AXES), conv_general_dilated=conv_general_dilated,
+                    rngs=rngs)
+
+
+# XLA:CPU runs k x k convolutions on small maps (the 1280-channel 4x4 / 8x8 levels of the SD UNet) at a third
+# of its matmul speed; as one (pixels, k*k*C_in) x (k*k*C_in, C_out) matmul they ran 2-3x faster here, and no
+# slower up to 16x16 (bench/README.md). The patch matrix is k*k times the input, so larger maps keep the conv.
+_IM2COL_MAX_PIXELS = 16 * 16
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """``jax.lax.conv_general_dilated``; on CPU, NHWC/HWIO convs of small maps as one im2col matmul (same
+    maths). ``nnx.Conv``'s convolution function in ``conv``."""
+    kh, kw = rhs.shape[:2]
+    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    dilations = (*(lhs_dilation or (1, 1)), *(rhs_dilation or (1, 1)))
+    if (jax.default_backend() != "cpu" or lhs.ndim != 4 or kh * kw == 1 or isinstance(padding, str)
+            or lhs.shape[1] * lhs.shape[2] > _IM2COL_MAX_PIXELS or feature_group_count != 1
+            or any(d != 1 for d in dilations) or dimension_numbers != nhwc
+            or kwargs.get("out_sharding") is not None):
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, precision=precision, **kwargs)
+    (top, bottom), (left, right) = padding
+    sh, sw = window_strides
+    x = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    patches = jnp.concatenate([x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
+                               for i in range(kh) for j in range(kw)], axis=-1)
+    return jnp.einsum("nhwk,ko->nhwo", patches, rhs.reshape(kh * kw * rhs.shape[2], rhs.shape[3]),
+                      precision=precision, preferred_element_type=kwargs.get("preferred_element_type"))
 
 
 def zero_conv(in_features: int, out_features: int, kernel_size: int = 1, **kwargs) -> nnx.Conv:
@@ -89,8 +119,40 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, heads: int, *,
     q = query.reshape(b, lq, heads, head_dim)
     k = key.reshape(b, lk, heads, head_dim)
     v = value.reshape(b, lk, heads, head_dim)
+    if (implementation == "xla" and mask is None and not is_causal and lq * lk >= _CHUNK_MIN_LOGITS
+            and jax.default_backend() == "cpu"):
+        return _query_chunked_attention(q, k, v).reshape(b, lq, inner)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
     return out.reshape(b, lq, inner)
+
+
+# XLA:CPU: full (B, heads, Lq, Lk) logits of the UNet's self-attention (e.g. 8 x 1024 x 1024 float32 = 32 MiB)
+# leave the caches between the max, exp, sum and second matmul passes; blocks of queries whose logits fit in
+# ~4 MiB ran the 32x32-latent self-attention 3x faster here (bench/README.md). Exact same maths.
+_CHUNK_MIN_LOGITS = 512 * 512
+_CHUNK_LOGITS_BYTES = 4 * 2**20
+
+
+def _query_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention over blocks of queries (``lax.map``), (B, L, heads, head_dim) in and out."""
+    b, lq, heads, d = q.shape
+    lk = k.shape[1]
+    rows = max(1, _CHUNK_LOGITS_BYTES // (4 * b * heads * lk))
+    block = max(n for n in range(1, min(rows, lq) + 1) if lq % n == 0)
+    scale = jnp.asarray(d ** -0.5, q.dtype)
+    # (B*heads, ...) layouts make both matmuls plain batched GEMMs without per-block transposes.
+    qt = jnp.transpose(q * scale, (0, 2, 1, 3)).reshape(b * heads, lq // block, block, d)
+    kt = jnp.transpose(k, (0, 2, 3, 1)).reshape(b * heads, d, lk)
+    vt = jnp.transpose(v, (0, 2, 1, 3)).reshape(b * heads, lk, d)
+
+    def one_block(qb):
+        logits = jnp.einsum("xqd,xdk->xqk", qb, kt, preferred_element_type=jnp.float32)
+        weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+        out = jnp.einsum("xqk,xkd->xqd", weights.astype(v.dtype), vt, preferred_element_type=jnp.float32)
+        return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(q.dtype)
+
+    out = jax.lax.map(one_block, jnp.moveaxis(qt, 1, 0))  # (blocks, B*heads, block, d)
+    return jnp.transpose(out.reshape(lq // block, b, heads, block, d), (1, 0, 3, 2, 4)).reshape(b, lq, heads, d)
 
 
 class Attention(nnx.Module):

@@ -314,10 +314,10 @@ class UNet2DConditionModel(UNetEncoderMixin, PretrainedMixin, nnx.Module):
             if len(down_block_additional_residuals) != len(skips):
                 raise ValueError(f"down_block_additional_residuals has {len(down_block_additional_residuals)} "
                                  f"tensors; this UNet has {len(skips)} skip connections")
-            skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
+            skips = tuple(s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals, strict=True))
         sample = self.encode_mid(sample, emb, encoder_hidden_states)
         if mid_block_additional_residual is not None:
-            sample = sample + mid_block_additional_residual
+            sample = sample + mid_block_additional_residual.astype(sample.dtype)
         for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]

@@ -101,7 +101,7 @@ class CrossAttnDownBlock2D(nnx.Module):
 
     def __call__(self, hidden_states: jax.Array, temb: jax.Array, encoder_hidden_states: jax.Array):
         skips = ()
-        for resnet, attn in zip(self.resnets, self.attentions):
+        for resnet, attn in zip(self.resnets, self.attentions, strict=True):
             hidden_states = attn(resnet(hidden_states, temb), encoder_hidden_states)
             hidden_states = constrain(hidden_states, FEATURE_MAP)
             skips += (hidden_states,)
@@ -135,7 +135,7 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
 
     def __call__(self, hidden_states: jax.Array, temb: jax.Array, encoder_hidden_states: jax.Array) -> jax.Array:
         hidden_states = self.resnets[0](hidden_states, temb)
-        for attn, resnet in zip(self.attentions, self.resnets[1:]):
+        for attn, resnet in zip(self.attentions, self.resnets[1:], strict=True):
             hidden_states = resnet(attn(hidden_states, encoder_hidden_states), temb)
         return constrain(hidden_states, FEATURE_MAP)
 
@@ -204,7 +204,7 @@ class CrossAttnUpBlock2D(nnx.Module):
     def __call__(self, hidden_states: jax.Array, skips: tuple[jax.Array, ...], temb: jax.Array,
                  encoder_hidden_states: jax.Array | None = None,
                  upsample_size: tuple[int, int] | None = None) -> jax.Array:
-        for resnet, attn in zip(self.resnets, self.attentions):
+        for resnet, attn in zip(self.resnets, self.attentions, strict=True):
             hidden_states, skips = _pop_skip(hidden_states, skips)
             hidden_states = constrain(attn(resnet(hidden_states, temb), encoder_hidden_states), FEATURE_MAP)
         if self.upsamplers is not None:

@@ -92,6 +92,12 @@ class DeviceBatches(Iterator[dict[str, jax.Array]]):
         """Sharding of each field (the step's ``in_shardings`` for the batch)."""
         return self._shardings
 
+    @property
+    def spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Global shape, dtype and sharding of each field."""
+        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self._shardings[k])
+                for k, (shape, dtype) in self._shapes.items()}
+
     def __next__(self) -> dict[str, jax.Array]:
         local = host_batch(next(self._iterator), self._tokenizers, self._px)
         return {name: jax.make_array_from_process_local_data(self._shardings[name], local[name].astype(dtype),

@@ -15,14 +15,16 @@ import jax
 import ml_collections
 from flax import nnx
 
+from realisid_jax.models.factory import dtypes
 from realisid_jax.models.modeling_utils import count_params
+from realisid_jax.models.realisid import RealisID, RealisIDConfig
 from realisid_jax.sharding import make_mesh, state_shardings, use_mesh
 from realisid_jax.tokenizer import CLIP_MAX_LENGTH
 from realisid_jax.training.batches import batch_shapes, batch_shardings
-from realisid_jax.training.models import random_models
+from realisid_jax.training.models import random_frozen_models
 from realisid_jax.training.optimizer import make_optimizer
 from realisid_jax.train import noise_schedule
-from realisid_jax.training.state import (ModelSetup, graphdefs_of, abstract_train_state, train_state_shardings,
+from realisid_jax.training.state import (ModelSetup, abstract_train_state, graphdefs_of, train_state_shardings,
                                          with_shardings)
 from realisid_jax.training.step import StepSettings, jit_train_step
 
@@ -76,7 +78,8 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, pe
     mesh = make_mesh((1, num_devices, 1), devices[:num_devices])
     rules = tuple(tuple(r) for r in config.mesh.rules)
     # Built outside the mesh context (nnx.eval_shape would read logical axis names as mesh axes there).
-    frozen, realisid = nnx.eval_shape(lambda: random_models(config, 0))
+    frozen = nnx.eval_shape(lambda: random_frozen_models(config, nnx.Rngs(0)))
+    realisid = RealisID.abstract(RealisIDConfig.from_config(config), **dtypes(config))
     graphdefs = graphdefs_of(frozen, realisid, bool(config.train.remat))
     _, params, rest = nnx.split(realisid, nnx.Param, ...)
     frozen_inputs = (nnx.state(frozen), rest)

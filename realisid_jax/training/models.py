@@ -1,8 +1,9 @@
-"""The models of a training run: the frozen base (one NNX module) and RealisID's branches.
+"""The frozen base models of a training run, as one NNX module.
 
 Frozen: the UNet, the VAE, the text encoder(s) and the CLIP image encoder (paper, Training). They are grouped
-in :class:`FrozenModels` so that their whole state is one non-donated jit input. Random weights come from the
-shared factory (``realisid_jax.models.factory``); real ones from diffusers/transformers folders.
+in :class:`FrozenModels` so that their whole state is one non-donated jit input. Classes and config sections
+come from the shared factory (``realisid_jax.models.factory.FROZEN``); real weights from diffusers /
+transformers folders.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from jax.sharding import Mesh
 
 from realisid_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
-from realisid_jax.models.factory import FROZEN, dtypes, random_components
-from realisid_jax.models.realisid import RealisID
+from realisid_jax.models.factory import FROZEN, dtypes
 from realisid_jax.models.unet_2d_condition import UNet2DConditionModel
 from realisid_jax.models.vae import AutoencoderKL
 from realisid_jax.sharding import Rules
@@ -35,11 +35,13 @@ class FrozenModels(nnx.Module):
         self.image_encoder = image_encoder
 
 
-def random_models(config: ml_collections.ConfigDict, seed: int) -> tuple[FrozenModels, RealisID]:
-    """Random frozen models and the branches initialised from their UNet (tests, smoke runs). Call under
+def random_frozen_models(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> FrozenModels:
+    """Randomly initialised frozen models of ``config.model`` (tests, smoke runs). Traceable: call it under
     ``nnx.eval_shape`` or a jit with ``out_shardings`` to get them abstract or born sharded."""
-    models = random_components(config, seed)
-    return FrozenModels(**{name: models.get(name) for name in FROZEN}), models["realisid"]
+    kw = dtypes(config)
+    models = {name: cls(config_class.from_dict(dict(config.model[name])), rngs=rngs, **kw)
+              for name, (cls, config_class) in FROZEN.items() if config.model.get(name) is not None}
+    return FrozenModels(**{name: models.get(name) for name in FROZEN})
 
 
 def pretrained_frozen_models(config: ml_collections.ConfigDict, pretrained: Path, image_encoder: Path,

@@ -26,9 +26,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from realisid_jax.models.realisid import RealisID, RealisIDConfig
 from realisid_jax.sharding import Rules, state_shardings
-from realisid_jax.training.models import FrozenModels, pretrained_frozen_models, random_models
+from realisid_jax.models.factory import dtypes
+from realisid_jax.training.models import FrozenModels, pretrained_frozen_models, random_frozen_models
 
 TrainState = dict[str, Any]
+
+
+
+def init_compiler_options() -> dict:
+    """Random initialisers run once: on CPU, LLVM's optimisation of their threefry code dominates (minutes for
+    a tiny model under load), and unoptimised code runs them in a fraction of that."""
+    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
 
 
 @dataclasses.dataclass
@@ -64,13 +72,14 @@ def graphdefs_of(frozen: FrozenModels, realisid: RealisID, remat: bool) -> tuple
 
 def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *, pretrained: Path | None = None,
                  image_encoder: Path | None = None) -> tuple[ModelSetup, dict, Callable[[], dict]]:
-    """Frozen models (random, or loaded from ``pretrained`` / ``image_encoder``) and the branches initialised
-    from the frozen UNet (``RealisID.from_unet``), all born sharded on ``mesh``.
+    """Frozen models, born sharded on ``mesh`` (random: a jit with ``out_shardings``; or loaded from
+    ``pretrained`` / ``image_encoder`` straight onto their shardings), and the branches' shapes.
 
     Returns:
       ``(setup, abstract_params, make_params)``: the branch parameters' shapes (pure dict of
-      ``ShapeDtypeStruct``) and a function giving their initial values (sharded); a resumed run does not
-      need it.
+      ``ShapeDtypeStruct``) and a function giving their initial values, sharded: both ControlNets copied from
+      the frozen UNet (``RealisID.from_unet``, eager: its copies keep the UNet's shardings, the new small
+      parts are then moved onto theirs). A resumed run does not call it.
 
     Raises:
       ValueError: only one of ``pretrained`` / ``image_encoder`` given.
@@ -79,39 +88,31 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
         raise ValueError("pass both --pretrained and --image-encoder, or neither (random weights)")
     seed = int(config.train.seed)
     if pretrained is None:
-        def models(_):
-            return random_models(config, seed)
+        def random_state():
+            return nnx.split(random_frozen_models(config, nnx.Rngs(seed)))
 
-        loaded = None
+        frozen_graphdef, abstract_frozen = nnx.eval_shape(random_state)
+        frozen_shardings = state_shardings(abstract_frozen, mesh, rules)
+        init = jax.jit(lambda: random_state()[1], out_shardings=frozen_shardings).lower()
+        frozen = nnx.merge(frozen_graphdef, init.compile(compiler_options=init_compiler_options())())
     else:
-        loaded_graphdef, loaded = nnx.split(pretrained_frozen_models(config, pretrained, image_encoder, mesh, rules))
+        frozen = pretrained_frozen_models(config, pretrained, image_encoder, mesh, rules)
+        frozen_shardings = state_shardings(nnx.state(frozen), mesh, rules)
+    branch_config = RealisIDConfig.from_config(config)
+    abstract_branches = RealisID.abstract(branch_config, **dtypes(config))
+    _, abstract_params, rest = nnx.split(abstract_branches, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise NotImplementedError("RealisID has non-parameter state; the trainer treats it as empty")
+    param_shardings = state_shardings(abstract_params, mesh, rules)
+    graphdefs = graphdefs_of(frozen, abstract_branches, bool(config.train.remat))
 
-        def models(frozen_state):
-            frozen = nnx.merge(loaded_graphdef, frozen_state)
-            return frozen, RealisID.from_unet(frozen.unet, RealisIDConfig.from_config(config),
-                                              rngs=nnx.Rngs(seed + 1))
+    def make_params() -> dict:
+        branches = RealisID.from_unet(frozen.unet, branch_config, rngs=nnx.Rngs(seed + 1))
+        return jax.device_put(nnx.state(branches, nnx.Param), param_shardings).to_pure_dict()
 
-    def states(frozen_state):
-        frozen, realisid = models(frozen_state)
-        # A loaded frozen state is already sharded (and an argument, not a constant): only the branches are
-        # computed then.
-        return (nnx.state(frozen) if frozen_state is None else None, *nnx.split(realisid, nnx.Param, ...)[1:])
-
-    abstract = jax.eval_shape(states, loaded)
-    out_shardings = tuple(None if a is None else state_shardings(a, mesh, rules) for a in abstract)
-    make_states = jax.jit(states, out_shardings=out_shardings)
-    if loaded is None:
-        frozen_state, params, rest = make_states(None)
-        make_params = lambda: params.to_pure_dict()  # noqa: E731
-    else:
-        frozen_state, rest = loaded, make_states(loaded)[2]
-        make_params = lambda: make_states(loaded)[1].to_pure_dict()  # noqa: E731
-    frozen_shardings = state_shardings(frozen_state, mesh, rules)
-    graphdefs = graphdefs_of(*nnx.eval_shape(lambda: models(loaded)), bool(config.train.remat))
-    setup = ModelSetup(graphdefs=graphdefs, frozen_inputs=(frozen_state, rest),
-                       frozen_shardings=(frozen_shardings, out_shardings[2]),
-                       param_shardings=out_shardings[1].to_pure_dict())
-    return setup, abstract[1].to_pure_dict(), make_params
+    setup = ModelSetup(graphdefs=graphdefs, frozen_inputs=(nnx.state(frozen), rest),
+                       frozen_shardings=(frozen_shardings, rest), param_shardings=param_shardings.to_pure_dict())
+    return setup, abstract_params.to_pure_dict(), make_params
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_params: dict, param_shardings: dict,
