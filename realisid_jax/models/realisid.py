@@ -115,17 +115,19 @@ class RealisID(nnx.Module):
     @classmethod
     def from_unet(cls, unet, config: RealisIDConfig, *, rngs: nnx.Rngs | None = None) -> RealisID:
         """Both ControlNets copied from ``unet`` (``ControlNetModel.from_unet``: encoder + mid block weights,
-        zero-initialised condition embedding output and residual convs); a fresh ``id_projection`` from
-        ``rngs`` (default ``nnx.Rngs(0)``). dtype, param_dtype and attention implementation follow ``unet``.
+        zero-initialised condition embedding output Z1 and residual convs Z2) and a fresh ``id_projection``;
+        the new weights (condition encoders, projection) drawn from ``rngs`` (default ``nnx.Rngs(0)``), so the
+        two branches' condition encoders differ. dtype, param_dtype and attention implementation follow ``unet``.
         """
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
         model = cls.abstract(config, dtype=unet.dtype, param_dtype=unet.param_dtype,
                              attention_impl=unet.attention_impl)
         for name in ("local_branch", "global_branch"):
             branch = getattr(config, name)
             setattr(model, name, ControlNetModel.from_unet(
                 unet, conditioning_channels=branch.conditioning_channels,
-                conditioning_embedding_out_channels=branch.conditioning_embedding_out_channels))
-        model.id_projection = IDProjection(config.id_projection, rngs=rngs or nnx.Rngs(0), dtype=unet.dtype,
+                conditioning_embedding_out_channels=branch.conditioning_embedding_out_channels, rngs=rngs))
+        model.id_projection = IDProjection(config.id_projection, rngs=rngs, dtype=unet.dtype,
                                            param_dtype=unet.param_dtype, attention_impl=unet.attention_impl)
         return model
 
