@@ -25,6 +25,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
 import jax
 import ml_collections
 from jax.sharding import Mesh
@@ -37,8 +38,14 @@ from realisid_jax.training import loop
 from realisid_jax.training.batches import DeviceBatches
 from realisid_jax.training.checkpoint import StatefulIterator, TrainCheckpointer
 from realisid_jax.training.optimizer import make_optimizer
-from realisid_jax.training.state import (ModelSetup, TrainState, abstract_train_state, build_models,
-                                         init_train_state, train_state_shardings)
+from realisid_jax.training.state import (
+    ModelSetup,
+    TrainState,
+    abstract_train_state,
+    build_models,
+    init_train_state,
+    train_state_shardings,
+)
 from realisid_jax.training.step import StepSettings, compile_train_step, jit_train_step
 from realisid_jax.training.summary import ProgressLog
 
@@ -128,9 +135,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
                                                 num_steps=int(config.train.num_steps),
                                                 log_every=int(config.train.log_every),
                                                 metrics_file=metrics_file) as log:
-            compiled = compile_train_step(step, state, setup.frozen_inputs, batches.spec, compiler_options)
+            num_steps = int(config.train.num_steps)
+            compiled = (compile_train_step(step, state, setup.frozen_inputs, batches.spec, compiler_options)
+                        if start < num_steps else None)
             result = loop.run(lambda s, b: compiled(s, setup.frozen_inputs, b), state, batches, start_step=start,
-                              num_steps=int(config.train.num_steps), checkpointer=checkpointer,
+                              num_steps=num_steps, checkpointer=checkpointer,
                               data_iterator=data_iterator, checkpoint_every=int(config.train.checkpoint_every),
                               log=log, learning_rate=schedule, meta=meta, hooks=hooks)
     finally:

@@ -55,3 +55,9 @@ def test_state_dict_mismatch_is_reported():
     del state["layers.0.ff.1.net.2.weight"]
     with pytest.raises(CheckpointMismatchError, match="layers.0.ff.1.net.2.weight"):
         _load(config, state)
+
+
+def test_sdxl_parameter_count_matches_diffusers():
+    """configs/sdxl.py's projection (ViT-H/14 tokens -> 16 x 2048): diffusers counts 82,961,664."""
+    config = IDProjectionConfig.from_dict(dict(load_config("configs/sdxl.py").model.id_projection))
+    assert count_params(IDProjection.abstract(config)) == 82_961_664

@@ -1,4 +1,7 @@
-"""RealisID composition: K persons padded with a validity mask, sum/mean semantics, Eq. 3 reduction, sharding."""
+"""RealisID composition: K persons padded with a validity mask, sum/mean semantics, Eq. 3 reduction.
+
+The sharded step (8 simulated devices) is in tests/test_realisid_sharded.py.
+"""
 
 import dataclasses
 

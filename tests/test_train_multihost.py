@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_train import _CLI, CONFIG, OVERRIDES, RESOLUTION, ROOT, config, dataset  # noqa: F401
 
 from realisid_jax.data.input_pipeline import make_train_iterator
 from realisid_jax.train import train
-from test_train import CONFIG, OVERRIDES, RESOLUTION, ROOT, _CLI, config, dataset  # noqa: F401
 
 STEPS = 3
 
@@ -39,7 +39,7 @@ class _BothShards:
         return [s.get_state() for s in self._shards]
 
     def set_state(self, state):
-        for s, st in zip(self._shards, state):
+        for s, st in zip(self._shards, state, strict=True):
             s.set_state(st)
 
 
@@ -49,6 +49,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(dataset, tmp_path):  # noqa: F811
     port = _free_port()
     workdir = tmp_path / "multi"

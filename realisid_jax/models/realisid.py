@@ -77,7 +77,8 @@ class RealisIDConfig:
 
 
 def _fold(x: jax.Array, k: int) -> jax.Array:
-    """(B, ...) -> (B * K, ...), each image repeated for its K persons (person index fastest)."""
+    """(B, ...) -> (B * K, ...), each image repeated for its K persons (person index fastest, so an image's
+    persons stay on its data shard)."""
     return jnp.repeat(x, k, axis=0)
 
 

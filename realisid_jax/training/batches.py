@@ -54,8 +54,8 @@ def host_batch(example_batch: dict[str, Any], tokenizers: Sequence[CLIPTokenizer
 
     Args:
       example_batch: the input pipeline's batch (``realisid_jax.data.input_pipeline``): ``pixel_values``
-        (b, R, R, 3) in [-1, 1], ``input_text`` b captions, ``face_box`` (b, 4) normalised, ``landmarks`` (b, 468, 2) in the square face crop's
-        unit frame, ``reference`` (b, S, S, 3) CLIP-normalised.
+        (b, R, R, 3) in [-1, 1], ``input_text`` b captions, ``face_box`` (b, 4) normalised, ``landmarks``
+        (b, 468, 2) in the square face crop's unit frame, ``reference`` (b, S, S, 3) CLIP-normalised.
       tokenizers: one per text encoder (SDXL: two).
       landmark_px: c_pe side in pixels.
     """

@@ -20,12 +20,17 @@ from realisid_jax.models.modeling_utils import count_params
 from realisid_jax.models.realisid import RealisID, RealisIDConfig
 from realisid_jax.sharding import make_mesh, state_shardings, use_mesh
 from realisid_jax.tokenizer import CLIP_MAX_LENGTH
+from realisid_jax.train import noise_schedule
 from realisid_jax.training.batches import batch_shapes, batch_shardings
 from realisid_jax.training.models import random_frozen_models
 from realisid_jax.training.optimizer import make_optimizer
-from realisid_jax.train import noise_schedule
-from realisid_jax.training.state import (ModelSetup, abstract_train_state, graphdefs_of, train_state_shardings,
-                                         with_shardings)
+from realisid_jax.training.state import (
+    ModelSetup,
+    abstract_train_state,
+    graphdefs_of,
+    train_state_shardings,
+    with_shardings,
+)
 from realisid_jax.training.step import StepSettings, jit_train_step
 
 

@@ -5,9 +5,10 @@ The train state is a plain dict pytree (what orbax saves and the step donates)::
     {"step": int32 (), "params": nested dict of the RealisID module's nnx.Param arrays,
      "opt_state": optax state over "params", "rng": uint32 (2,) base PRNG key}
 
-Nothing is materialised unsharded: every piece is first traced with ``nnx.eval_shape`` / ``jax.eval_shape``,
-its shardings are derived from the logical axis names (``state_shardings``), then it is created by a jit with
-those ``out_shardings`` (or loaded straight onto them).
+Nothing big is materialised unsharded: shapes come from ``nnx.eval_shape`` / ``jax.eval_shape``, shardings from
+the logical axis names (``state_shardings``); the frozen models are created by a jit with those
+``out_shardings`` (or loaded straight onto them), the branches are copies of the sharded UNet, the optimiser
+state is initialised by a jit with ``out_shardings``.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from realisid_jax.models.factory import dtypes
 from realisid_jax.models.realisid import RealisID, RealisIDConfig
 from realisid_jax.sharding import Rules, state_shardings
-from realisid_jax.models.factory import dtypes
 from realisid_jax.training.models import FrozenModels, pretrained_frozen_models, random_frozen_models
 
 TrainState = dict[str, Any]
-
 
 
 def init_compiler_options() -> dict:
