@@ -9,6 +9,10 @@ from realisid_jax.models.modeling_utils import count_params
 def register(subparsers) -> None:
     p = subparsers.add_parser("info", help="parameter counts per component (no weights allocated)")
     p.add_argument("--config", required=True, help="config file, e.g. configs/sdxl.py")
+    p.add_argument("--train", action="store_true",
+                   help="also the per-device memory of the training step (XLA memory analysis, FSDP over "
+                        "--devices simulated CPU devices; compiles, runs nothing)")
+    p.add_argument("--devices", type=int, nargs="+", default=[8, 64])
     p.set_defaults(func=run)
 
 
@@ -26,6 +30,12 @@ def parameter_counts(config) -> dict[str, int]:
 
 
 def run(args) -> int:
+    if args.train:
+        import jax
+
+        # Simulated CPU devices for the memory analysis; only takes effect before the first backend use (on a
+        # GPU/TPU host the real devices are used).
+        jax.config.update("jax_num_cpu_devices", max(args.devices))
     config = load_config(args.config, args.config_overrides)
     counts = parameter_counts(config)
     counts["trainable (branches)"] = counts["local_branch"] + counts["global_branch"] + counts["id_projection"]
@@ -33,4 +43,18 @@ def run(args) -> int:
     print(f"{'component':<{width}}  {'parameters':>15}")
     for name, n in counts.items():
         print(f"{name:<{width}}  {n:>15,}")
+    if args.train:
+        print_memory_plan(config, args.devices)
     return 0
+
+
+def print_memory_plan(config, devices: list[int]) -> None:
+    """Per-device memory of the training step (both branches, ``train.resolution``, batch 1 per device)."""
+    from realisid_jax.training.memory import train_step_memory
+
+    gib = 2.0**30
+    print(f"\ntraining step, {config.train.resolution}px, per-device batch 1, FSDP (XLA memory analysis):")
+    print(f"{'devices':>8} {'arguments GiB':>14} {'temporaries GiB':>16} {'peak GiB':>9}")
+    for n in devices:
+        plan = train_step_memory(config, n)
+        print(f"{n:>8} {plan.argument_bytes / gib:>14.2f} {plan.temp_bytes / gib:>16.2f} {plan.peak_bytes / gib:>9.2f}")
