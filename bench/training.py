@@ -18,28 +18,28 @@ def trainer(config, seed: int = 0):
     """``(run, batch_size, compiled)``: ``run()`` does one training step on a fixed random batch and blocks;
     ``compiled`` is the step's ``jax.stages.Compiled`` (memory and cost analyses)."""
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
-    rules = tuple(config.mesh.rules)
+    rules = tuple(tuple(r) for r in config.mesh.rules)
     n_text = 1 if config.model.get("text_encoder_2") is None else 2
+    # As realisid_jax.train: models and state built outside the mesh context, the step traced inside it.
+    setup, abstract_params, make_params = build_models(config, mesh, rules)
+    optimizer, _ = make_optimizer(config.train)
+    shardings = train_state_shardings(optimizer, abstract_params, setup, mesh)
+    state = init_train_state(optimizer, make_params(), shardings, seed)
+    settings = StepSettings.from_config(config, [[49406, 49407] + [49407] * (CLIP_MAX_LENGTH - 2)] * n_text)
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for name, (shape, dtype) in batch_shapes(config, n_text).items():
+        if np.issubdtype(dtype, np.integer):
+            batch[name] = rng.integers(0, 49408, shape).astype(dtype)
+        elif name == "face_box":
+            batch[name] = np.broadcast_to(np.array([0.3, 0.2, 0.7, 0.6], dtype), shape).copy()
+        else:
+            batch[name] = rng.uniform(-1, 1, shape).astype(dtype)
+    batch = jax.device_put(batch, replicated(mesh))
+    step = jit_train_step(graphdefs=setup.graphdefs, scheduler=noise_schedule(None), optimizer=optimizer,
+                          settings=settings, state_shardings=shardings, frozen_shardings=setup.frozen_shardings,
+                          batch_shardings=jax.tree.map(lambda _: replicated(mesh), batch))
     with use_mesh(mesh, rules):
-        setup, abstract_params, make_params = build_models(config, mesh, rules)
-        optimizer, _ = make_optimizer(config.train)
-        shardings = train_state_shardings(optimizer, abstract_params, setup, mesh)
-        state = init_train_state(optimizer, make_params(), shardings, seed)
-        settings = StepSettings.from_config(config, [[49406, 49407] + [49407] * (CLIP_MAX_LENGTH - 2)] * n_text)
-        shapes = batch_shapes(config, n_text)
-        rng = np.random.default_rng(seed)
-        batch = {}
-        for name, (shape, dtype) in shapes.items():
-            if np.issubdtype(dtype, np.integer):
-                batch[name] = rng.integers(0, 49408, shape).astype(dtype)
-            elif name == "face_box":
-                batch[name] = np.broadcast_to(np.array([0.3, 0.2, 0.7, 0.6], dtype), shape).copy()
-            else:
-                batch[name] = rng.uniform(-1, 1, shape).astype(dtype)
-        batch = jax.device_put(batch, replicated(mesh))
-        step = jit_train_step(graphdefs=setup.graphdefs, scheduler=noise_schedule(None), optimizer=optimizer,
-                              settings=settings, state_shardings=shardings, frozen_shardings=setup.frozen_shardings,
-                              batch_shardings=jax.tree.map(lambda _: replicated(mesh), batch))
         compiled = step.lower(state, setup.frozen_inputs, batch).compile()
     holder = {"state": state}
 
@@ -49,4 +49,4 @@ def trainer(config, seed: int = 0):
             jax.block_until_ready(metrics)
         return metrics
 
-    return run, shapes["pixel_values"][0][0], compiled
+    return run, batch["pixel_values"].shape[0], compiled

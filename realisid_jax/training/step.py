@@ -73,7 +73,7 @@ def compute_loss(params: dict, frozen, batch: Batch, key: jax.Array, *, branch_g
     ``landmark_image`` (B, P, P, 3) in [0, 1] (P = the local branch's pixel size); ``reference`` (B, S, S, 3)
     CLIP-normalised.
     """
-    realisid = nnx.merge(branch_graphdef, nnx.State(params), branch_rest)
+    realisid = nnx.merge(branch_graphdef, params, branch_rest)
     k_vae, k_noise, k_t, k_drop = jax.random.split(key, 4)
     b = batch["pixel_values"].shape[0]
 
@@ -125,7 +125,7 @@ def train_step(state: TrainState, frozen_inputs: tuple[nnx.State, nnx.State], ba
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
-    return new_state, {"loss": loss, **aux, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
 
 
 def jit_train_step(*, graphdefs, scheduler, optimizer, settings, state_shardings, frozen_shardings,
