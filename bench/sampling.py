@@ -64,10 +64,11 @@ def jax_sampler(models: Models, inputs: SamplingInputs):
         for i, value in ((0, latents), (1, text), (5, boxes)):
             if value is not None:
                 a[i] = jax.tree.map(jnp.asarray, value)
+        carry = (a[0], scheduler.init_carry(state, a[0]))
         out = pipeline._denoise(models.unet_def, models.realisid_def, scheduler, models.unet_state,
-                                models.realisid_state, state, *a, jnp.float32(TEXT_SCALE), jnp.float32(ID_SCALE),
-                                jnp.int32(start))
-        return out.block_until_ready()
+                                models.realisid_state, state, carry, *a[1:], jnp.float32(TEXT_SCALE),
+                                jnp.float32(ID_SCALE), jnp.int32(start), jnp.int32(0), jnp.int32(inputs.steps))
+        return out[0].block_until_ready()
 
     return run, pipeline._denoise
 

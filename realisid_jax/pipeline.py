@@ -29,14 +29,6 @@ from realisid_jax.prompt_encoding import encode_prompt_sd15, encode_prompt_sdxl
 from realisid_jax.schedulers import get_scheduler
 from realisid_jax.sharding import DEFAULT_RULES, data_sharding, state_shardings, use_mesh
 
-_BAR: list[tqdm] = []  # the progress bar of the running call, ticked from inside the jitted loop
-
-
-def _tick(_):
-    if _BAR:
-        _BAR[-1].update(1)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class SamplingOutput:
     """images: (N, H, W, 3) uint8; latents: (N, H/8, W/8, C) final latents; conditions: the host conditions."""
@@ -216,18 +208,21 @@ class RealisIDPipeline:
             id_embedding, no_id = _encode_ids(self._graphdefs["image_encoder"], self._graphdefs["realisid"],
                                               self._states["image_encoder"], self._states["realisid"],
                                               inputs["reference_pixels"])
-            bar = tqdm(total=steps, desc="denoising", disable=not progress)
-            _BAR.append(bar)
-            try:
-                latents = _denoise(self._graphdefs["unet"], self._graphdefs["realisid"], self.scheduler,
-                                   self._states["unet"], self._states["realisid"], sched_state, inputs["latents"],
-                                   inputs["text"], inputs["time_ids"], id_embedding, no_id, inputs["boxes"],
-                                   inputs["valid"], inputs["landmark_images"],
-                                   jnp.float32(guidance.text_scale), jnp.float32(guidance.id_scale),
-                                   jnp.int32(guidance.id_start_step))
-                latents.block_until_ready()
-            finally:
-                _BAR.pop().close()
+            args = (self._graphdefs["unet"], self._graphdefs["realisid"], self.scheduler, self._states["unet"],
+                    self._states["realisid"], sched_state)
+            conds = (inputs["text"], inputs["time_ids"], id_embedding, no_id, inputs["boxes"], inputs["valid"],
+                     inputs["landmark_images"], jnp.float32(guidance.text_scale), jnp.float32(guidance.id_scale),
+                     jnp.int32(guidance.id_start_step))
+            carry = (inputs["latents"], self.scheduler.init_carry(sched_state, inputs["latents"]))
+            # One compiled loop whose bounds are data: with a progress bar it is called once per step (a host
+            # callback inside the loop would keep the executable out of the persistent compilation cache).
+            bounds = [(i, i + 1) for i in range(steps)] if progress else [(0, steps)]
+            with tqdm(total=steps, desc="denoising", disable=not progress) as bar:
+                for start, stop in bounds:
+                    carry = _denoise(*args, carry, *conds, jnp.int32(start), jnp.int32(stop))
+                    carry[0].block_until_ready()
+                    bar.update(stop - start)
+            latents = carry[0]
             images = _decode(self._graphdefs["vae"], self._states["vae"], latents)
         return SamplingOutput(np.asarray(images), np.asarray(latents), conditions)
 
@@ -262,11 +257,14 @@ def _encode_ids(encoder_def, realisid_def, encoder_state, realisid_state, refere
 
 
 @functools.partial(jax.jit, static_argnames=("unet_def", "realisid_def", "scheduler"))
-def _denoise(unet_def, realisid_def, scheduler, unet_state, realisid_state, sched_state, latents, text, time_ids,
-             id_embedding, no_id, boxes, valid, landmark_images, text_scale, id_scale, id_start_step):
-    """The whole guided denoising loop (paper Eq. 8), one batch of 3N predictions per step."""
+def _denoise(unet_def, realisid_def, scheduler, unet_state, realisid_state, sched_state, carry, text, time_ids,
+             id_embedding, no_id, boxes, valid, landmark_images, text_scale, id_scale, id_start_step, start, stop):
+    """Guided denoising steps ``start`` to ``stop`` (paper Eq. 8), one batch of 3N predictions per step.
+
+    ``carry`` is (latents (N, h, w, C), the scheduler's loop carry) and is returned advanced; the bounds are
+    traced, so the whole loop and a single step share one executable."""
     unet, realisid = nnx.merge(unet_def, unet_state), nnx.merge(realisid_def, realisid_state)
-    n = latents.shape[0]
+    n = carry[0].shape[0]
     prompt_embeds, negative_embeds, pooled, negative_pooled = text
     context = jnp.concatenate([negative_embeds, prompt_embeds, prompt_embeds])
     added = None
@@ -288,11 +286,9 @@ def _denoise(unet_def, realisid_def, scheduler, unet_state, realisid_state, sche
                    mid_block_additional_residual=mid)
         e_none, e_text, e_id = jnp.split(eps, 3)
         eps = e_none + text_scale * (e_text - e_none) + id_scale * (e_id - e_text)
-        jax.debug.callback(_tick, i)
         return scheduler.step(sched_state, eps.astype(x.dtype), i, x, scheduler_carry)
 
-    carry = (latents, scheduler.init_carry(sched_state, latents))
-    return jax.lax.fori_loop(0, sched_state.timesteps.shape[0], body, carry)[0]
+    return jax.lax.fori_loop(start, stop, body, carry)
 
 
 @functools.partial(jax.jit, static_argnames=("vae_def",))
