@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ASSETS_STAMP := $(VENV)/.assets
 
-.PHONY: demo test install assets bench clean
+.PHONY: demo test test-slow install assets bench clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: install assets
 
 test: install assets
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# End-to-end training runs (resume after SIGKILL, meshes, multi-host): minutes each on 2 cores.
+test-slow: install assets
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests
 
 bench: install
 	$(PY) -m bench.run
