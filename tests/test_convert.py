@@ -87,8 +87,8 @@ def test_other_architecture_is_refused(cache):
     config = load_config("configs/tiny.py", ["model.unet.layers_per_block=1"])
     with pytest.raises(ValueError, match="differently"):
         load_converted(path, config, components=["unet"])
-    with pytest.raises(KeyError, match="image_encoder"):
-        load_converted(path, CONFIG, components=["image_encoder"])
+    with pytest.raises(KeyError, match="text_encoder_3"):
+        load_converted(path, CONFIG, components=["text_encoder_3"])
     with pytest.raises(FileNotFoundError, match="not a converted-weights cache"):
         load_converted(path.parent, CONFIG)
 

@@ -56,9 +56,17 @@ def export_module(module: nnx.Module, folder: str | os.PathLike, class_name: str
     return folder
 
 
+_SETTINGS = "realisid.json"
+
+
 def export_branches(realisid: RealisID, out: str | os.PathLike) -> dict[str, Path]:
-    """Exports ``local_branch``, ``global_branch`` and ``id_projection`` under ``out``; returns name -> folder."""
-    return {name: export_module(getattr(realisid, name), Path(out) / name, _CLASS_NAMES[name]) for name in PARTS}
+    """Exports ``local_branch``, ``global_branch`` and ``id_projection`` under ``out``, and the RealisID-level
+    settings (crop size, branch scales) as ``realisid.json``; returns name -> folder."""
+    folders = {name: export_module(getattr(realisid, name), Path(out) / name, _CLASS_NAMES[name]) for name in PARTS}
+    c = realisid.config
+    settings = dict(local_latent_size=c.local_latent_size, local_scale=c.local_scale, global_scale=c.global_scale)
+    (Path(out) / _SETTINGS).write_text(json.dumps(settings, indent=2))
+    return folders
 
 
 def load_branches(folder: str | os.PathLike, *, dtype=None, param_dtype=None, attention_impl: str | None = "xla",
@@ -84,7 +92,8 @@ def load_branches(folder: str | os.PathLike, *, dtype=None, param_dtype=None, at
              for name, cls in (("local_branch", ControlNetModel), ("global_branch", ControlNetModel),
                                ("id_projection", IDProjection))}
     if realisid is None:
-        config = RealisIDConfig(**{name: part.config for name, part in parts.items()})
+        settings = read_json(root / _SETTINGS) if (root / _SETTINGS).is_file() else {}
+        config = RealisIDConfig(**{name: part.config for name, part in parts.items()}, **settings)
         realisid = RealisID.abstract(config, dtype=kw["dtype"], param_dtype=param_dtype, attention_impl=attention_impl)
     for name, part in parts.items():
         setattr(realisid, name, part)
