@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("info", "faces", "sample", "prepare_data", "train", "evaluate", "benchmark_prompts", "convert")
+COMMANDS = ("info", "faces", "sample", "prepare_data", "train", "export", "evaluate", "benchmark_prompts", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:

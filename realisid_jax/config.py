@@ -41,7 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
         resolution=1024, batch_size=16, learning_rate=1e-5, weight_decay=1e-2, warmup_steps=1000,
         max_grad_norm=1.0, num_steps=100_000, face_loss_weight=1.0,  # lambda, paper Eq. 7
         drop_id_prob=0.05, drop_text_prob=0.05, drop_both_prob=0.05,
-        checkpoint_every=1000, keep_checkpoints=3, log_every=10, sample_every=5000, seed=0, remat=True,
+        checkpoint_every=1000, keep_checkpoints=3, log_every=10, seed=0, remat=True,
+        # Sample images (``workdir/samples/``); 0 turns them off. Reference: a photo path, "" = the astronaut.
+        sample_every=5000, sample_prompt="a photo of a person, portrait", sample_reference="",
     ))
     return c
 

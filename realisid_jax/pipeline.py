@@ -146,6 +146,23 @@ class RealisIDPipeline:
         tokenizers = tuple(t for t in (parts.tokenizer, parts.tokenizer_2) if t is not None)
         return cls(models, tokenizers, config, scheduler_config=parts.scheduler_config, mesh=mesh, analyzer=analyzer)
 
+    def set_branch_params(self, params: dict) -> None:
+        """Replaces the branches' weights with ``params``, a pure dict of the ``realisid`` module's parameters
+        (a train state's ``params``), placed like the current ones: samples from a run in progress, no
+        recompilation.
+
+        Raises:
+          ValueError: ``params`` does not have the branches' tree structure.
+        """
+        state = self._states["realisid"]
+        expected = jax.tree.map(lambda x: (x.shape, x.dtype), state.to_pure_dict())
+        given = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+        if given != expected:
+            raise ValueError("params do not match the RealisID branches' tree (names, shapes, dtypes)")
+        new = jax.tree.map(lambda x: x, state)
+        new.replace_by_pure_dict(params)
+        self._states["realisid"] = jax.device_put(new, jax.tree.map(lambda x: x.sharding, state))
+
     # ----------------------------------------------------------------------------------------------- host
     def prepare(self, persons: Sequence[Person], height: int, width: int) -> PersonConditions:
         """``prepare_conditions`` with this pipeline's config and face analyser."""

@@ -3,7 +3,9 @@
 One code path for one CPU, one GPU host and a TPU pod slice: a ``(data, fsdp, tensor)`` mesh from
 ``config.mesh.shape``, logical-axis rules from ``config.mesh.rules``, the state born sharded, the step jitted
 with explicit shardings (train state donated, frozen state not), batches assembled from each process's
-shard. The parts live in ``realisid_jax.training``:
+shard. :class:`Trainer` builds the models and compiles the step once; ``fit`` runs (or resumes) a run in a
+work directory, as often as wanted (a notebook, a sweep over data, the tests). The parts live in
+``realisid_jax.training``:
 
   state.py       frozen models + branches from the UNet, train state, shardings
   optimizer.py   AdamW with warm-up and global-norm clipping
@@ -12,10 +14,8 @@ shard. The parts live in ``realisid_jax.training``:
   batches.py     host batch -> global device batch (tokens, c_pe images)
   checkpoint.py  orbax manager: train state + per-process iterator position
   loop.py        steps, logging, checkpoints, SIGTERM, NaN guard
+  samples.py     sample images every ``config.train.sample_every`` steps
   distributed.py multi-host start-up
-
-Sample images every ``config.train.sample_every`` steps are not produced here yet: ``train(hooks=...)`` takes
-callables ``hook(step, state)`` for the sampling pipeline to plug into.
 """
 
 from __future__ import annotations
@@ -35,18 +35,18 @@ from realisid_jax.schedulers import SDXL_SCHEDULER_CONFIG, DDPMScheduler
 from realisid_jax.sharding import make_mesh, use_mesh
 from realisid_jax.tokenizer import load_tokenizer, offline_clip_tokenizer, tokenize
 from realisid_jax.training import loop
-from realisid_jax.training.batches import DeviceBatches
+from realisid_jax.training.batches import DeviceBatches, batch_spec
 from realisid_jax.training.checkpoint import StatefulIterator, TrainCheckpointer
 from realisid_jax.training.optimizer import make_optimizer
+from realisid_jax.training.samples import SampleWriter
 from realisid_jax.training.state import (
-    ModelSetup,
     TrainState,
     abstract_train_state,
     build_models,
     init_train_state,
     train_state_shardings,
 )
-from realisid_jax.training.step import StepSettings, compile_train_step, jit_train_step
+from realisid_jax.training.step import StepSettings, jit_train_step
 from realisid_jax.training.summary import ProgressLog
 
 
@@ -71,80 +71,126 @@ def noise_schedule(pretrained: Path | None) -> DDPMScheduler:
 @dataclasses.dataclass
 class TrainResult:
     """``state`` after ``step`` completed steps; ``losses`` of the steps run by this call; ``preempted``: stopped
-    by SIGTERM (a checkpoint of ``step`` was written); ``setup``: the graph definitions and the frozen models'
-    state the steps used."""
+    by SIGTERM (a checkpoint of ``step`` was written)."""
 
     state: TrainState
     step: int
     losses: list[float]
     preempted: bool
-    setup: ModelSetup
+
+
+class Trainer:
+    """The models, shardings and jitted step of one config on one mesh; the step is compiled on first use.
+
+    Args:
+      config: a project config (``configs/*.py`` plus overrides). ``fit`` reads ``config.train``'s
+        ``num_steps``, ``checkpoint_every``, ``keep_checkpoints``, ``log_every`` and ``sample_every`` at each
+        call; everything else is fixed here.
+      pretrained, image_encoder: diffusers pipeline folder and CLIP vision folder of the frozen models
+        (both or neither; neither = random weights).
+      mesh: default ``make_mesh(config.mesh.shape)`` over all devices.
+      compiler_options: XLA options for compiling the step (see ``compile_train_step``).
+
+    Attributes:
+      setup: the graph definitions and the frozen models' state the steps use.
+
+    Raises:
+      ValueError: only one of ``pretrained`` / ``image_encoder``.
+      FileNotFoundError, CheckpointMismatchError: unusable pretrained folders.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, *, pretrained: Path | None = None,
+                 image_encoder: Path | None = None, mesh: Mesh | None = None, compiler_options: dict | None = None):
+        self.config = config
+        self.mesh = make_mesh(tuple(config.mesh.shape)) if mesh is None else mesh
+        self.rules = tuple(tuple(r) for r in config.mesh.rules)
+        # Models are built outside the mesh context: nnx.eval_shape would read their logical axis names as mesh
+        # axes there. Explicit out_shardings place everything.
+        self.setup, self._abstract_params, self._make_params = build_models(
+            config, self.mesh, self.rules, pretrained=pretrained, image_encoder=image_encoder)
+        self.optimizer, self.schedule = make_optimizer(config.train)
+        self.shardings = train_state_shardings(self.optimizer, self._abstract_params, self.setup, self.mesh)
+        self.tokenizers = tokenizers(config, pretrained)
+        self._batch_spec = batch_spec(config, len(self.tokenizers), self.mesh, self.rules)
+        settings = StepSettings.from_config(config, [tokenize(t, "")[0] for t in self.tokenizers])
+        self._step = jit_train_step(graphdefs=self.setup.graphdefs, scheduler=noise_schedule(pretrained),
+                                    optimizer=self.optimizer, settings=settings, state_shardings=self.shardings,
+                                    frozen_shardings=self.setup.frozen_shardings,
+                                    batch_shardings={k: s.sharding for k, s in self._batch_spec.items()})
+        self._compiler_options = compiler_options
+        self._compiled = None
+
+    def initial_state(self) -> TrainState:
+        """Step 0: both ControlNets copied from the frozen UNet, fresh optimiser state, ``PRNGKey(seed)``."""
+        return init_train_state(self.optimizer, self._make_params(), self.shardings, int(self.config.train.seed))
+
+    def abstract_state(self) -> TrainState:
+        """The train state's shapes, dtypes and shardings (a checkpoint's restore target)."""
+        return abstract_train_state(self.optimizer, self._abstract_params, self.shardings,
+                                    int(self.config.train.seed))
+
+    def step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One step (``state`` is donated); compiles on the first call."""
+        if self._compiled is None:
+            with use_mesh(self.mesh, self.rules):
+                lowered = self._step.lower(self.abstract_state(), self.setup.frozen_inputs, self._batch_spec)
+            self._compiled = lowered.compile(compiler_options=self._compiler_options)
+        return self._compiled(state, self.setup.frozen_inputs, batch)
+
+    def fit(self, workdir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
+            data_iterator: StatefulIterator | None = None, hooks: Sequence[loop.Hook] = ()) -> TrainResult:
+        """Trains until ``config.train.num_steps``, resuming from the newest checkpoint in ``workdir/checkpoints``.
+
+        Args:
+          workdir: ``checkpoints/``, ``tensorboard/``, ``metrics.jsonl`` and ``samples/`` go here (a ``gs://``
+            URL on multi-host).
+          data_dir: dataset folder of ``realisid prepare-data``; or give ``data_iterator`` (batches of this
+            process's share of ``config.train.batch_size``, with ``get_state``/``set_state``).
+          hooks: called after every step with ``(step, train_state)``.
+
+        Raises:
+          NonFiniteLossError: a NaN/inf loss or gradient norm (the last good checkpoint stays).
+          ValueError: neither or both of ``data_dir`` / ``data_iterator``.
+        """
+        if (data_dir is None) == (data_iterator is None):
+            raise ValueError("give exactly one of data_dir and data_iterator")
+        train = self.config.train
+        workdir = str(workdir)
+        if data_iterator is None:
+            data_iterator = _input_iterator(self.config, data_dir)
+        hooks = (*hooks, *self._sample_hooks(workdir))
+        with TrainCheckpointer(_join(workdir, "checkpoints"), max_to_keep=int(train.keep_checkpoints)) as ckpt:
+            if ckpt.latest_step() is not None:
+                state, start = ckpt.restore(self.abstract_state(), data_iterator)
+            else:
+                state, start = self.initial_state(), 0
+            batches = DeviceBatches(data_iterator, self.tokenizers, self.config, self.mesh, self.rules)
+            meta = {"config": json.loads(self.config.to_json_best_effort())}
+            metrics_file = None if "://" in workdir else Path(workdir) / "metrics.jsonl"
+            with use_mesh(self.mesh, self.rules), ProgressLog(
+                    _join(workdir, "tensorboard"), start_step=start, num_steps=int(train.num_steps),
+                    log_every=int(train.log_every), metrics_file=metrics_file) as log:
+                result = loop.run(self.step, state, batches, start_step=start, num_steps=int(train.num_steps),
+                                  checkpointer=ckpt, data_iterator=data_iterator,
+                                  checkpoint_every=int(train.checkpoint_every), log=log,
+                                  learning_rate=self.schedule, meta=meta, hooks=hooks)
+        return TrainResult(result.state, result.step, result.losses, result.preempted)
+
+    def _sample_hooks(self, workdir: str) -> tuple[loop.Hook, ...]:
+        every = int(self.config.train.sample_every)
+        if every <= 0 or "://" in workdir:
+            return ()
+        return (SampleWriter(self, Path(workdir) / "samples", every),)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
           data_iterator: StatefulIterator | None = None, pretrained: Path | None = None,
           image_encoder: Path | None = None, hooks: Sequence[loop.Hook] = (), mesh: Mesh | None = None,
           compiler_options: dict | None = None) -> TrainResult:
-    """Trains until ``config.train.num_steps`` (resuming from the newest checkpoint in ``workdir/checkpoints``).
-
-    Args:
-      config: a project config (``configs/*.py`` plus overrides).
-      workdir: ``checkpoints/`` and ``tensorboard/`` go here (a ``gs://`` URL on multi-host).
-      data_dir: dataset folder of ``realisid prepare-data``; or give ``data_iterator`` (batches of this
-        process's share of ``config.train.batch_size``, with ``get_state``/``set_state``).
-      pretrained, image_encoder: diffusers pipeline folder and CLIP vision folder of the frozen models
-        (both or neither; neither = random weights).
-      hooks: called after every step with ``(step, train_state)``.
-      mesh: default ``make_mesh(config.mesh.shape)`` over all devices.
-      compiler_options: XLA options for compiling the step (see ``compile_train_step``).
-
-    Raises:
-      NonFiniteLossError: a NaN/inf loss or gradient norm (the last good checkpoint stays).
-      ValueError: neither or both of ``data_dir`` / ``data_iterator``.
-    """
-    if (data_dir is None) == (data_iterator is None):
-        raise ValueError("give exactly one of data_dir and data_iterator")
-    mesh = make_mesh(tuple(config.mesh.shape)) if mesh is None else mesh
-    rules = tuple(tuple(r) for r in config.mesh.rules)
-    workdir = str(workdir)
-    # Models are built outside the mesh context: nnx.eval_shape would read their logical axis names as mesh
-    # axes there. Explicit out_shardings place everything.
-    setup, abstract_params, make_params = build_models(config, mesh, rules, pretrained=pretrained,
-                                                       image_encoder=image_encoder)
-    optimizer, schedule = make_optimizer(config.train)
-    shardings = train_state_shardings(optimizer, abstract_params, setup, mesh)
-    if data_iterator is None:
-        data_iterator = _input_iterator(config, data_dir)
-    checkpointer = TrainCheckpointer(_join(workdir, "checkpoints"), max_to_keep=int(config.train.keep_checkpoints))
-    seed = int(config.train.seed)
-    try:
-        if checkpointer.latest_step() is not None:
-            target = abstract_train_state(optimizer, abstract_params, shardings, seed)
-            state, start = checkpointer.restore(target, data_iterator)
-        else:
-            state, start = init_train_state(optimizer, make_params(), shardings, seed), 0
-        toks = tokenizers(config, pretrained)
-        settings = StepSettings.from_config(config, [tokenize(t, "")[0] for t in toks])
-        batches = DeviceBatches(data_iterator, toks, config, mesh, rules)
-        step = jit_train_step(graphdefs=setup.graphdefs, scheduler=noise_schedule(pretrained), optimizer=optimizer,
-                              settings=settings, state_shardings=shardings, frozen_shardings=setup.frozen_shardings,
-                              batch_shardings=batches.shardings)
-        meta = {"config": json.loads(config.to_json_best_effort())}
-        metrics_file = None if "://" in workdir else Path(workdir) / "metrics.jsonl"
-        with use_mesh(mesh, rules), ProgressLog(_join(workdir, "tensorboard"), start_step=start,
-                                                num_steps=int(config.train.num_steps),
-                                                log_every=int(config.train.log_every),
-                                                metrics_file=metrics_file) as log:
-            num_steps = int(config.train.num_steps)
-            compiled = (compile_train_step(step, state, setup.frozen_inputs, batches.spec, compiler_options)
-                        if start < num_steps else None)
-            result = loop.run(lambda s, b: compiled(s, setup.frozen_inputs, b), state, batches, start_step=start,
-                              num_steps=num_steps, checkpointer=checkpointer,
-                              data_iterator=data_iterator, checkpoint_every=int(config.train.checkpoint_every),
-                              log=log, learning_rate=schedule, meta=meta, hooks=hooks)
-    finally:
-        checkpointer.close()
-    return TrainResult(result.state, result.step, result.losses, result.preempted, setup)
+    """``Trainer(config, ...).fit(workdir, ...)``: one run (see both for the arguments and errors)."""
+    trainer = Trainer(config, pretrained=pretrained, image_encoder=image_encoder, mesh=mesh,
+                      compiler_options=compiler_options)
+    return trainer.fit(workdir, data_dir=data_dir, data_iterator=data_iterator, hooks=hooks)
 
 
 def _join(root: str, name: str) -> str:

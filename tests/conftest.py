@@ -1,5 +1,6 @@
 """Test set-up: 8 simulated CPU devices for every sharded path, and no model hub."""
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -9,3 +10,11 @@ import jax  # noqa: E402
 
 # Must run before any backend use: every sharded path is tested on (1), (8,1,1), (2,4,1), (2,2,2).
 jax.config.update("jax_num_cpu_devices", 8)
+
+# Compiled programs are cached on disk (per user, across runs and xdist workers; the key covers the program, the
+# devices and the jax version): the trainer tests compile the same tiny step in several processes.
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                               os.path.join(tempfile.gettempdir(), f"realisid_jax_tests_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "5")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))

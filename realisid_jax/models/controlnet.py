@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from realisid_jax.models.layers import conv, zero_conv
-from realisid_jax.models.modeling_utils import ModelConfig, PretrainedMixin, abstract_module
+from realisid_jax.models.modeling_utils import ModelConfig, PretrainedMixin, abstract_module, init_rngs
 from realisid_jax.models.unet_2d_condition import (
     UNet2DConditionConfig, UNet2DConditionModel, UNetEncoderMixin, freeze_nested, build_embeddings, build_encoder,
     check_supported)
@@ -30,18 +30,12 @@ from realisid_jax.sharding import constrain
 _COPIED_FROM_UNET = ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block")
 
 
-def _ref_rngs(key: jax.Array) -> nnx.Rngs:
-    # RNG count in a Ref, as in ``abstract_module``: a traced count makes tracing quadratic.
-    with nnx.var_defaults(ref=True):
-        return nnx.Rngs(key)
-
-
 def _jit_init(build, key: jax.Array) -> nnx.Module:
     """``build(rngs)`` compiled as one program. Eagerly every initializer compiles on its own; and on CPU,
     LLVM-optimising threefry code is what costs (8 convs: 18 s at the default level, 1.5 s without backend
     optimisation, which init code does not need)."""
     graphdef = nnx.graphdef(abstract_module(build))
-    init = jax.jit(lambda key: nnx.state(build(_ref_rngs(key))))
+    init = jax.jit(lambda key: nnx.state(build(init_rngs(key))))
     options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
     return nnx.merge(graphdef, init.lower(key).compile(compiler_options=options)(key))
 

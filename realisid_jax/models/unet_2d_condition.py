@@ -156,7 +156,7 @@ class UNetEncoderMixin:
     remat_policy: Callable | None = None
 
     def enable_gradient_checkpointing(self, policy: Callable | None = None) -> None:
-        """Run every down/mid/up block under ``nnx.remat`` (activations recomputed in the backward pass).
+        """Run every down/mid/up block under ``jax.checkpoint`` (activations recomputed in the backward pass).
 
         Call before ``nnx.split`` / jit: the flag is static and lives in the graph definition. ``policy`` is a
         ``jax.checkpoint_policies`` entry (default: save nothing inside a block).
@@ -170,11 +170,19 @@ class UNetEncoderMixin:
 
     def _run_block(self, block, *args, **static):
         """``block(*args, **static)``, rematerialised when gradient checkpointing is on (``static`` holds
-        Python values such as ``upsample_size``, closed over rather than traced)."""
-        fn = lambda blk, *a: blk(*a, **static)  # noqa: E731
-        if self.gradient_checkpointing:
-            fn = nnx.remat(fn, policy=self.remat_policy)
-        return fn(block, *args)
+        Python values such as ``upsample_size``, closed over rather than traced).
+
+        ``jax.checkpoint`` of a pure function of the block's state, not ``nnx.remat``: blocks hold no mutable
+        state, and their variables may belong to an outer trace (a module merged inside a ``jax.jit``), which
+        ``nnx.remat`` refuses to touch."""
+        if not self.gradient_checkpointing:
+            return block(*args, **static)
+        graphdef, state = nnx.split(block)
+
+        def pure(state, *a):
+            return nnx.merge(graphdef, state)(*a, **static)
+
+        return jax.checkpoint(pure, policy=self.remat_policy)(state, *args)
 
     def time_embed(self, batch: int, timesteps, added_cond_kwargs: dict[str, jax.Array] | None) -> jax.Array:
         """Timestep embedding plus SDXL's ``text_time`` embedding: (B, time_embed_dim) in ``self.dtype``."""

@@ -49,6 +49,14 @@ def batch_shardings(config: ml_collections.ConfigDict, num_text_encoders: int, m
     return {k: data_sharding(mesh, shape, rules) for k, (shape, _) in batch_shapes(config, num_text_encoders).items()}
 
 
+def batch_spec(config: ml_collections.ConfigDict, num_text_encoders: int, mesh: Mesh,
+               rules: Rules) -> dict[str, jax.ShapeDtypeStruct]:
+    """Global shape, dtype and sharding of every device batch field (the step's abstract batch)."""
+    shardings = batch_shardings(config, num_text_encoders, mesh, rules)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k])
+            for k, (shape, dtype) in batch_shapes(config, num_text_encoders).items()}
+
+
 def host_batch(example_batch: dict[str, Any], tokenizers: Sequence[CLIPTokenizer], landmark_px: int) -> dict:
     """One process's batch as numpy arrays of the step's fields.
 
@@ -86,17 +94,6 @@ class DeviceBatches(Iterator[dict[str, jax.Array]]):
         self._px = landmark_pixels(config)
         self._shapes = batch_shapes(config, len(self._tokenizers))
         self._shardings = batch_shardings(config, len(self._tokenizers), mesh, rules)
-
-    @property
-    def shardings(self) -> dict[str, NamedSharding]:
-        """Sharding of each field (the step's ``in_shardings`` for the batch)."""
-        return self._shardings
-
-    @property
-    def spec(self) -> dict[str, jax.ShapeDtypeStruct]:
-        """Global shape, dtype and sharding of each field."""
-        return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self._shardings[k])
-                for k, (shape, dtype) in self._shapes.items()}
 
     def __next__(self) -> dict[str, jax.Array]:
         local = host_batch(next(self._iterator), self._tokenizers, self._px)

@@ -16,7 +16,7 @@ import ml_collections
 from flax import nnx
 
 from realisid_jax.models.factory import dtypes
-from realisid_jax.models.modeling_utils import count_params
+from realisid_jax.models.modeling_utils import count_params, init_rngs
 from realisid_jax.models.realisid import RealisID, RealisIDConfig
 from realisid_jax.sharding import make_mesh, state_shardings, use_mesh
 from realisid_jax.tokenizer import CLIP_MAX_LENGTH
@@ -83,7 +83,7 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, pe
     mesh = make_mesh((1, num_devices, 1), devices[:num_devices])
     rules = tuple(tuple(r) for r in config.mesh.rules)
     # Built outside the mesh context (nnx.eval_shape would read logical axis names as mesh axes there).
-    frozen = nnx.eval_shape(lambda: random_frozen_models(config, nnx.Rngs(0)))
+    frozen = nnx.eval_shape(lambda: random_frozen_models(config, init_rngs(0)))
     realisid = RealisID.abstract(RealisIDConfig.from_config(config), **dtypes(config))
     graphdefs = graphdefs_of(frozen, realisid, bool(config.train.remat))
     _, params, rest = nnx.split(realisid, nnx.Param, ...)

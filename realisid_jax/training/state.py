@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from realisid_jax.models.factory import dtypes
+from realisid_jax.models.modeling_utils import init_rngs
 from realisid_jax.models.realisid import RealisID, RealisIDConfig
 from realisid_jax.sharding import Rules, state_shardings
 from realisid_jax.training.models import FrozenModels, pretrained_frozen_models, random_frozen_models
@@ -89,7 +90,7 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
     seed = int(config.train.seed)
     if pretrained is None:
         def random_state():
-            return nnx.split(random_frozen_models(config, nnx.Rngs(seed)))
+            return nnx.split(random_frozen_models(config, init_rngs(seed)))
 
         frozen_graphdef, abstract_frozen = nnx.eval_shape(random_state)
         frozen_shardings = state_shardings(abstract_frozen, mesh, rules)
@@ -137,10 +138,12 @@ def init_train_state(optimizer: optax.GradientTransformation, params: dict, shar
     """Step 0: the branches' initial ``params`` (donated), fresh optimiser state, ``PRNGKey(seed)`` (a raw
     uint32 key, so that it checkpoints as a plain array)."""
 
-    return jax.jit(lambda p: _initial(optimizer, p, seed), out_shardings=shardings, donate_argnums=0)(params)
+    return jax.jit(lambda p: initial_train_state(optimizer, p, seed), out_shardings=shardings,
+                   donate_argnums=0)(params)
 
 
-def _initial(optimizer: optax.GradientTransformation, params: dict, seed: int) -> TrainState:
+def initial_train_state(optimizer: optax.GradientTransformation, params: dict, seed: int) -> TrainState:
+    """The step-0 train state of ``params`` (traceable; see the module docstring for its layout)."""
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
             "rng": jax.random.PRNGKey(seed)}
 
@@ -153,4 +156,4 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 def abstract_train_state(optimizer: optax.GradientTransformation, abstract_params: dict, shardings: TrainState,
                          seed: int) -> TrainState:
     """``ShapeDtypeStruct`` with its sharding for every leaf of the train state: a checkpoint's restore target."""
-    return with_shardings(jax.eval_shape(lambda p: _initial(optimizer, p, seed), abstract_params), shardings)
+    return with_shardings(jax.eval_shape(lambda p: initial_train_state(optimizer, p, seed), abstract_params), shardings)

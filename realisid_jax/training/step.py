@@ -144,10 +144,3 @@ def jit_train_step(*, graphdefs, scheduler, optimizer, settings, state_shardings
     return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
-
-def compile_train_step(step, state: TrainState, frozen_inputs, batch_spec: dict[str, jax.ShapeDtypeStruct],
-                       compiler_options: dict | None = None):
-    """Ahead-of-time compilation of ``jit_train_step``'s function for these inputs (``state`` and
-    ``frozen_inputs`` concrete or abstract; call inside ``use_mesh``). ``compiler_options`` are XLA debug
-    options, e.g. ``{"xla_backend_optimization_level": 0}`` to trade CPU run time for compile time in tests."""
-    return step.lower(state, frozen_inputs, batch_spec).compile(compiler_options=compiler_options)

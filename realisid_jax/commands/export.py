@@ -1,0 +1,28 @@
+"""``realisid export --workdir DIR --out FOLDER [--step N]``: a training checkpoint's branches as diffusers
+folders (``local_branch/``, ``global_branch/``, ``id_projection/``, ``realisid.json``), the ``--branches``
+input of ``realisid sample``. The run's config is read from the checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``export`` subcommand to ``subparsers``; its handler is ``args.func(args) -> int``."""
+    p = subparsers.add_parser("export", help="write a training checkpoint's branches as diffusers folders",
+                              description=__doc__)
+    p.add_argument("--workdir", required=True, type=Path, help="the run's work directory (holds checkpoints/)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest finished one)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler: 0; a missing checkpoint raises FileNotFoundError (``cli`` prints it, exit code 2)."""
+    from realisid_jax.training.export import export_checkpoint
+
+    step = export_checkpoint(args.workdir, args.out, args.step)
+    print(f"exported step {step} of {args.workdir} to {args.out}; use: realisid sample --branches {args.out}")
+    return 0
