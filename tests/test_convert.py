@@ -11,6 +11,7 @@ import transformers
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import nnx
+from tiny_sdxl import randomised
 
 from realisid_jax.commands import convert as convert_command
 from realisid_jax.config import load_config
@@ -93,19 +94,12 @@ def test_other_architecture_is_refused(cache):
         load_converted(path.parent, CONFIG)
 
 
-def _randomised(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
 def test_convert_command_from_pipeline_folder(tmp_path, capsys):
     m = CONFIG.model
     torch.manual_seed(0)
     base = tmp_path / "pipeline"
-    _randomised(TorchUNet(**dict(m.unet))).save_pretrained(base / "unet")
-    _randomised(TorchVAE(**dict(m.vae))).save_pretrained(base / "vae")
+    randomised(TorchUNet(**dict(m.unet))).save_pretrained(base / "unet")
+    randomised(TorchVAE(**dict(m.vae))).save_pretrained(base / "vae")
     text_config = transformers.CLIPTextConfig(**dict(m.text_encoder))
     transformers.CLIPTextModel(text_config).save_pretrained(base / "text_encoder")
     transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**dict(m.text_encoder_2))).save_pretrained(

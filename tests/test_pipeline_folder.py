@@ -1,4 +1,6 @@
-"""load_pipeline_folder on a tiny random diffusers StableDiffusionXLPipeline written by save_pretrained."""
+"""The pipeline-folder loader on a tiny random diffusers StableDiffusionXLPipeline written by save_pretrained:
+``load_pipeline_folder`` (model_index.json), ``load_model_folders`` (the project config) and the trainer's
+``pretrained_frozen_models``."""
 
 import json
 import shutil
@@ -13,15 +15,20 @@ from flax import nnx
 from tiny_sdxl import build_tiny_sdxl
 from jax.sharding import NamedSharding
 
+from realisid_jax.config import load_config
 from realisid_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
 from realisid_jax.models.modeling_utils import count_params
 from realisid_jax.models.unet_2d_condition import UNet2DConditionModel as JaxUNet
 from realisid_jax.models.vae import AutoencoderKL as JaxVAE
-from realisid_jax.sharding import make_mesh
+from realisid_jax.sharding import DEFAULT_RULES, make_mesh
 from realisid_jax.tokenizer import CLIP_VOCAB_SIZE
+from realisid_jax.training.models import pretrained_frozen_models
 from realisid_jax.weights.pipeline_folder import (PipelineComponents, UnsupportedComponentError,
-                                                  load_pipeline_folder)
+                                                  load_model_folders, load_pipeline_folder)
+
+CONFIG = load_config("configs/tiny.py")
+
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
@@ -71,18 +78,34 @@ def test_tokenizers_and_scheduler_config(loaded):
     assert loaded.model_index["_class_name"] == "StableDiffusionXLPipeline"
 
 
+def _assert_on_mesh(models: dict, mesh, dtype):
+    for name, model in models.items():
+        leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+        assert {leaf.dtype for leaf in leaves} == {jnp.dtype(dtype)}, name
+        assert all(isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh for leaf in leaves)
+    # A kernel the rules split: the UNet's first Linear of the time embedding, ("embed", "mlp").
+    spec = models["unet"].time_embedding.linear_1.kernel[...].sharding.spec
+    assert spec != jax.sharding.PartitionSpec()
+
+
 def test_bfloat16_on_a_mesh(sdxl):
     folder, _, _, _ = sdxl
     mesh = make_mesh((2, 2, 2))
     components = load_pipeline_folder(folder, dtype=jnp.bfloat16, mesh=mesh)
     assert components.image_encoder is None
-    for name, model in components.models().items():
-        leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
-        assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.bfloat16)}, name
-        assert all(isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh for leaf in leaves)
-    # A kernel the rules split: the UNet's first Linear of the time embedding, ("embed", "mlp").
-    spec = components.unet.time_embedding.linear_1.kernel[...].sharding.spec
-    assert spec != jax.sharding.PartitionSpec()
+    _assert_on_mesh(components.models(), mesh, jnp.bfloat16)
+
+
+def test_trainer_loads_every_model_of_the_config_on_a_mesh(sdxl, loaded):
+    folder, encoder_folder, _, _ = sdxl
+    mesh = make_mesh((2, 2, 2))
+    config = load_config("configs/tiny.py", ["param_dtype=bfloat16"])
+    frozen = pretrained_frozen_models(config, folder, encoder_folder, mesh, DEFAULT_RULES)
+    models = {name: getattr(frozen, name) for name in loaded.models()}
+    assert {name: type(m) for name, m in models.items()} == {n: type(m) for n, m in loaded.models().items()}
+    _assert_on_mesh(models, mesh, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(frozen.image_encoder.visual_projection.kernel[...]),
+                                  np.asarray(loaded.image_encoder.visual_projection.kernel[...], jnp.bfloat16))
 
 
 def _edited_copy(folder, tmp_path, **index_changes):
@@ -110,7 +133,8 @@ def test_missing_component_folder_is_named(sdxl, tmp_path):
     folder, _, _, _ = sdxl
     copy = _edited_copy(folder, tmp_path)
     shutil.rmtree(copy / "text_encoder_2")
-    with pytest.raises(FileNotFoundError, match=r"has no text_encoder_2/ .*CLIPTextModelWithProjection"):
+    with pytest.raises(FileNotFoundError, match=r"pipeline/text_encoder_2/ not found, although model_index.json "
+                                                 r"lists text_encoder_2 \(CLIPTextModelWithProjection\)"):
         load_pipeline_folder(copy)
 
 
@@ -132,3 +156,28 @@ def test_required_component_and_tokenizer_pairing(sdxl, tmp_path):
 def test_missing_model_index(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_pipeline_folder(tmp_path)
+
+
+def test_config_decides_what_is_loaded_and_checks_it(sdxl, tmp_path):
+    folder, encoder_folder, _, _ = sdxl
+    copy = _edited_copy(folder, tmp_path)
+    (copy / "model_index.json").unlink()
+    shutil.rmtree(copy / "unet")
+    # SD 1.5 / SDXL text encoders still carry transformers' legacy special-token ids: no architecture change.
+    text_config = json.loads((copy / "text_encoder" / "config.json").read_text())
+    (copy / "text_encoder" / "config.json").write_text(json.dumps({**text_config, "bos_token_id": 0,
+                                                                   "eos_token_id": 2}))
+    models = load_model_folders(copy, CONFIG, components=["text_encoder", "vae"])
+    assert models["text_encoder"].config.eos_token_id == 2 and isinstance(models["vae"], JaxVAE)
+    # The default: what the config describes and the folders hold; the image encoder from its own folder.
+    assert set(load_model_folders(None, CONFIG, image_encoder=encoder_folder)) == {"image_encoder"}
+    with pytest.raises(FileNotFoundError, match=r"unet/ not found, although the config describes unet "
+                                                r"\(UNet2DConditionModel\)"):
+        load_model_folders(copy, CONFIG, components=["vae", "unet"])
+    sd15 = load_config("configs/tiny.py")
+    sd15.model.text_encoder_2 = None
+    with pytest.raises(ValueError, match=r"describes no \['text_encoder_2'\]"):
+        load_model_folders(copy, sd15, components=["text_encoder_2"])
+    other = load_config("configs/tiny.py", ["model.vae.norm_num_groups=4"])
+    with pytest.raises(ValueError, match="vae: norm_num_groups: folder 8, config 4"):
+        load_model_folders(copy, other)

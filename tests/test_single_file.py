@@ -15,11 +15,13 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.loaders import single_file_utils as sfu
 from flax import nnx
 from safetensors.torch import save_file
+from tiny_sdxl import randomised
 
+from realisid_jax.commands.convert import load_base
 from realisid_jax.config import load_config
 from realisid_jax.weights.convert import export_torch_state
 from realisid_jax.weights.errors import CheckpointMismatchError
-from realisid_jax.weights.single_file import detect_components, load_base, load_single_file
+from realisid_jax.weights.single_file import detect_components, load_single_file
 
 SDXL = load_config("configs/tiny.py")
 SD15 = load_config("configs/tiny.py")
@@ -108,14 +110,6 @@ def _open_clip_to_ldm(sd: dict) -> dict:
     return out
 
 
-def _randomised(model):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
-
-
 def _prefixed(prefix, sd):
     return {prefix + k: v.contiguous() for k, v in sd.items()}
 
@@ -141,9 +135,9 @@ def _write_checkpoint(config, path):
     """Random torch models of ``config`` saved as one LDM-layout file; diffusers' converter must recover each."""
     m = config.model
     torch.manual_seed(0)
-    unet = _randomised(TorchUNet(**dict(m.unet)))
-    vae = _randomised(TorchVAE(**dict(m.vae)))
-    te = _randomised(transformers.CLIPTextModel(transformers.CLIPTextConfig(**dict(m.text_encoder))))
+    unet = randomised(TorchUNet(**dict(m.unet)))
+    vae = randomised(TorchVAE(**dict(m.vae)))
+    te = randomised(transformers.CLIPTextModel(transformers.CLIPTextConfig(**dict(m.text_encoder))))
     te_sd = {f"text_model.{k}": v for k, v in te.state_dict().items()}  # the prefixed layout SD files have
     sdxl = m.text_encoder_2 is not None
     te_prefix = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
@@ -156,7 +150,7 @@ def _write_checkpoint(config, path):
     models = dict(unet=unet, vae=vae, text_encoder=te)
     if sdxl:
         te2_config = transformers.CLIPTextConfig(**dict(m.text_encoder_2))
-        te2 = _randomised(transformers.CLIPTextModelWithProjection(te2_config))
+        te2 = randomised(transformers.CLIPTextModelWithProjection(te2_config))
         checkpoint.update(_prefixed("conditioner.embedders.1.model.", _open_clip_to_ldm(te2.state_dict())))
         _same_state(sfu.convert_open_clip_checkpoint(te2, checkpoint, prefix="conditioner.embedders.1.model."),
                     te2.state_dict())
@@ -255,14 +249,16 @@ def test_mismatch_lists_ldm_keys(loaded, tmp_path):
     assert info.value.unexpected == ["input_blocks.99.0.in_layers.0.weight"]  # not covered: kept as named
 
 
-def test_missing_component_and_folder(loaded, tmp_path):
+def test_missing_component_and_convert_base(loaded, tmp_path):
+    """``realisid convert --base FILE --image-encoder DIR``: the file's models and the separate encoder; the
+    file's VAE equals the same VAE saved as a diffusers folder."""
     config, path, reference, ours = loaded
     with pytest.raises(ValueError, match="holds no 'image_encoder'"):
         load_single_file(path, config, components=["image_encoder"])
+    encoder_config = transformers.CLIPVisionConfig(**dict(config.model.image_encoder))
+    transformers.CLIPVisionModelWithProjection(encoder_config).save_pretrained(tmp_path / "encoder")
+    assert set(load_base(str(path), config, image_encoder=str(tmp_path / "encoder"))) == {*reference, "image_encoder"}
     reference["vae"].save_pretrained(tmp_path / "vae")
-    vae = load_base(tmp_path, config)["vae"]
+    vae = load_base(str(tmp_path), config)["vae"]
     np.testing.assert_array_equal(np.asarray(vae.decoder.conv_out.kernel[...]),
                                   np.asarray(ours["vae"].decoder.conv_out.kernel[...]))
-    other = load_config("configs/tiny.py", ["model.vae.norm_num_groups=4"])
-    with pytest.raises(ValueError, match="norm_num_groups: folder 8, config 4"):
-        load_base(tmp_path, other)

@@ -12,9 +12,14 @@ initialised from the UNet (ControlNet ``from_unet``) with a fresh ID projection.
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from realisid_jax.config import load_config
 from realisid_jax.models.modeling_utils import count_params
+
+if TYPE_CHECKING:
+    from flax import nnx
 
 
 def register(subparsers) -> None:
@@ -23,9 +28,26 @@ def register(subparsers) -> None:
     p.add_argument("--base", required=True, help="diffusers pipeline folder or single-file .safetensors checkpoint")
     p.add_argument("--branches", help="folder written by export_branches (local_branch/, global_branch/, "
                                       "id_projection/); default: branches initialised from the UNet")
-    p.add_argument("--image-encoder", help="CLIP vision encoder folder, when --base holds none (single files)")
+    p.add_argument("--image-encoder", help="CLIP vision encoder folder, in place of --base's image_encoder/ "
+                                           "(single files hold none)")
     p.add_argument("--out", required=True, help="new output directory")
     p.set_defaults(func=run)
+
+
+def load_base(base: str, config, *, image_encoder: str | None = None) -> dict[str, nnx.Module]:
+    """The frozen models of ``--base`` (``load_single_file`` for a ``.safetensors`` file, ``load_model_folders``
+    for a folder; the config decides what is loaded) and of ``--image-encoder``.
+
+    Raises:
+      HubIdError / FileNotFoundError: a source is no local file or folder. ValueError / CheckpointMismatchError:
+      as the two loaders.
+    """
+    from realisid_jax.weights.pipeline_folder import load_model_folders
+    from realisid_jax.weights.single_file import load_single_file
+
+    if Path(base).is_file():
+        return {**load_single_file(base, config), **load_model_folders(None, config, image_encoder=image_encoder)}
+    return load_model_folders(base, config, image_encoder=image_encoder)
 
 
 def convert(config, base: str, out: str, *, branches: str | None = None, image_encoder: str | None = None,
@@ -33,20 +55,16 @@ def convert(config, base: str, out: str, *, branches: str | None = None, image_e
     """Loads every component, writes the orbax cache to ``out``; returns name -> parameter count.
 
     Raises:
-      FileNotFoundError / HubIdError: a source missing. CheckpointMismatchError: weights that do not fit the
-      config. ValueError: ``out`` exists.
+      FileNotFoundError / HubIdError: a source missing. ValueError: ``out`` exists, or a source's
+      ``config.json`` differs from the config. CheckpointMismatchError: weights that do not fit the config.
     """
-    from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
     from realisid_jax.models.factory import dtypes
     from realisid_jax.models.realisid import RealisID, RealisIDConfig
     from realisid_jax.weights.export import load_branches
     from realisid_jax.weights.orbax_cache import save_converted
-    from realisid_jax.weights.single_file import load_base
 
     start = time.perf_counter()
-    models = load_base(base, config)
-    if image_encoder is not None:
-        models["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(image_encoder, **dtypes(config))
+    models = load_base(base, config, image_encoder=image_encoder)
     if "unet" not in models:
         raise FileNotFoundError(f"{base} holds no UNet")
     realisid_config = RealisIDConfig.from_config(config)

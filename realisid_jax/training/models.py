@@ -20,6 +20,7 @@ from realisid_jax.models.factory import FROZEN, dtypes
 from realisid_jax.models.unet_2d_condition import UNet2DConditionModel
 from realisid_jax.models.vae import AutoencoderKL
 from realisid_jax.sharding import Rules
+from realisid_jax.weights.pipeline_folder import load_model_folders
 
 
 class FrozenModels(nnx.Module):
@@ -46,15 +47,15 @@ def random_frozen_models(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> F
 
 def pretrained_frozen_models(config: ml_collections.ConfigDict, pretrained: Path, image_encoder: Path,
                              mesh: Mesh, rules: Rules) -> FrozenModels:
-    """Loads a diffusers pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, ``text_encoder_2/`` when the
-    config has one) and a transformers CLIP vision folder, each tensor placed straight onto its sharding.
+    """Loads every frozen model the config describes: ``unet/``, ``vae/``, ``text_encoder/`` (and
+    ``text_encoder_2/``) of the diffusers pipeline folder ``pretrained`` and the transformers CLIP vision folder
+    ``image_encoder``, each tensor placed straight onto its sharding (``pipeline_folder.load_model_folders``).
 
     Raises:
-      FileNotFoundError, CheckpointMismatchError: as ``PretrainedMixin.from_pretrained``.
+      FileNotFoundError, ValueError, CheckpointMismatchError: as ``load_model_folders`` (a missing sub-folder, a
+      ``config.json`` that describes another architecture than ``config.model``, weights that do not fit).
     """
-    kw = dict(dtypes(config), mesh=mesh, rules=rules)
-    models = {name: cls.from_pretrained(pretrained, subfolder=name, **kw)
-              for name, (cls, _) in FROZEN.items()
-              if name != "image_encoder" and config.model.get(name) is not None}
-    return FrozenModels(**{name: models.get(name) for name in FROZEN if name != "image_encoder"},
-                        image_encoder=CLIPVisionModelWithProjection.from_pretrained(image_encoder, **kw))
+    described = [name for name in FROZEN if config.model.get(name) is not None]
+    models = load_model_folders(pretrained, config, components=described, image_encoder=image_encoder, mesh=mesh,
+                                rules=rules)
+    return FrozenModels(**{name: models.get(name) for name in FROZEN})

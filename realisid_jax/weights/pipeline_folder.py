@@ -1,17 +1,24 @@
-"""A diffusers Stable Diffusion (SD 1.5) / SDXL pipeline folder -> the project's models, tokenizers and scheduler
+"""Diffusers Stable Diffusion (SD 1.5) / SDXL pipeline folders -> the project's models, tokenizers and scheduler
 config.
 
 The folder is what ``DiffusionPipeline.save_pretrained`` writes: ``model_index.json`` naming each component's
 class (``"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]``), and one sub-folder per component.
-Each class named there must be one the project implements; the choice of class follows ``model_index.json``, as
-diffusers' ``DiffusionPipeline.from_pretrained`` does. Model modules are imported only when loaded.
+Two entry points choose the components; one loader (``_load_models``) checks every folder, then reads them:
+
+- ``load_pipeline_folder`` (sampling): the classes follow ``model_index.json``, as diffusers'
+  ``DiffusionPipeline.from_pretrained`` does; the tokenizers and the scheduler config come with the models.
+- ``load_model_folders`` (``realisid convert``, training): the project config (``c.model.<name>``) decides,
+  each sub-folder's ``config.json`` must describe that architecture, no ``model_index.json`` is needed.
+
+Each class must be one the project implements (``models.factory.FROZEN``); model modules are imported only when
+loaded. Stability single-file checkpoints are ``weights.single_file``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,17 +29,12 @@ from realisid_jax.sharding import DEFAULT_RULES, Rules
 from realisid_jax.weights.checkpoint import read_json, resolve_folder
 
 if TYPE_CHECKING:
+    import ml_collections
     from flax import nnx
     from transformers import CLIPTokenizer
 
-# model_index.json class name -> (module, attribute) of the project's implementation.
-MODEL_CLASSES: dict[str, tuple[str, str]] = {
-    "UNet2DConditionModel": ("realisid_jax.models.unet_2d_condition", "UNet2DConditionModel"),
-    "AutoencoderKL": ("realisid_jax.models.vae", "AutoencoderKL"),
-    "CLIPTextModel": ("realisid_jax.models.clip_text", "CLIPTextModel"),
-    "CLIPTextModelWithProjection": ("realisid_jax.models.clip_text", "CLIPTextModelWithProjection"),
-    "CLIPVisionModelWithProjection": ("realisid_jax.models.clip_vision", "CLIPVisionModelWithProjection"),
-}
+    from realisid_jax.models.modeling_utils import ModelConfig
+
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
 _TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
 # Component -> the class names accepted for it. Components not listed (safety_checker, feature_extractor) are
@@ -48,6 +50,9 @@ ACCEPTED: dict[str, tuple[str, ...]] = {
 }
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _MODELS = ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder")
+# Special-token ids are no part of the architecture: SD 1.5 / SDXL text encoders still carry transformers'
+# pre-#24773 ids (bos 0, eos 2), read by CLIPTextModel as "pool at the largest id", the same position.
+_NOT_ARCHITECTURE = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 
 class UnsupportedComponentError(ValueError):
@@ -125,16 +130,18 @@ def model_class(class_name: str) -> type:
     Raises:
       UnsupportedComponentError: no implementation of ``class_name``.
     """
-    if class_name not in MODEL_CLASSES:
-        raise UnsupportedComponentError(f"realisid-jax has no {class_name}; it implements {sorted(MODEL_CLASSES)}")
-    module, attribute = MODEL_CLASSES[class_name]
-    return getattr(importlib.import_module(module), attribute)
+    from realisid_jax.models.factory import FROZEN
+
+    classes = {cls.__name__: cls for cls, _ in FROZEN.values()}
+    if class_name not in classes:
+        raise UnsupportedComponentError(f"realisid-jax has no {class_name}; it implements {sorted(classes)}")
+    return classes[class_name]
 
 
 def load_pipeline_folder(folder: str | os.PathLike, *, dtype=jnp.float32,
                          image_encoder: str | os.PathLike | None = None, attention_impl: str | None = "xla",
                          mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> PipelineComponents:
-    """Loads a diffusers SD 1.5 / SDXL pipeline folder.
+    """Loads a diffusers SD 1.5 / SDXL pipeline folder, the classes chosen by its ``model_index.json``.
 
     Args:
       folder: local pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
@@ -156,30 +163,93 @@ def load_pipeline_folder(folder: str | os.PathLike, *, dtype=jnp.float32,
       CheckpointMismatchError: a component's weights do not fit its ``config.json``.
       TokenizerError: a tokenizer folder does not hold the 49,408-entry CLIP tokenizer.
     """
+    from realisid_jax.tokenizer import load_tokenizer
+
     root = resolve_folder(folder)
     model_index = read_json(root / "model_index.json")
     classes = component_classes(model_index)
-    separate_image_encoder = resolve_folder(image_encoder) if image_encoder is not None else None
-    if separate_image_encoder is not None:
-        classes.pop("image_encoder", None)
-    _check_subfolders(root, classes)
-
-    from realisid_jax.tokenizer import load_tokenizer
-
-    kw = dict(dtype=dtype, attention_impl=attention_impl, mesh=mesh, rules=rules)
-    loaded: dict[str, Any] = {name: model_class(cls).from_pretrained(root, subfolder=name, **kw)
-                              for name, cls in classes.items() if name in _MODELS}
-    if separate_image_encoder is not None:
-        loaded["image_encoder"] = model_class("CLIPVisionModelWithProjection").from_pretrained(
-            separate_image_encoder, **kw)
-    loaded.update({name: load_tokenizer(root, subfolder=name) for name in ("tokenizer", "tokenizer_2")
-                   if name in classes})
+    if image_encoder is not None:
+        classes["image_encoder"] = "CLIPVisionModelWithProjection"
+    models = _load_models(_folders(root, classes, image_encoder), classes, "model_index.json lists", dtype=dtype,
+                          attention_impl=attention_impl, mesh=mesh, rules=rules)
+    tokenizers = {name: load_tokenizer(root, subfolder=name) for name in ("tokenizer", "tokenizer_2")
+                  if name in classes}
     scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
-    return PipelineComponents(scheduler_config=scheduler_config, model_index=model_index, **loaded)
+    return PipelineComponents(scheduler_config=scheduler_config, model_index=model_index, **models, **tokenizers)
 
 
-def _check_subfolders(root: Path, classes: dict[str, str]) -> None:
-    absent = [name for name in classes if not (root / name).is_dir()]
+def load_model_folders(folder: str | os.PathLike | None, config: ml_collections.ConfigDict, *,
+                       components: Iterable[str] | None = None, image_encoder: str | os.PathLike | None = None,
+                       mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> dict[str, nnx.Module]:
+    """Loads the frozen models the project config describes, from diffusers / transformers folders.
+
+    Args:
+      folder: one sub-folder per component (``unet/``, ``vae/``, ``text_encoder/``, ... as in a pipeline folder;
+        no ``model_index.json`` or tokenizers needed), or None when only ``image_encoder`` is loaded (a
+        single-file base).
+      config: project config: ``c.model.<name>`` is each architecture, which the sub-folder's ``config.json``
+        must describe (special-token ids aside); ``dtype`` / ``param_dtype`` / ``attention_impl`` the dtypes.
+      components: names to load, each required; default: every component the config describes whose folder
+        exists.
+      image_encoder: a separate ``CLIPVisionModelWithProjection`` folder; it takes the place of
+        ``folder/image_encoder/``.
+      mesh, rules: when given, each parameter is placed directly on its logical-axis sharding.
+
+    Returns:
+      name -> model (``models.factory.FROZEN`` classes).
+
+    Raises:
+      HubIdError / FileNotFoundError: ``folder`` or ``image_encoder`` is not a local folder, or a requested
+        component's sub-folder (named), ``config.json`` or weights are missing.
+      ValueError: a requested component the config does not describe, or a ``config.json`` that differs from
+        ``c.model.<name>`` (the differing keys are named). Folders and configs are checked before any weights
+        are read.
+      CheckpointMismatchError: a component's weights do not fit its config.
+    """
+    from realisid_jax.models.factory import FROZEN, dtypes
+
+    folders = _folders(resolve_folder(folder) if folder is not None else None, FROZEN, image_encoder)
+    described = [name for name in FROZEN if config.model.get(name) is not None]
+    wanted = list(components) if components is not None else [
+        name for name in described if name in folders and folders[name].is_dir()]
+    undescribed = [name for name in wanted if name not in described]
+    if undescribed:
+        raise ValueError(f"the config describes no {undescribed} (c.model.<name> is None or absent); it describes "
+                         f"{described}")
+    classes = {name: FROZEN[name][0].__name__ for name in wanted}
+    expected = {name: FROZEN[name][1].from_dict(dict(config.model[name])) for name in wanted}
+    return _load_models(folders, classes, "the config describes", expected=expected, mesh=mesh, rules=rules,
+                        **dtypes(config))
+
+
+def _folders(root: Path | None, names: Iterable[str], image_encoder: str | os.PathLike | None) -> dict[str, Path]:
+    """Component -> its folder: ``root/<name>``, the image encoder's from ``image_encoder`` when given."""
+    folders = {name: root / name for name in names} if root is not None else {}
+    if image_encoder is not None:
+        folders["image_encoder"] = resolve_folder(image_encoder)
+    return folders
+
+
+def _load_models(folders: Mapping[str, Path], classes: Mapping[str, str], listed_by: str, *,
+                 expected: Mapping[str, ModelConfig] | None = None, **kw) -> dict[str, nnx.Module]:
+    """The one folder loader of both entry points: checks that each component of ``classes`` (name -> class
+    name; tokenizers and scheduler only checked) has its folder and, for those in ``expected``, that the folder's
+    ``config.json`` describes that architecture; only then reads each model with ``from_pretrained(**kw)``."""
+    absent = [name for name in classes if name not in folders or not folders[name].is_dir()]
     if absent:
-        raise FileNotFoundError(f"pipeline folder {root} has no {', '.join(f'{n}/' for n in absent)} although "
-                                f"model_index.json lists {', '.join(f'{n} ({classes[n]})' for n in absent)}")
+        raise FileNotFoundError(f"{', '.join(f'{folders.get(n, n)}/' for n in absent)} not found, although "
+                                f"{listed_by} {', '.join(f'{n} ({classes[n]})' for n in absent)}")
+    for name, model_config in (expected or {}).items():
+        _check_config(folders[name], name, model_config)
+    return {name: model_class(cls).from_pretrained(folders[name], **kw)
+            for name, cls in classes.items() if name in _MODELS}
+
+
+def _check_config(folder: Path, name: str, expected: ModelConfig) -> None:
+    theirs = type(expected).from_dict(read_json(folder / "config.json")).to_dict()
+    ours = expected.to_dict()
+    differ = [k for k in ours if k not in _NOT_ARCHITECTURE and theirs[k] != ours[k]]
+    if differ:
+        raise ValueError(f"{folder}/config.json differs from the config's model.{name}: "
+                         + ", ".join(f"{k}: folder {theirs[k]!r}, config {ours[k]!r}" for k in differ)
+                         + f"; pass the folder of that architecture or change the config (--config.model.{name}.*)")

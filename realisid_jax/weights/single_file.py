@@ -1,4 +1,4 @@
-"""Single-file Stable Diffusion checkpoints (original Stability AI layout) and diffusers pipeline folders.
+"""Single-file Stable Diffusion checkpoints (original Stability AI layout); folders are ``weights.pipeline_folder``.
 
 A single ``.safetensors`` holds every frozen model under a prefix:
 
@@ -171,48 +171,3 @@ def load_single_file(path: str | os.PathLike, config, *, components: Iterable[st
                                            **dtypes(config))
     return models
 
-
-def load_model_folders(folder: str | os.PathLike, config, *, components: Iterable[str] | None = None,
-                       mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> dict[str, nnx.Module]:
-    """Loads frozen models from a folder with one diffusers/transformers sub-folder per component (``unet/``,
-    ``vae/``, ``text_encoder/``, ...; a pipeline folder, no ``model_index.json`` or tokenizers needed).
-
-    Unlike ``pipeline_folder.load_pipeline_folder``, the project config decides what is loaded: each
-    sub-folder's ``config.json`` must describe the same architecture as ``c.model.<name>``.
-
-    Args:
-      components: default every sub-folder of ``factory.FROZEN`` present that the config describes.
-
-    Raises:
-      FileNotFoundError: a requested component's sub-folder, config or weights missing. ValueError: a
-      sub-folder's ``config.json`` differs from the project config (the differing keys are named).
-    """
-    root = Path(folder)
-    wanted = list(components) if components is not None else [
-        n for n in FROZEN if (root / n).is_dir() and config.model.get(n) is not None]
-    models = {}
-    for name in wanted:
-        cls, config_class = FROZEN[name]
-        model = cls.from_pretrained(root, subfolder=name, mesh=mesh, rules=rules, **dtypes(config))
-        expected = config_class.from_dict(dict(config.model[name]))
-        if model.config != expected:
-            theirs, ours = model.config.to_dict(), expected.to_dict()
-            keys = sorted(k for k in ours if theirs[k] != ours[k])
-            raise ValueError(f"{root / name}/config.json differs from the config's model.{name}: "
-                             + ", ".join(f"{k}: folder {theirs[k]!r}, config {ours[k]!r}" for k in keys))
-        models[name] = model
-    return models
-
-
-def load_base(source: str | os.PathLike, config, *, components: Iterable[str] | None = None,
-              mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> dict[str, nnx.Module]:
-    """``load_single_file`` for a ``.safetensors`` file, ``load_model_folders`` for a folder.
-
-    Raises:
-      HubIdError / FileNotFoundError: ``source`` is neither an existing file nor a local folder.
-    """
-    from realisid_jax.weights.checkpoint import resolve_folder
-
-    if Path(source).is_file():
-        return load_single_file(source, config, components=components, mesh=mesh, rules=rules)
-    return load_model_folders(resolve_folder(source), config, components=components, mesh=mesh, rules=rules)
