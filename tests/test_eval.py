@@ -296,7 +296,7 @@ def test_benchmark_grid_then_evaluate(tmp_path, photos, analyzer):
     with pytest.raises(ValueError):
         bp.face_boxes(4, 5, 512, 512)  # five 128 px faces do not fit in 512 px
     out = tmp_path / "bench"
-    identities = bp._identity_photos([Path(photos["astronaut"]), Path(photos["flipped"])], out / "refs")
+    identities = bp._write_refs(bp._identity_photos([Path(photos["astronaut"]), Path(photos["flipped"])]), out / "refs")
     cells = bp.plan_grid(list(identities), ["a", "b"], [4, 7], [0, 1], persons=1, height=512, width=512)
     assert len(cells) == 2 * 2 * 2 * 2 and len({c.image_id(0) for c in cells}) == 16
     cells = bp.plan_grid(list(identities), ["a"], [4, 7], [3], persons=2, height=512, width=512)

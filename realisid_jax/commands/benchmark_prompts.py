@@ -2,10 +2,12 @@
 
 Grid (paper's protocol: identities x prompts x images, at face sizes 1/4 … 1/7 of the image edge):
 every identity photo x every prompt x every ``--face-sizes`` denominator x every ``--seeds`` seed, each call
-making ``--num-images`` images (the batch, split over the device mesh's data axes: choose a multiple of
-their size). ``--persons K`` > 1 puts K identities (consecutive ones, cyclically) side by side in each
-image, the multi-person setting. Face boxes are squares of side ``round(edge / d)`` (edge = the image's
-longer side), centred at 2/5 of the height, spread evenly across the width.
+making ``--num-images`` images: the batch, split over the mesh axes that the config's rules give the batch
+(``activation_batch``: ``data`` x ``fsdp`` of ``--config.mesh.shape``), so it must be a multiple of their
+size. ``--persons K`` > 1 puts K identities (consecutive ones, cyclically) side by side in each image, the
+multi-person setting. Face boxes are squares of side ``round(edge / d)`` (edge = the image's longer side),
+centred at 2/5 of the height, spread evenly across the width. Bad input (batch size, sizes, boxes, photos
+without a usable face) is reported before any model is built or file written.
 
 Writes ``DIR/images/<id>.png``, ``DIR/refs/<identity>.png`` (the identity photos, so that the folder is
 self-contained) and ``DIR/manifest.json`` (``realisid_jax.eval.manifest``); then run
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,6 +92,26 @@ def plan_grid(identities: Sequence[str], prompts: Sequence[str], denominators: S
             for g, p, d, s in itertools.product(groups, range(len(prompts)), denominators, seeds)]
 
 
+def batch_shards(mesh, rules) -> int:
+    """How many ways the pipeline splits the image batch: the product of the sizes of the mesh axes that
+    ``rules`` map ``"activation_batch"`` to (``sharding.data_sharding``; ``data`` x ``fsdp`` by default).
+    A batch that is not a multiple of it would silently be replicated instead."""
+    target = dict(rules)["activation_batch"]
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_num_images(num_images: int, mesh, rules) -> None:
+    """Raises ValueError unless ``num_images`` is a positive multiple of ``batch_shards(mesh, rules)``."""
+    shards = batch_shards(mesh, rules)
+    if num_images < 1 or num_images % shards:
+        sizes = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
+        suggestion = shards * max(1, math.ceil(num_images / shards))
+        raise ValueError(f"--num-images {num_images} must be a positive multiple of {shards}, the number of "
+                         f"batch shards of the mesh ({sizes}): pass --num-images {suggestion} or another "
+                         "--config.mesh.shape")
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``benchmark-prompts`` subcommand; its handler is ``args.func(args) -> int``."""
     p = subparsers.add_parser("benchmark-prompts", help="generate the evaluation grid and its manifest",
@@ -113,29 +136,59 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _identity_photos(paths: Sequence[Path], refs: Path) -> dict[str, Path]:
-    """Identity name -> its photo copied into ``refs`` as PNG (names from file stems, made unique)."""
-    from PIL import Image
-
-    from realisid_jax.face.image import load_image
-
-    refs.mkdir(parents=True, exist_ok=True)
+def _identity_photos(paths: Sequence[Path]) -> dict[str, Path | np.ndarray]:
+    """Identity name -> its photo file (names from file stems, made unique), or the astronaut array when
+    ``paths`` is empty. Nothing is read or written yet."""
     if not paths:
         from skimage import data
 
-        Image.fromarray(data.astronaut()).save(refs / "astronaut.png")
-        return {"astronaut": refs / "astronaut.png"}
+        return {"astronaut": data.astronaut()}
     files = []
     for path in paths:
         files += sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
-    photos: dict[str, Path] = {}
+    photos: dict[str, Path | np.ndarray] = {}
     for f in files:
         name, n = f.stem, 1
         while name in photos:
             name, n = f"{f.stem}-{n}", n + 1
-        photos[name] = refs / f"{name}.png"
-        Image.fromarray(load_image(f)).save(photos[name])
+        photos[name] = f
+    if not photos:
+        raise ValueError(f"no identity photo ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, paths))}")
     return photos
+
+
+def check_references(config, cells: Sequence[GridCell], photos: dict[str, Path | np.ndarray], height: int,
+                     width: int) -> None:
+    """Prepares the conditions of each identity group once (``pipeline.prepare_conditions``: size, boxes,
+    person count, a usable face in every photo), so that bad input fails before any model is built.
+
+    Raises:
+      SizeError, BoxError, TooManyPersonsError, FaceError (NoFaceError, ImageReadError, ...): naming the photo.
+    """
+    from realisid_jax.conditioning import Person
+    from realisid_jax.face.analysis import FaceAnalyzer
+    from realisid_jax.pipeline import prepare_conditions
+
+    analyzer = FaceAnalyzer()
+    first = {}
+    for cell in cells:
+        first.setdefault(cell.identities, cell)
+    for cell in first.values():
+        persons = [Person(photos[name], box) for name, box in zip(cell.identities, cell.boxes)]
+        prepare_conditions(config, persons, height, width, analyzer)
+
+
+def _write_refs(photos: dict[str, Path | np.ndarray], refs: Path) -> dict[str, Path]:
+    """Saves each identity photo as ``refs/<name>.png`` (a self-contained benchmark folder); name -> path."""
+    from PIL import Image
+
+    from realisid_jax.face.image import as_rgb8, load_image
+
+    refs.mkdir(parents=True, exist_ok=True)
+    paths = {name: refs / f"{name}.png" for name in photos}
+    for name, photo in photos.items():
+        Image.fromarray(as_rgb8(photo) if isinstance(photo, np.ndarray) else load_image(photo)).save(paths[name])
+    return paths
 
 
 def _prompts(path: Path | None) -> list[str]:
@@ -147,11 +200,9 @@ def _prompts(path: Path | None) -> list[str]:
     return prompts
 
 
-def _build_pipeline(config, args):
+def _build_pipeline(config, args, mesh):
     from realisid_jax.pipeline import RealisIDPipeline
-    from realisid_jax.sharding import make_mesh
 
-    mesh = make_mesh(tuple(config.mesh.shape))
     if args.base is None:
         print("note: no --base: the config's RANDOM weights make noise, not faces (plumbing runs only)",
               file=sys.stderr)
@@ -187,24 +238,32 @@ def generate(pipeline, cells: Sequence[GridCell], photos: dict[str, Path], out: 
 
 
 def run(args: argparse.Namespace) -> int:
-    """Handler of ``realisid benchmark-prompts``: 0, or 2 for unusable arguments."""
+    """Handler of ``realisid benchmark-prompts``: 0, or 2 for unusable arguments (reported before any model
+    is built or file written)."""
     from realisid_jax.config import load_config
+    from realisid_jax.sharding import make_mesh
 
     config = load_config(args.config, args.config_overrides)
     height = args.height or config.sampling.height
     width = args.width or config.sampling.width
     try:
+        mesh = make_mesh(tuple(config.mesh.shape))
+        check_num_images(args.num_images, mesh, config.mesh.rules)
         prompts = _prompts(args.prompts)
-        out = args.out.resolve()
-        photos = _identity_photos(args.identities, out / "refs")
+        photos = _identity_photos(args.identities)
         cells = plan_grid(list(photos), prompts, args.face_sizes, args.seeds, persons=args.persons,
                           height=height, width=width)
-    except (ValueError, OSError) as err:
+        check_references(config, cells, photos, height, width)
+    except (ValueError, OSError) as err:  # the face and condition errors are ValueErrors too
         print(f"error: {err}", file=sys.stderr)
         return 2
+    sizes = ", ".join(f"1/{d}" for d in args.face_sizes)
     print(f"{len(cells)} calls x {args.num_images} images = {len(cells) * args.num_images} images "
-          f"({len(photos)} identities, {len(prompts)} prompts, sizes 1/{args.face_sizes}, seeds {args.seeds})")
-    manifest = generate(_build_pipeline(config, args), cells, photos, out, num_images=args.num_images,
+          f"({len(photos)} identities, {len(prompts)} prompts, face sizes {sizes}, seeds {args.seeds}; "
+          f"batch split {batch_shards(mesh, config.mesh.rules)} ways)")
+    out = args.out.resolve()
+    pipeline = _build_pipeline(config, args, mesh)
+    manifest = generate(pipeline, cells, _write_refs(photos, out / "refs"), out, num_images=args.num_images,
                         height=height, width=width, steps=args.steps)
     print(f"wrote {manifest}; next: realisid evaluate --generated {out} --out REPORT_DIR")
     return 0

@@ -8,8 +8,11 @@ and ``face_size.png``.
 Identity similarity uses FaceNet when ``--facenet`` gives its weights (TorchScript; see
 ``realisid_jax.eval.identity``), else the CLIP image encoder of ``--clip-vision`` as a fallback, labelled
 as such in every output. CLIP-I needs ``--clip-vision``, CLIP-T also ``--clip-text`` (same CLIP model;
-tokenizer: ``--tokenizer`` folder, default the offline CLIP vocabulary). Exit code 0, or 2 when an input
-is unusable (no manifest, no embedder).
+tokenizer: ``--tokenizer`` folder, default the offline CLIP vocabulary). ASP (aesthetic score) needs
+``--aesthetic`` (LAION's improved aesthetic predictor, ``realisid_jax.eval.aesthetic``) and ``--clip-vision``
+(OpenAI CLIP ViT-L/14 for LAION's weights), whose embedding of the whole image it scores; without it the
+``asp`` column is empty and the summary says so. Exit code 0, or 2 when an input is unusable (no manifest,
+no embedder, weights that do not fit).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="transformers CLIPTextModelWithProjection folder of the same CLIP model (CLIP-T)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="CLIP tokenizer folder for --clip-text (default: the offline CLIP vocabulary)")
+    p.add_argument("--aesthetic", type=Path, default=None,
+                   help="LAION aesthetic predictor weights, sac+logos+ava1-l14-linearMSE.pth or .safetensors "
+                        "(ASP; needs --clip-vision ViT-L/14)")
     p.add_argument("--min-similarity", type=float, default=None,
                    help="identity similarity below which a face is not matched to a person (default: none)")
     p.set_defaults(func=run)
@@ -42,7 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def build_evaluator(args: argparse.Namespace):
-    """The ``Evaluator`` the arguments ask for. Raises ValueError when no identity embedder is possible."""
+    """The ``Evaluator`` the arguments ask for.
+
+    Raises:
+      ValueError: no identity embedder is possible, a model lacks the one it needs, or weights do not fit
+        (``CheckpointMismatchError``). FileNotFoundError: a weights file or folder is missing.
+    """
+    from realisid_jax.eval.aesthetic import AestheticScorer
     from realisid_jax.eval.clip_score import ClipScorer
     from realisid_jax.eval.harness import Evaluator
     from realisid_jax.eval.identity import CLIPFaceEmbedder, FaceNetEmbedder
@@ -51,6 +63,10 @@ def build_evaluator(args: argparse.Namespace):
         raise ValueError("identity similarity needs --facenet (FaceNet weights) or --clip-vision (CLIP fallback)")
     if args.clip_text is not None and args.clip_vision is None:
         raise ValueError("--clip-text needs --clip-vision (CLIP-T compares text and image embeddings)")
+    if args.aesthetic is not None and args.clip_vision is None:
+        raise ValueError("--aesthetic needs --clip-vision (the aesthetic predictor scores CLIP ViT-L/14 image "
+                         "embeddings of the whole image)")
+    aesthetic = AestheticScorer.from_file(args.aesthetic) if args.aesthetic is not None else None
     clip = None
     if args.clip_vision is not None:
         tokenizer = None
@@ -65,7 +81,7 @@ def build_evaluator(args: argparse.Namespace):
         print(f"note: no --facenet: identity similarity uses the CLIP image encoder of {args.clip_vision} "
               "(fallback, labelled in every output; not comparable with FaceNet numbers)", file=sys.stderr)
         embedder = CLIPFaceEmbedder(clip.vision_model, source=args.clip_vision.name, encode=clip.encode_pixels)
-    return Evaluator(embedder, clip, min_similarity=args.min_similarity)
+    return Evaluator(embedder, clip, aesthetic=aesthetic, min_similarity=args.min_similarity)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         entries = read_manifest(args.generated, args.refs)
         evaluator = build_evaluator(args)
-    except (ManifestError, ValueError, FileNotFoundError) as err:
+    except (ManifestError, ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = evaluator.evaluate_all(

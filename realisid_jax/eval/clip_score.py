@@ -107,9 +107,9 @@ class ClipScorer:
             raise ValueError("this ClipScorer has no text model: CLIP-T needs one")
         return self._text(tokenize(self.tokenizer, list(prompts)))
 
-    def clip_t(self, prompt: str, image: np.ndarray) -> float:
-        """CLIP-T of one generated image."""
-        return float(self.text_embeds([prompt])[0] @ self.image_embeds([image])[0])
+    def clip_t(self, prompt: str, image_embed: np.ndarray) -> float:
+        """CLIP-T of one generated image from its (D,) ``image_embeds`` row (shared with the aesthetic score)."""
+        return float(self.text_embeds([prompt])[0] @ image_embed)
 
 
 def _jitted_text_embeds(model: CLIPTextModelWithProjection):

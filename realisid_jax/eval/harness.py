@@ -3,7 +3,8 @@
 Per image: find every face (``FaceAnalyzer``, policy "all"); embed the generated faces and the references
 with the identity embedder; match faces to references greedily (``matching``); for each matched pair
 compute identity similarity, CLIP-I, and the pose and expression errors against the person's pose target
-(the pose photo when given, else the reference, as RealisID's c_pe); CLIP-T once per image. An image
+(the pose photo when given, else the reference, as RealisID's c_pe); CLIP-T and ASP (aesthetic score) once
+per image, from one CLIP embedding of the whole image, even when it shows no face. An image
 without a face, or a person left unmatched, still gives rows (``face_found`` / ``matched`` false, metrics
 NaN) so that misses are counted, never dropped.
 """
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from realisid_jax.eval.aesthetic import AestheticScorer
 from realisid_jax.eval.clip_score import ClipScorer
 from realisid_jax.eval.identity import FaceEmbedder, cosine_matrix, is_fallback
 from realisid_jax.eval.manifest import ManifestEntry, ManifestPerson
@@ -37,7 +39,8 @@ class PersonResult:
     this person. ``face_fraction``: longer side of the requested box (else of the matched face's landmark
     box) over the image's longer edge; ``bucket``/``small_face`` follow from it (``report``).
     ``identity_is_fallback``: the identity column comes from the CLIP fallback, not a face-recognition
-    model. ``error``: why a row could not be scored (unreadable file, no face in the reference).
+    model. ``asp``: aesthetic score of the whole image (NaN without a predictor), ``aesthetic_predictor``
+    its label ("" without one). ``error``: why a row could not be scored (unreadable file, no face in the reference).
     """
 
     image_id: str
@@ -55,6 +58,8 @@ class PersonResult:
     identity_similarity: float = NAN
     clip_i: float = NAN
     clip_t: float = NAN
+    asp: float = NAN
+    aesthetic_predictor: str = ""
     yaw_error: float = NAN
     pitch_error: float = NAN
     roll_error: float = NAN
@@ -86,14 +91,22 @@ class Evaluator:
     Args:
       embedder: the identity ``FaceEmbedder`` (FaceNet, or the CLIP fallback, or any other).
       clip: optional ``ClipScorer`` for CLIP-I (and CLIP-T when it has a text model).
+      aesthetic: optional ``AestheticScorer`` for ASP, on ``clip``'s whole-image embeddings.
       analyzer: face analysis (default ``FaceAnalyzer(policy="all")``).
       min_similarity: generated faces less similar than this to every free reference stay unmatched.
+
+    Raises:
+      ValueError: ``aesthetic`` without ``clip``, or ``clip``'s embedding width is not the predictor's input.
     """
 
     def __init__(self, embedder: FaceEmbedder, clip: ClipScorer | None = None, *,
-                 analyzer: FaceAnalyzer | None = None, min_similarity: float | None = None):
+                 aesthetic: AestheticScorer | None = None, analyzer: FaceAnalyzer | None = None,
+                 min_similarity: float | None = None):
+        if aesthetic is not None:
+            _check_aesthetic(aesthetic, clip)
         self.embedder = embedder
         self.clip = clip
+        self.aesthetic = aesthetic
         self.analyzer = analyzer or FaceAnalyzer(policy="all")
         self.min_similarity = min_similarity
         self._references: dict[str, _Analysed] = {}
@@ -128,14 +141,15 @@ class Evaluator:
     def evaluate(self, entry: ManifestEntry) -> list[PersonResult]:
         """The rows of one generated image (one per person; one row with ``person=-1`` for no persons)."""
         base = dict(image_id=entry.id, image=entry.image, prompt=entry.prompt, seed=entry.seed,
-                    identity_embedder=self.embedder.label, identity_is_fallback=is_fallback(self.embedder.label))
+                    identity_embedder=self.embedder.label, identity_is_fallback=is_fallback(self.embedder.label),
+                    aesthetic_predictor="" if self.aesthetic is None else self.aesthetic.label)
         try:
             image = load_image(entry.image)
         except FaceError as err:
             return [PersonResult(**base, **_person_fields(p, k), face_found=False, faces_in_image=0, extra_faces=0,
                                  matched=False, error=str(err)) for k, p in _persons_or_none(entry)]
         faces = self.faces(image, entry.image)
-        clip_t = self.clip.clip_t(entry.prompt, image) if self.clip is not None and self.clip.has_text else NAN
+        clip_t, asp = self._image_scores(entry.prompt, image)
         refs = [self.reference(p.reference) for p in entry.persons]
         usable = [k for k, r in enumerate(refs) if r.face is not None]
         similarity = np.full((len(faces), len(entry.persons)), np.nan)
@@ -148,7 +162,7 @@ class Evaluator:
         rows = []
         for k, person in _persons_or_none(entry):
             row = PersonResult(**base, **_person_fields(person, k), face_found=bool(faces), faces_in_image=len(faces),
-                               extra_faces=len(matching.unmatched_generated), matched=False, clip_t=clip_t)
+                               extra_faces=len(matching.unmatched_generated), matched=False, clip_t=clip_t, asp=asp)
             if person is not None and refs[k].face is None:
                 row.error = refs[k].error
             g = matching.face_of(k) if person is not None else None
@@ -157,6 +171,16 @@ class Evaluator:
             _size(row, image.shape, None if g is None else faces[g])
             rows.append(row)
         return rows
+
+    def _image_scores(self, prompt: str, image: np.ndarray) -> tuple[float, float]:
+        """(CLIP-T, ASP) of a whole generated image, NaN where the model is absent; one CLIP embedding."""
+        has_text = self.clip is not None and self.clip.has_text
+        if not has_text and self.aesthetic is None:
+            return NAN, NAN
+        embed = self.clip.image_embeds([image])
+        clip_t = self.clip.clip_t(prompt, embed[0]) if has_text else NAN
+        asp = float(self.aesthetic.score(embed)[0]) if self.aesthetic is not None else NAN
+        return clip_t, asp
 
     def _score_pair(self, row: PersonResult, image: np.ndarray, face: Face, person: ManifestPerson,
                     ref: _Analysed, similarity: float) -> None:
@@ -182,6 +206,17 @@ class Evaluator:
                 progress(i, len(entries), entry)
             rows.extend(self.evaluate(entry))
         return rows
+
+
+def _check_aesthetic(aesthetic: AestheticScorer, clip: ClipScorer | None) -> None:
+    if clip is None:
+        raise ValueError("the aesthetic score needs a CLIP vision model (--clip-vision): it scores the CLIP "
+                         "image embedding of the whole image")
+    width = clip.vision_model.config.projection_dim
+    if width != aesthetic.input_size:
+        raise ValueError(f"{aesthetic.label} takes {aesthetic.input_size}-d CLIP image embeddings but "
+                         f"{clip.label} gives {width}-d ones: pass the CLIP model the predictor was trained on "
+                         "(LAION's: OpenAI ViT-L/14, 768-d)")
 
 
 def _persons_or_none(entry: ManifestEntry):

@@ -24,7 +24,7 @@ import numpy as np
 BUCKETS: tuple[int, ...] = (4, 5, 6, 7)  # face size = 1/d of the image edge
 SMALL_FACE_FRACTION = 1 / 6
 SMALL_TOLERANCE = 0.02
-METRICS: tuple[str, ...] = ("identity_similarity", "clip_i", "clip_t", "pose_error", "expression_error",
+METRICS: tuple[str, ...] = ("identity_similarity", "clip_i", "clip_t", "asp", "pose_error", "expression_error",
                             "yaw_error", "pitch_error", "roll_error")
 CSV_NAME, JSON_NAME, SUMMARY_NAME, PLOT_NAME = "results.csv", "results.json", "summary.json", "face_size.png"
 
@@ -45,27 +45,33 @@ def is_small_face(fraction: float) -> bool:
     return fraction < SMALL_FACE_FRACTION * (1 - SMALL_TOLERANCE)
 
 
+PER_IMAGE_METRICS: tuple[str, ...] = ("clip_t", "asp")  # of the whole image: repeated on each person's row
+
+
+def _mean(rows: Sequence[dict], metric: str) -> dict:
+    values = [r[metric] for r in rows if r.get(metric) is not None and not math.isnan(r[metric])]
+    return {"mean": float(np.mean(values)) if values else None,
+            "std": float(np.std(values)) if values else None, "n": len(values)}
+
+
 def _stats(rows: Sequence[dict]) -> dict:
     out = {"persons": len(rows), "matched": sum(bool(r["matched"]) for r in rows)}
     out["match_rate"] = out["matched"] / len(rows) if rows else None
-    for m in METRICS:
-        values = [r[m] for r in rows if r.get(m) is not None and not math.isnan(r[m])]
-        out[m] = {"mean": float(np.mean(values)) if values else None,
-                  "std": float(np.std(values)) if values else None, "n": len(values)}
+    out.update({m: _mean(rows, m) for m in METRICS})
     return out
 
 
 def summarize(rows: Sequence[dict]) -> dict:
     """Summary of report rows (``PersonResult.as_dict()``): counts, overall means, by face-size bucket,
-    small vs not small. CLIP-T overall is averaged over images (it is per image); by bucket over rows."""
+    small vs not small. CLIP-T and ASP overall are averaged over images (they are per image); by bucket over
+    rows. ``aesthetic_predictor`` names the ASP model, or is None with ``asp_note`` saying ASP was not computed."""
     embedders = sorted({r["identity_embedder"] for r in rows})
+    predictors = sorted({r.get("aesthetic_predictor") or "" for r in rows} - {""})
     images: dict[str, dict] = {}
     for r in rows:
         images.setdefault(r["image_id"], r)
     overall = _stats(rows)
-    clip_t = [r["clip_t"] for r in images.values() if r.get("clip_t") is not None and not math.isnan(r["clip_t"])]
-    overall["clip_t"] = {"mean": float(np.mean(clip_t)) if clip_t else None,
-                         "std": float(np.std(clip_t)) if clip_t else None, "n": len(clip_t)}
+    overall.update({m: _mean(list(images.values()), m) for m in PER_IMAGE_METRICS})
     buckets = [f"> 1/{BUCKETS[0]}", *(f"1/{d}" for d in BUCKETS), f"< 1/{BUCKETS[-1]}"]
     by_bucket = {b: _stats([r for r in rows if r["bucket"] == b]) for b in buckets}
     fallback = any(r["identity_is_fallback"] for r in rows)
@@ -74,6 +80,9 @@ def summarize(rows: Sequence[dict]) -> dict:
         "identity_is_fallback": fallback,
         "identity_note": ("identity_similarity is CLIP image-embedding cosine (fallback), NOT FaceNet: not "
                           "comparable with the paper's FaceNet numbers") if fallback else "",
+        "aesthetic_predictor": (predictors[0] if len(predictors) == 1 else predictors) if predictors else None,
+        "asp_note": "" if predictors else "asp not computed: no aesthetic predictor given (realisid evaluate "
+                                          "--aesthetic FILE, with --clip-vision ViT-L/14)",
         "counts": {
             "images": len(images),
             "images_without_face": sum(not r["face_found"] for r in images.values()),
@@ -115,8 +124,8 @@ def _write_csv(rows: Sequence[dict], path: Path) -> None:
                              for k, v in r.items()})
 
 
-_IMAGE_FIELDS = ("image_id", "image", "prompt", "seed", "clip_t", "face_found", "faces_in_image", "extra_faces",
-                 "identity_embedder", "identity_is_fallback")
+_IMAGE_FIELDS = ("image_id", "image", "prompt", "seed", "clip_t", "asp", "aesthetic_predictor", "face_found",
+                 "faces_in_image", "extra_faces", "identity_embedder", "identity_is_fallback")
 
 
 def _per_image(rows: Sequence[dict]) -> list[dict]:
