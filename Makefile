@@ -32,7 +32,7 @@ demo: install assets
 test: install assets
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
-# End-to-end training runs (resume after SIGKILL, meshes, multi-host): minutes each on 2 cores.
+# Training runs on the other meshes and on 2 processes x 4 devices: minutes each on 2 cores.
 test-slow: install assets
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests
 

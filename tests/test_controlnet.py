@@ -35,7 +35,6 @@ EMBED_CHANNELS = tuple(TINY.model.local_branch.conditioning_embedding_out_channe
 # image, SDXL) and a 1-channel location mask on the SD1.5 layout at an odd latent size.
 CASES = {"sdxl_landmarks": (TINY_SDXL, 3, 16, 16, 0.7), "sd15_mask": (TINY_SD15, 1, 9, 12, 1.3)}
 BATCH = 2
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def randomized(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -123,7 +122,7 @@ def branch_then_unet(kind: str):
         return down, mid, out
 
     args = (cn_state, unet_state, jnp.asarray(1), jnp.float32(CASES[kind][-1]), make_inputs(kind))
-    compiled = jax.jit(forward).lower(*args).compile(compiler_options=FAST_COMPILE)
+    compiled = jax.jit(forward).lower(*args).compile()
     return lambda cn_state, t: compiled(cn_state, unet_state, jnp.asarray(t), args[3], args[4]), cn_state
 
 

@@ -15,7 +15,7 @@ from realisid_jax.config import load_config
 from realisid_jax.face.errors import NoFaceError
 from realisid_jax.models.realisid import RealisID, RealisIDConfig
 from realisid_jax.pipeline import RealisIDPipeline, _denoise, prepare_conditions
-from realisid_jax.sharding import make_mesh
+from realisid_jax.sharding import data_sharding, make_mesh
 from realisid_jax.weights.pipeline_folder import load_pipeline_folder
 
 H, W, STEPS = 128, 128, 3
@@ -89,10 +89,12 @@ def test_three_overlapping_persons_non_square(parts, branches):
 
 
 def test_batch_of_four_on_eight_devices_equals_one_device(parts, branches):
+    # (2, 2, 2): the batch of 4 splits over data x fsdp, the weights over fsdp and tensor.
     persons = [_astronaut((30, 20, 94, 84))]
     kw = dict(height=H, width=W, num_inference_steps=2, num_images=4, seed=3, progress=False)
     single = _pipeline(parts, branches)(PROMPT, persons, **kw)
-    mesh = make_mesh((2, 4, 1))
+    mesh = make_mesh((2, 2, 2))
+    assert data_sharding(mesh, (4, H // 8, W // 8, 4)).spec[0] == ("data", "fsdp"), "batch would be replicated"
     sharded_pipe = _pipeline(parts, branches, mesh=mesh)
     assert any(len(set(v.sharding.spec) - {None}) for v in jax.tree.leaves(sharded_pipe._states["unet"]))
     sharded = sharded_pipe(PROMPT, persons, **kw)

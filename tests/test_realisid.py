@@ -18,8 +18,6 @@ from realisid_jax.models.modeling_utils import count_params
 from realisid_jax.models.realisid import RealisID, RealisIDConfig
 from realisid_jax.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 
-# Tiny models compile several times faster without LLVM optimisation (as tests/test_unet.py).
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 LATENT = 8  # latent side; local_latent_size is set to it, so a full box makes the crop the identity
 PIXELS = 8 * LATENT
 
@@ -73,31 +71,9 @@ def _inputs(config, b, k, seed=0):
     )
 
 
-def _fast_jit(fn, static_argnums=()):
-    """``jax.jit(fn)`` compiled with ``FAST_COMPILE``, once per argument signature (shapes, dtypes, shardings;
-    static arguments by value)."""
-    jitted = jax.jit(fn, static_argnums=static_argnums)
-    cache = {}
-
-    def signature(i, arg):
-        if i in static_argnums:
-            return arg
-        leaves, treedef = jax.tree.flatten(arg)
-        return treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
-
-    def call(*args):
-        key = tuple(signature(i, a) for i, a in enumerate(args))
-        if key not in cache:
-            cache[key] = jitted.lower(*args).compile(compiler_options=FAST_COMPILE)
-        dynamic = [a for i, a in enumerate(args) if i not in static_argnums]
-        return cache[key](*dynamic)
-
-    return call
-
-
-_residuals = _fast_jit(lambda graphdef, state, inputs: nnx.merge(graphdef, state).residuals(**inputs), (0,))
-_branch = _fast_jit(lambda graphdef, state, sample, t, context, cond, added: nnx.merge(graphdef, state)(
-    sample, t, context, cond, added_cond_kwargs=added), (0,))
+_residuals = jax.jit(lambda graphdef, state, inputs: nnx.merge(graphdef, state).residuals(**inputs), static_argnums=(0,))
+_branch = jax.jit(lambda graphdef, state, sample, t, context, cond, added: nnx.merge(graphdef, state)(
+    sample, t, context, cond, added_cond_kwargs=added), static_argnums=(0,))
 
 
 def _run(model, inputs):
@@ -118,7 +94,7 @@ def _person_fn(local_graph, local_state, global_graph, global_state, sample, t, 
     return relocate_levels([x[0] for x in (*l_down, l_mid)], box, [x.shape[:2] for x in g]), g
 
 
-_person = _fast_jit(_person_fn, (0, 2, 10))
+_person = jax.jit(_person_fn, static_argnums=(0, 2, 10))
 
 
 def _loop_reference(model, inputs):
@@ -249,6 +225,6 @@ def test_encode_id_keeps_leading_axes(tiny):
         rid = nnx.merge(graphdef, state)
         return rid.encode_id(hidden), rid.id_projection(hidden[1, 2][None])[0]
 
-    p_id, single = _fast_jit(both, (0,))(*nnx.split(model), hidden)
+    p_id, single = jax.jit(both, static_argnums=(0,))(*nnx.split(model), hidden)
     assert p_id.shape == (2, 3, 16, config.model.id_projection.output_dims)
     np.testing.assert_allclose(np.asarray(p_id[1, 2]), np.asarray(single), atol=1e-5)

@@ -14,7 +14,7 @@ from realisid_jax.config import load_config
 from realisid_jax.models.realisid import RealisID, RealisIDConfig
 from realisid_jax.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 from realisid_jax.sharding import DEFAULT_RULES, data_sharding, make_mesh, state_shardings, use_mesh
-from test_realisid import LATENT, _fast_jit, _inputs, _random
+from test_realisid import LATENT, _inputs, _random
 
 BATCH, PERSONS = 8, 2
 
@@ -27,7 +27,7 @@ def _step(unet_graph, unet_state, rid_graph, rid_state, inputs, text_context):
     return (down, mid), eps
 
 
-_jit_step = _fast_jit(_step, (0, 2))
+_jit_step = jax.jit(_step, static_argnums=(0, 2))
 
 
 @pytest.fixture(scope="module")

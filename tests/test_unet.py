@@ -34,8 +34,6 @@ TINY_SD15 = dict(
 CASES = {"sd15": (TINY_SD15, 9, 12, 2), "sdxl": (TINY_SDXL, 16, 16, 8)}
 # Several timesteps in one compiled function: all-equal rows as diffusers' scalar timesteps, then mixed.
 TIMESTEPS = ((1, 1), (500, 500), (999, 999), (3, 871))
-# Skipping LLVM's backend optimisations compiles these small graphs ~35% faster on CPU; results move by ~1e-6.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def randomized(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -98,8 +96,8 @@ def call(model, t, inputs):
 
 
 def compiled(fn, *args):
-    """``jax.jit(fn)`` compiled for ``args`` with ``FAST_COMPILE``."""
-    return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)
+    """``jax.jit(fn)`` compiled for ``args``."""
+    return jax.jit(fn).lower(*args).compile()
 
 
 def assert_close(out, ref, tol=1e-4):

@@ -54,7 +54,8 @@ def print_memory_plan(config, devices: list[int]) -> None:
 
     gib = 2.0**30
     print(f"\ntraining step, {config.train.resolution}px, per-device batch 1, FSDP (XLA memory analysis):")
-    print(f"{'devices':>8} {'arguments GiB':>14} {'temporaries GiB':>16} {'peak GiB':>9}")
+    print(f"{'devices':>8} {'weights+state GiB':>18} {'arguments GiB':>14} {'temporaries GiB':>16} {'peak GiB':>9}")
     for n in devices:
-        plan = train_step_memory(config, n)
-        print(f"{n:>8} {plan.argument_bytes / gib:>14.2f} {plan.temp_bytes / gib:>16.2f} {plan.peak_bytes / gib:>9.2f}")
+        p = train_step_memory(config, n)
+        print(f"{n:>8} {p.state_bytes / gib:>18.2f} {p.argument_bytes / gib:>14.2f} {p.temp_bytes / gib:>16.2f} "
+              f"{p.peak_bytes / gib:>9.2f}", flush=True)

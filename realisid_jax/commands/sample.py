@@ -75,7 +75,10 @@ def _enable_compilation_cache() -> None:
 def build_pipeline(config, args):
     from realisid_jax.commands.info import parameter_counts
     from realisid_jax.pipeline import RealisIDPipeline
+    from realisid_jax.sharding import make_mesh
 
+    # Weights sharded and the batch split over the config's mesh (all devices; --config.mesh.shape).
+    mesh = make_mesh(tuple(config.mesh.shape))
     if args.base is None:
         if parameter_counts(config)["unet"] > _MAX_RANDOM_UNET:
             raise SystemExit("error: this config is full size; random weights would only make noise slowly. "
@@ -83,9 +86,9 @@ def build_pipeline(config, args):
         print("note: no --base given: using the config's RANDOM weights, which make noise, not faces. For real "
               "images pass --base (a diffusers SDXL folder), --branches (trained RealisID weights, `realisid "
               "train`) and --image-encoder (a CLIP ViT-H/14 vision folder).")
-        return RealisIDPipeline.from_config(config, seed=config.sampling.seed)
+        return RealisIDPipeline.from_config(config, seed=config.sampling.seed, mesh=mesh)
     return RealisIDPipeline.from_pretrained(config, args.base, branches=args.branches,
-                                            image_encoder=args.image_encoder)
+                                            image_encoder=args.image_encoder, mesh=mesh)
 
 
 def run(args) -> int:

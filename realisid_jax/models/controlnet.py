@@ -19,7 +19,13 @@ import numpy as np
 from flax import nnx
 
 from realisid_jax.models.layers import conv, zero_conv
-from realisid_jax.models.modeling_utils import ModelConfig, PretrainedMixin, abstract_module, init_rngs
+from realisid_jax.models.modeling_utils import (
+    ModelConfig,
+    PretrainedMixin,
+    abstract_module,
+    fast_compile_options,
+    init_rngs,
+)
 from realisid_jax.models.unet_2d_condition import (
     UNet2DConditionConfig, UNet2DConditionModel, UNetEncoderMixin, freeze_nested, build_embeddings, build_encoder,
     check_supported)
@@ -36,8 +42,7 @@ def _jit_init(build, key: jax.Array) -> nnx.Module:
     optimisation, which init code does not need)."""
     graphdef = nnx.graphdef(abstract_module(build))
     init = jax.jit(lambda key: nnx.state(build(init_rngs(key))))
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
-    return nnx.merge(graphdef, init.lower(key).compile(compiler_options=options)(key))
+    return nnx.merge(graphdef, init.lower(key).compile(compiler_options=fast_compile_options())(key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +235,8 @@ class ControlNetModel(UNetEncoderMixin, PretrainedMixin, nnx.Module):
         def value(path, variable):
             # device_put, not jnp ops: a jnp.copy / jnp.zeros compiles once per distinct shape.
             if path[0] in _COPIED_FROM_UNET:
-                return jax.device_put(from_unet[path].get_value(), may_alias=False)
+                weight = from_unet[path].get_value()
+                return jax.device_put(weight, weight.sharding, may_alias=False)  # also a multi-host array
             if path[0] == "controlnet_cond_embedding":
                 return from_embedding[path[1:]].get_value()
             return jax.device_put(np.zeros(variable.shape, variable.dtype))  # Z2

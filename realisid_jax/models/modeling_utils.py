@@ -55,6 +55,13 @@ def init_rngs(seed: int | jax.Array) -> nnx.Rngs:
         return nnx.Rngs(seed)
 
 
+def fast_compile_options() -> dict:
+    """XLA options for programs whose speed does not matter, on CPU: no LLVM optimisation. Random initialisers
+    run once (optimising their threefry code took minutes for a tiny model under load); a memory plan only
+    needs buffer assignment, which precedes code generation."""
+    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+
+
 def abstract_module(build: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
     """``nnx.eval_shape`` of ``build(rngs)``: the module with ``ShapeDtypeStruct`` parameters, no memory."""
     return nnx.eval_shape(lambda: build(init_rngs(0)))

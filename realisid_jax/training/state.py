@@ -20,24 +20,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from realisid_jax.models.factory import dtypes
-from realisid_jax.models.modeling_utils import init_rngs
+from realisid_jax.models.modeling_utils import fast_compile_options, init_rngs
 from realisid_jax.models.realisid import RealisID, RealisIDConfig
 from realisid_jax.sharding import Rules, state_shardings
 from realisid_jax.training.models import FrozenModels, pretrained_frozen_models, random_frozen_models
 
 TrainState = dict[str, Any]
-
-
-def init_compiler_options() -> dict:
-    """Random initialisers run once: on CPU, LLVM's optimisation of their threefry code dominates (minutes for
-    a tiny model under load), and unoptimised code runs them in a fraction of that."""
-    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
 
 
 @dataclasses.dataclass
@@ -95,7 +90,7 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
         frozen_graphdef, abstract_frozen = nnx.eval_shape(random_state)
         frozen_shardings = state_shardings(abstract_frozen, mesh, rules)
         init = jax.jit(lambda: random_state()[1], out_shardings=frozen_shardings).lower()
-        frozen = nnx.merge(frozen_graphdef, init.compile(compiler_options=init_compiler_options())())
+        frozen = nnx.merge(frozen_graphdef, init.compile(compiler_options=fast_compile_options())())
     else:
         frozen = pretrained_frozen_models(config, pretrained, image_encoder, mesh, rules)
         frozen_shardings = state_shardings(nnx.state(frozen), mesh, rules)
@@ -109,11 +104,19 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
 
     def make_params() -> dict:
         branches = RealisID.from_unet(frozen.unet, branch_config, rngs=nnx.Rngs(seed + 1))
-        return jax.device_put(nnx.state(branches, nnx.Param), param_shardings).to_pure_dict()
+        return jax.tree.map(_onto, nnx.state(branches, nnx.Param).to_pure_dict(), param_shardings.to_pure_dict())
 
     setup = ModelSetup(graphdefs=graphdefs, frozen_inputs=(nnx.state(frozen), rest),
                        frozen_shardings=(frozen_shardings, rest), param_shardings=param_shardings.to_pure_dict())
     return setup, abstract_params.to_pure_dict(), make_params
+
+
+def _onto(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+    # The new weights (condition encoders, projection, zero convs) live on one local device. On multi-host they
+    # cannot be transferred from there to a global sharding; the same host value on every process can.
+    if len(x.sharding.device_set) == 1 < len(sharding.device_set):
+        x = np.asarray(x)
+    return jax.device_put(x, sharding)
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_params: dict, param_shardings: dict,
