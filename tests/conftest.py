@@ -10,6 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # Must run before any backend use: every sharded path is tested on (1), (8,1,1), (2,4,1), (2,2,2).
 jax.config.update("jax_num_cpu_devices", 8)
@@ -21,3 +22,14 @@ _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "5")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+@pytest.fixture(scope="session")
+def face_models():
+    """Fetches the MediaPipe model files (``realisid_jax.assets``); skips the test when they are unavailable."""
+    from realisid_jax import assets
+
+    try:
+        assets.fetch(["face_detection_short_range.tflite", "face_landmark.tflite"])
+    except assets.AssetError as err:
+        pytest.skip(f"MediaPipe model files unavailable: {err}")

@@ -15,7 +15,6 @@ import torch
 import transformers
 from PIL import Image
 
-from realisid_jax import assets
 from realisid_jax.cli import main
 from realisid_jax.config import load_config
 from realisid_jax.eval.aesthetic import AestheticPredictor, AestheticScorer
@@ -98,13 +97,9 @@ def test_mismatched_checkpoint_lists_every_key(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory):
+def generated(tmp_path_factory, face_models):
     """A manifest of the astronaut (a face) and a face-free photo, one box for both; a tiny torch CLIP
     vision folder; returns (folder, clip folder, torch CLIP, {image id: uint8 image})."""
-    try:
-        assets.fetch(["face_detection_short_range.tflite", "face_landmark.tflite"])
-    except assets.AssetError as err:
-        pytest.skip(f"MediaPipe model files unavailable: {err}")
     root = tmp_path_factory.mktemp("asp")
     images = {"astronaut": skimage.data.astronaut(), "coffee": skimage.data.coffee()}
     for name, image in images.items():

@@ -15,22 +15,15 @@ import torch
 from PIL import Image
 from tiny_sdxl import build_tiny_sdxl
 
-from realisid_jax import assets
 from realisid_jax.cli import main
 from realisid_jax.config import load_config
 from realisid_jax.pipeline import RealisIDPipeline
 
+pytestmark = pytest.mark.usefixtures("face_models")
+
 TINY = load_config("configs/tiny.py").model
 MESH = "--config.mesh.shape=(2,1,4)"  # data=2: a batch of 2 would be split in two
 SIZE = ["--height", "128", "--width", "128"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def face_models():
-    try:
-        assets.fetch(["face_detection_short_range.tflite", "face_landmark.tflite"])
-    except assets.AssetError as err:
-        pytest.skip(f"MediaPipe model files unavailable: {err}")
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import skimage.data
 
-from realisid_jax import assets
 from realisid_jax.eval import canonical_face as cf
 from realisid_jax.eval import pose
 from realisid_jax.face import mesh
@@ -21,11 +20,7 @@ ASTRONAUT_EYES = np.array([[202, 101], [246, 104]], np.float64)
 
 
 @pytest.fixture(scope="module")
-def models():
-    try:
-        assets.fetch(["face_detection_short_range.tflite", "face_landmark.tflite"])
-    except assets.AssetError as err:
-        pytest.skip(f"MediaPipe model files unavailable: {err}")
+def models(face_models):
     from realisid_jax.face.detect import BlazeFaceDetector
     from realisid_jax.face.landmarks import FaceMeshLandmarker
 

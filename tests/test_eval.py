@@ -21,7 +21,6 @@ import transformers
 from flax import nnx
 from PIL import Image
 
-from realisid_jax import assets
 from realisid_jax.commands import evaluate as evaluate_command
 from realisid_jax.config import load_config
 from realisid_jax.eval.harness import Evaluator
@@ -48,11 +47,7 @@ class GreyCropEmbedder:
 
 
 @pytest.fixture(scope="module")
-def analyzer():
-    try:
-        assets.fetch(["face_detection_short_range.tflite", "face_landmark.tflite"])
-    except assets.AssetError as err:
-        pytest.skip(f"MediaPipe model files unavailable: {err}")
+def analyzer(face_models):
     return FaceAnalyzer(policy="all")
 
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import skimage.data
 
-from realisid_jax import assets
 from realisid_jax.face import mesh
 from realisid_jax.face.analysis import Face, FaceAnalyzer
 from realisid_jax.face.detect import Detection, HaarCascadeDetector, box_iou
@@ -25,11 +24,7 @@ ASTRONAUT_MOUTH_Y = 144.0
 
 
 @pytest.fixture(scope="module")
-def analyzer():
-    try:
-        assets.fetch(["face_detection_short_range.tflite", "face_landmark.tflite"])
-    except assets.AssetError as err:
-        pytest.skip(f"MediaPipe model files unavailable: {err}")
+def analyzer(face_models):
     return FaceAnalyzer(policy="all")
 
 

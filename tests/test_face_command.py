@@ -8,16 +8,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from realisid_jax import assets
 from realisid_jax.commands import faces as faces_command
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _models():
-    try:
-        assets.fetch(["face_detection_short_range.tflite", "face_landmark.tflite"])
-    except assets.AssetError as err:
-        pytest.skip(f"MediaPipe model files unavailable: {err}")
+pytestmark = pytest.mark.usefixtures("face_models")
 
 
 def _run(argv):

@@ -5,7 +5,6 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from realisid_jax import assets
 from realisid_jax.face.analysis import FaceAnalyzer
 from realisid_jax.face.detect import box_iou
 from realisid_jax.face.errors import ImageReadError, NoFaceError
@@ -16,11 +15,7 @@ GRAY = cv2.cvtColor(ASTRONAUT, cv2.COLOR_RGB2GRAY)
 
 
 @pytest.fixture(scope="module")
-def analyzer():
-    try:
-        assets.fetch(["face_detection_short_range.tflite", "face_landmark.tflite"])
-    except assets.AssetError as err:
-        pytest.skip(f"MediaPipe model files unavailable: {err}")
+def analyzer(face_models):
     return FaceAnalyzer()
 
 

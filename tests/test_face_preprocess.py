@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 import skimage.data
 
-from realisid_jax import assets
 from realisid_jax.face.analysis import Face, FaceAnalyzer
 from realisid_jax.face.preprocess import (
     CLIP_MEAN, CLIP_STD, crop_box, normalize, preprocess_reference, square_box, to_box_frame)
@@ -91,11 +90,7 @@ def test_reference_rejects_mismatched_mask():
         preprocess_reference(ASTRONAUT[:256], _face((100, 50, 200, 250), (0, 0, 10, 10)))
 
 
-def test_reference_from_real_analysis():
-    try:
-        assets.fetch(["face_detection_short_range.tflite", "face_landmark.tflite"])
-    except assets.AssetError as err:
-        pytest.skip(f"MediaPipe model files unavailable: {err}")
+def test_reference_from_real_analysis(face_models):
     (face,) = FaceAnalyzer().analyze(ASTRONAUT)
     ref = preprocess_reference(ASTRONAUT, face)
     assert np.all((ref.landmarks >= -0.01) & (ref.landmarks <= 1.01))
