@@ -77,16 +77,21 @@ class TrainCheckpointer:
     Args:
       directory: checkpoint root (created); a local path or a ``gs://`` URL (needed on multi-host, where
         every process writes its shards into the same checkpoint).
-      max_to_keep: number of newest checkpoints kept (``config.train.keep_checkpoints``).
+      max_to_keep: number of newest checkpoints kept (``config.train.keep_checkpoints``); ``None``: all.
       async_save: write ``train`` in a background thread (the step loop continues); ``wait`` blocks.
+      read_only: only restore (no save, no deletion, no clean-up of temporary folders).
     """
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int, async_save: bool = True):
+    def __init__(self, directory: str | Path, *, max_to_keep: int | None = None, async_save: bool = True,
+                 read_only: bool = False):
         # Local paths are made absolute (orbax requires it); gs:// and other URLs pass through.
         self.directory = epath.Path(directory if "://" in str(directory) else Path(directory).absolute())
         # cleanup_tmp_directories: a write killed midway leaves ``<step>.orbax-checkpoint-tmp-*``; it is
         # removed when the next run opens the manager.
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+        # read_only (readers such as `realisid export`): nothing is written or deleted, so a run writing into
+        # the same folder meanwhile keeps its in-progress temporary checkpoint.
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                               cleanup_tmp_directories=not read_only, read_only=read_only,
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("train", "data", "meta"))

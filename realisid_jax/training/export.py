@@ -31,7 +31,7 @@ def restore_branches(workdir: str | os.PathLike, step: int | None = None) -> tup
     Raises:
       FileNotFoundError: no finished checkpoint (or not ``step``) under ``workdir/checkpoints``.
     """
-    with TrainCheckpointer(Path(workdir) / "checkpoints", max_to_keep=1_000_000) as ckpt:
+    with TrainCheckpointer(Path(workdir) / "checkpoints", read_only=True) as ckpt:
         step = ckpt.latest_step() if step is None else step
         if step is None or step not in ckpt.all_steps():
             raise FileNotFoundError(f"no finished checkpoint {'' if step is None else step} under "

@@ -75,6 +75,5 @@ class SampleWriter:
         realisid = nnx.merge(branch_graphdef, self._param_state, trainer.setup.frozen_inputs[1])
         models = {name: getattr(frozen, name) for name in ("unet", "vae", "text_encoder", "text_encoder_2",
                                                              "image_encoder")}
-        self._pipeline = RealisIDPipeline({**models, "realisid": realisid}, trainer.tokenizers, trainer.config,
-                                          mesh=trainer.mesh)
-        return self._pipeline
+        return RealisIDPipeline({**models, "realisid": realisid}, trainer.tokenizers, trainer.config,
+                                mesh=trainer.mesh)
