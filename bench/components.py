@@ -23,7 +23,7 @@ from bench.models import (build_models, jax_args, make_inputs, run_jax_step, run
                           torch_residuals)
 from bench.run import Row, format_table, load, set_threads
 from bench.timing import interleaved, load_average
-from realisid_jax.models.realisid import VAE_SCALE
+from realisid_jax.models.vae import VAE_SCALE_FACTOR
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         gdef, gstate = nnx.split(branch)
         x = rng.standard_normal((k, *hw, 4), np.float32)
         ctx = inputs["p_id"][0]
-        cond = rng.uniform(0, 1, (k, VAE_SCALE * hw[0], VAE_SCALE * hw[1], ch)).astype(np.float32)
+        cond = rng.uniform(0, 1, (k, VAE_SCALE_FACTOR * hw[0], VAE_SCALE_FACTOR * hw[1], ch)).astype(np.float32)
         tnet = models.torch_global if name == "global" else models.torch_local
         tx, tctx, tcond = (torch.from_numpy(a) for a in (x.transpose(0, 3, 1, 2).copy(), ctx, cond.transpose(0, 3, 1, 2).copy()))
         parts[f"{name} ControlNet, B={k}"] = (

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from realisid_jax.loading.pretrained import from_pretrained
 
 
 def _parse():
@@ -55,11 +56,11 @@ def main() -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from realisid_jax.config import load_config
-    from realisid_jax.models.factory import FROZEN, dtypes
+    from realisid_jax.models.registry import FROZEN, dtypes
     from realisid_jax.models.modeling_utils import count_params
     from realisid_jax.sharding import make_mesh
-    from realisid_jax.weights.export import export_module
-    from realisid_jax.weights.orbax_cache import load_converted, save_converted
+    from realisid_jax.loading.branch_folders import export_module
+    from realisid_jax.loading.orbax_cache import load_converted, save_converted
 
     config = load_config(args.config)
     cls, config_class = FROZEN[args.component]
@@ -75,7 +76,7 @@ def main() -> int:
         size = (folder / "diffusion_pytorch_model.safetensors").stat().st_size
         print(f"{args.config} {args.component}: {n:,} parameters, {size / 2**20:,.0f} MiB safetensors; "
               f"written in {time.perf_counter() - start:.1f} s; {len(jax.devices())} devices, mesh {args.mesh}")
-        from_safetensors = _best(lambda: cls.from_pretrained(folder, mesh=mesh, **dtypes(config)), args.repeat)
+        from_safetensors = _best(lambda: from_pretrained(cls, folder, mesh=mesh, **dtypes(config)), args.repeat)
         from_orbax = _best(lambda: load_converted(cache, config, mesh=mesh)[args.component], args.repeat)
     print(f"from_pretrained (safetensors): {from_safetensors:8.2f} s")
     print(f"load_converted (orbax):        {from_orbax:8.2f} s   ({from_safetensors / from_orbax:.2f}x)")

@@ -4,7 +4,7 @@ The PyTorch reference does the work ``RealisID.residuals`` + the UNet do: the gl
 the whole latent for each of the K persons (folded into the batch) with its location mask, the local one on
 each person's crop (bilinear, at ``local_latent_size``²), every local residual level relocated into its box,
 the per-person sums, then ``UNet2DConditionModel`` with the residuals. Crop and relocation use the same
-separable weight matrices as ``realisid_jax.face.ops`` (rewritten here in torch), so both sides compute the
+separable weight matrices as ``realisid_jax.realisid.ops`` (rewritten here in torch), so both sides compute the
 same numbers and the bench reports their difference as a check that it times the same work.
 """
 
@@ -22,10 +22,12 @@ from flax import nnx
 
 from realisid_jax.models.controlnet import ControlNetModel
 from realisid_jax.models.id_projection import IDProjection
-from realisid_jax.models.realisid import VAE_SCALE, RealisID, RealisIDConfig
+from realisid_jax.models.vae import VAE_SCALE_FACTOR
+from realisid_jax.realisid.branches import RealisID, RealisIDConfig
 from realisid_jax.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
+from realisid_jax.loading.pretrained import from_state_dict
 
-_MIN_EXTENT = 1e-6  # as realisid_jax.face.ops
+_MIN_EXTENT = 1e-6  # as realisid_jax.realisid.ops
 
 
 @dataclasses.dataclass
@@ -87,10 +89,10 @@ def build_models(config, *, seed: int = 0, frameworks: tuple[str, ...] = ("jax",
     if "jax" not in frameworks:
         return Models(config, rcfg, None, None, None, None, t_unet, branches["local_branch"],
                       branches["global_branch"])
-    unet = UNet2DConditionModel.from_state_dict(unet_cfg, _torch_state(t_unet), source="bench torch unet")
+    unet = from_state_dict(UNet2DConditionModel, unet_cfg, _torch_state(t_unet), source="bench torch unet")
     realisid = RealisID.abstract(rcfg)
     for name, net in branches.items():
-        setattr(realisid, name, ControlNetModel.from_state_dict(getattr(rcfg, name), _torch_state(net),
+        setattr(realisid, name, from_state_dict(ControlNetModel, getattr(rcfg, name), _torch_state(net),
                                                                 source=f"bench torch {name}"))
     realisid.id_projection = IDProjection(rcfg.id_projection, rngs=rngs)
     return Models(config, rcfg, *nnx.split(unet), *nnx.split(realisid), t_unet, branches["local_branch"],
@@ -105,8 +107,8 @@ def make_inputs(config, rcfg: RealisIDConfig, *, batch: int, persons: int, valid
     (default all) marks the rest as padding."""
     rng = np.random.default_rng(seed)
     unet = dict(config.model.unet)
-    h = w = int(config.sampling.height) // VAE_SCALE
-    px = VAE_SCALE * rcfg.local_latent_size
+    h = w = int(config.sampling.height) // VAE_SCALE_FACTOR
+    px = VAE_SCALE_FACTOR * rcfg.local_latent_size
     n_tokens, width = rcfg.id_projection.num_queries, rcfg.id_projection.output_dims
     edges = np.linspace(0.05, 0.95, persons + 1, dtype=np.float32)
     boxes = np.stack([np.array([edges[i] + 0.01, 0.2, edges[i + 1] - 0.01, 0.7], np.float32)
@@ -204,12 +206,12 @@ def torch_residuals(models: Models, sample, timestep, p_id, boxes, valid, landma
     global_added = local_added = None
     if added is not None:
         global_added = {n: v.repeat_interleave(k, 0) for n, v in added.items()}
-        px = VAE_SCALE * size
-        bh = (flat[:, 3] - flat[:, 1]) * (VAE_SCALE * h)
-        bw = (flat[:, 2] - flat[:, 0]) * (VAE_SCALE * w)
+        px = VAE_SCALE_FACTOR * size
+        bh = (flat[:, 3] - flat[:, 1]) * (VAE_SCALE_FACTOR * h)
+        bw = (flat[:, 2] - flat[:, 0]) * (VAE_SCALE_FACTOR * w)
         zeros = torch.zeros_like(bh)
         local_added = {**global_added, "time_ids": torch.stack([bh, bw, zeros, zeros, zeros + px, zeros + px], -1)}
-    mh, mw = VAE_SCALE * h, VAE_SCALE * w
+    mh, mw = VAE_SCALE_FACTOR * h, VAE_SCALE_FACTOR * w
     masks = (_coverage(flat[:, 1], flat[:, 3], mh)[:, :, None] * _coverage(flat[:, 0], flat[:, 2], mw)[:, None, :])
     g_down, g_mid = models.torch_global(folded, t, ctx, masks[:, None], added_cond_kwargs=global_added,
                                         return_dict=False)

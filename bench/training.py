@@ -6,8 +6,8 @@ import jax
 import numpy as np
 
 from realisid_jax.sharding import make_mesh, use_mesh
-from realisid_jax.tokenizer import CLIP_MAX_LENGTH
-from realisid_jax.train import noise_schedule
+from realisid_jax.text.tokenizer import CLIP_MAX_LENGTH
+from realisid_jax.training.trainer import noise_schedule
 from realisid_jax.training.batches import batch_shapes
 from realisid_jax.training.optimizer import make_optimizer
 from realisid_jax.training.state import build_models, init_train_state, replicated, train_state_shardings
@@ -20,7 +20,7 @@ def trainer(config, seed: int = 0):
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     rules = tuple(tuple(r) for r in config.mesh.rules)
     n_text = 1 if config.model.get("text_encoder_2") is None else 2
-    # As realisid_jax.train: models and state built outside the mesh context, the step traced inside it.
+    # As realisid_jax.training.trainer: models and state built outside the mesh context, the step traced inside it.
     setup, abstract_params, make_params = build_models(config, mesh, rules)
     optimizer, _ = make_optimizer(config.train)
     shardings = train_state_shardings(optimizer, abstract_params, setup, mesh)
@@ -36,7 +36,7 @@ def trainer(config, seed: int = 0):
         else:
             batch[name] = rng.uniform(-1, 1, shape).astype(dtype)
     batch = jax.device_put(batch, replicated(mesh))
-    step = jit_train_step(graphdefs=setup.graphdefs, scheduler=noise_schedule(None), optimizer=optimizer,
+    step = jit_train_step(graphdef=setup.graphdef, scheduler=noise_schedule(None), optimizer=optimizer,
                           settings=settings, state_shardings=shardings, frozen_shardings=setup.frozen_shardings,
                           batch_shardings=jax.tree.map(lambda _: replicated(mesh), batch))
     with use_mesh(mesh, rules):

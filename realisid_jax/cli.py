@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from realisid_jax.assets import AssetError
-    from realisid_jax.conditioning import BoxError, SizeError, TooManyPersonsError
+    from realisid_jax.realisid.conditions import BoxError, SizeError, TooManyPersonsError
     from realisid_jax.face.errors import FaceError
-    from realisid_jax.tokenizer import TokenizerError
-    from realisid_jax.weights.errors import CheckpointMismatchError
+    from realisid_jax.text.tokenizer import TokenizerError
+    from realisid_jax.loading.errors import CheckpointMismatchError
 
     return (FileNotFoundError, NotADirectoryError, AssetError, BoxError, SizeError, TooManyPersonsError, FaceError,
             TokenizerError, CheckpointMismatchError)

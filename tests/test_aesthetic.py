@@ -21,7 +21,7 @@ from realisid_jax.eval.aesthetic import AestheticPredictor, AestheticScorer
 from realisid_jax.eval.clip_score import clip_image_input
 from realisid_jax.eval.manifest import ManifestEntry, ManifestPerson, write_manifest
 from realisid_jax.face.preprocess import normalize
-from realisid_jax.weights.errors import CheckpointMismatchError
+from realisid_jax.loading.errors import CheckpointMismatchError
 
 TINY_CLIP = load_config("configs/tiny.py").model["image_encoder"]
 WIDTH = TINY_CLIP["projection_dim"]  # 32: the tiny CLIP's image_embeds

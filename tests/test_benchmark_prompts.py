@@ -17,7 +17,7 @@ from tiny_sdxl import build_tiny_sdxl
 
 from realisid_jax.cli import main
 from realisid_jax.config import load_config
-from realisid_jax.pipeline import RealisIDPipeline
+from realisid_jax.realisid.pipeline import RealisIDPipeline
 
 pytestmark = pytest.mark.usefixtures("face_models")
 

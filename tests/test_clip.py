@@ -14,7 +14,8 @@ from realisid_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTex
 from realisid_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 from realisid_jax.models.modeling_utils import count_params
 from realisid_jax.sharding import make_mesh, use_mesh
-from realisid_jax.weights.errors import CheckpointMismatchError
+from realisid_jax.loading.errors import CheckpointMismatchError
+from realisid_jax.loading.pretrained import from_pretrained
 
 TINY = load_config("configs/tiny.py").model
 SDXL = load_config("configs/sdxl.py").model
@@ -67,7 +68,7 @@ def text_pair(request, tmp_path_factory):
     reference = _randomised(theirs(transformers.CLIPTextConfig(**config)))
     folder = tmp_path_factory.mktemp(name)
     reference.save_pretrained(folder)
-    return reference, ours.from_pretrained(folder), eos_token_id
+    return reference, from_pretrained(ours, folder), eos_token_id
 
 
 @pytest.mark.parametrize("use_mask", [False, True], ids=["no_mask", "padding_mask"])
@@ -101,7 +102,7 @@ def test_text_model_loads_prefixed_legacy_checkpoint(text_pair, tmp_path):
     state["text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
     save_file(state, str(tmp_path / "model.safetensors"))
     reference.config.to_json_file(tmp_path / "config.json")
-    loaded = type(model).from_pretrained(tmp_path)
+    loaded = from_pretrained(type(model), tmp_path)
     ours = jax.tree.leaves(nnx.state(model, nnx.Param))
     theirs = jax.tree.leaves(nnx.state(loaded, nnx.Param))
     assert len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs))
@@ -114,7 +115,7 @@ def test_text_checkpoint_mismatch_lists_keys(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     reference.config.to_json_file(tmp_path / "config.json")
     with pytest.raises(CheckpointMismatchError, match="text_projection.weight") as info:
-        CLIPTextModelWithProjection.from_pretrained(tmp_path)
+        from_pretrained(CLIPTextModelWithProjection, tmp_path)
     assert info.value.missing == ["text_projection.weight"] and info.value.unexpected == ["text_model.extra.weight"]
 
 
@@ -123,7 +124,7 @@ def test_text_sharded_load_and_jit(tmp_path):
         transformers.CLIPTextConfig(**TINY.text_encoder_2)))
     reference.save_pretrained(tmp_path)
     mesh = make_mesh((2, 2, 2))
-    model = CLIPTextModelWithProjection.from_pretrained(tmp_path, mesh=mesh)
+    model = from_pretrained(CLIPTextModelWithProjection, tmp_path, mesh=mesh)
     kernel = model.text_model.encoder.layers[0].self_attn.q_proj.kernel.get_value()
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     ids, mask = _token_ids(pad=EOS)
@@ -140,7 +141,7 @@ def test_vision_parity(tmp_path):
     config = transformers.CLIPVisionConfig(**TINY.image_encoder)
     reference = _randomised(transformers.CLIPVisionModelWithProjection(config))
     reference.save_pretrained(tmp_path)
-    model = CLIPVisionModelWithProjection.from_pretrained(tmp_path)
+    model = from_pretrained(CLIPVisionModelWithProjection, tmp_path)
     pixels = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
     with torch.no_grad():
         ref = reference(torch.from_numpy(pixels), output_hidden_states=True)

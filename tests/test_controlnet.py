@@ -17,7 +17,8 @@ from realisid_jax.config import load_config
 from realisid_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from realisid_jax.models.modeling_utils import count_params
 from realisid_jax.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
-from realisid_jax.weights.convert import export_torch_state
+from realisid_jax.loading.torch_state import export_torch_state
+from realisid_jax.loading.pretrained import from_pretrained
 
 # One thread: on a shared 2-core machine torch's thread pool spins (2 s instead of 20 ms per tiny forward).
 torch.set_num_threads(1)
@@ -65,8 +66,8 @@ def models(kind: str):
     with tempfile.TemporaryDirectory() as unet_dir, tempfile.TemporaryDirectory() as controlnet_dir:
         unet.save_pretrained(unet_dir)
         controlnet.save_pretrained(controlnet_dir)
-        return unet, controlnet, UNet2DConditionModel.from_pretrained(unet_dir), \
-            ControlNetModel.from_pretrained(controlnet_dir)
+        return unet, controlnet, from_pretrained(UNet2DConditionModel, unet_dir), \
+            from_pretrained(ControlNetModel, controlnet_dir)
 
 
 def make_inputs(kind: str) -> dict:

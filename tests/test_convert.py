@@ -15,10 +15,12 @@ from tiny_sdxl import randomised
 
 from realisid_jax.commands import convert as convert_command
 from realisid_jax.config import load_config
-from realisid_jax.models.factory import random_components
+from realisid_jax.realisid.components import random_components
 from realisid_jax.models.unet_2d_condition import UNet2DConditionModel
 from realisid_jax.sharding import DEFAULT_RULES, make_mesh, state_shardings
-from realisid_jax.weights.orbax_cache import load_converted, read_meta, save_converted
+from realisid_jax.loading.orbax_cache import read_meta, save_converted
+from realisid_jax.realisid.components import load_converted_components as load_converted
+from realisid_jax.loading.pretrained import from_pretrained
 
 CONFIG = load_config("configs/tiny.py")
 
@@ -37,7 +39,7 @@ def _assert_models_equal(actual, expected):
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    models = random_components(CONFIG, seed=3)
+    models = random_components(CONFIG, seed=3).named()
     # Zero-initialised ControlNet convs would let a wrong restore of them pass unnoticed.
     realisid = models["realisid"]
     params = nnx.state(realisid, nnx.Param)
@@ -114,7 +116,7 @@ def test_convert_command_from_pipeline_folder(tmp_path, capsys):
     assert "not in the sources" in printed and "image_encoder" in printed
     restored = load_converted(tmp_path / "out", CONFIG)
     assert sorted(restored) == ["realisid", "text_encoder", "text_encoder_2", "unet", "vae"]
-    _assert_models_equal(restored["unet"], UNet2DConditionModel.from_pretrained(base / "unet"))
+    _assert_models_equal(restored["unet"], from_pretrained(UNet2DConditionModel, base / "unet"))
     # Branches initialised from the UNet (ControlNet from_unet): their encoder copies the UNet's.
     np.testing.assert_array_equal(np.asarray(restored["realisid"].global_branch.conv_in.kernel.get_value()),
                                   np.asarray(restored["unet"].conv_in.kernel.get_value()))

@@ -15,9 +15,10 @@ from flax import nnx
 from safetensors.torch import load_file
 
 from realisid_jax.config import load_config
-from realisid_jax.models.realisid import RealisID, RealisIDConfig
-from realisid_jax.weights.convert import export_torch_state
-from realisid_jax.weights.export import export_branches, init_branch_from_controlnet, load_branches
+from realisid_jax.realisid.branches import RealisID, RealisIDConfig
+from realisid_jax.loading.torch_state import export_torch_state
+from realisid_jax.loading.branch_folders import export_branches, init_branch_from_controlnet
+from realisid_jax.realisid.components import load_branches
 
 CONFIG = load_config("configs/tiny.py")
 RID = CONFIG.model.id_projection

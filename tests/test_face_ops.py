@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from realisid_jax.face.ops import crop_and_resize, location_mask, relocate, relocate_levels
+from realisid_jax.realisid.ops import crop_and_resize, location_mask, relocate, relocate_levels
 
 FULL = jnp.array([0.0, 0.0, 1.0, 1.0])
 # Jitted once per static size: op-by-op dispatch would compile every primitive separately.

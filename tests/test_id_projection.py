@@ -10,8 +10,8 @@ from flax import nnx
 from realisid_jax.config import load_config
 from realisid_jax.models.id_projection import IDProjection, IDProjectionConfig
 from realisid_jax.models.modeling_utils import count_params
-from realisid_jax.weights.convert import load_torch_state
-from realisid_jax.weights.errors import CheckpointMismatchError
+from realisid_jax.loading.torch_state import load_torch_state
+from realisid_jax.loading.errors import CheckpointMismatchError
 
 
 def _torch_reference(config: IDProjectionConfig) -> IPAdapterPlusImageProjection:

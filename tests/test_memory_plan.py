@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from realisid_jax.config import load_config
-from realisid_jax.models.factory import abstract_components
+from realisid_jax.realisid.components import abstract_components
 from realisid_jax.models.modeling_utils import count_params
 from realisid_jax.training.memory import train_step_memory
 
@@ -20,7 +20,7 @@ MICRO = ["model.unet.layers_per_block=1", "model.unet.transformer_layers_per_blo
 def test_fsdp_plan_matches_the_shardings():
     config = load_config(CONFIG, MICRO)
     plan = train_step_memory(config, 8, resolution=64)
-    trainable = count_params(abstract_components(config)["realisid"])
+    trainable = count_params(abstract_components(config).realisid)
     assert plan.trainable_params == trainable
     # Sharded over 8 devices: one device holds less than half of the float32 branches + AdamW moments + frozen
     # weights (tiny dims that do not divide by 8 stay replicated), and XLA's arguments are exactly those

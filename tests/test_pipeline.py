@@ -10,13 +10,15 @@ from skimage import data
 from tiny_sdxl import build_tiny_sdxl
 
 from realisid_jax.cli import main
-from realisid_jax.conditioning import BoxError, Person, SizeError, TooManyPersonsError
+from realisid_jax.realisid.conditions import BoxError, Person, SizeError, TooManyPersonsError
 from realisid_jax.config import load_config
 from realisid_jax.face.errors import NoFaceError
-from realisid_jax.models.realisid import RealisID, RealisIDConfig
-from realisid_jax.pipeline import RealisIDPipeline, _denoise, prepare_conditions
+from realisid_jax.realisid.branches import RealisID, RealisIDConfig
+from realisid_jax.models.registry import FROZEN
+from realisid_jax.realisid.components import Components
+from realisid_jax.realisid.pipeline import RealisIDPipeline, _denoise, prepare_conditions
 from realisid_jax.sharding import data_sharding, make_mesh
-from realisid_jax.weights.pipeline_folder import load_pipeline_folder
+from realisid_jax.loading.pipeline_folder import load_pipeline_folder
 
 H, W, STEPS = 128, 128, 3
 CONFIG = load_config("configs/tiny.py")
@@ -35,8 +37,8 @@ def parts(sdxl):
 
 
 def _pipeline(parts, realisid, mesh=None):
-    models = dict(parts.models(), realisid=realisid)
-    return RealisIDPipeline(models, parts.tokenizers, CONFIG, scheduler_config=parts.scheduler_config, mesh=mesh)
+    components = Components(**{name: getattr(parts, name) for name in FROZEN}, realisid=realisid)
+    return RealisIDPipeline(components, parts.tokenizers, CONFIG, scheduler_config=parts.scheduler_config, mesh=mesh)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,7 @@ def test_batch_of_four_on_eight_devices_equals_one_device(parts, branches):
     mesh = make_mesh((2, 2, 2))
     assert data_sharding(mesh, (4, H // 8, W // 8, 4)).spec[0] == ("data", "fsdp"), "batch would be replicated"
     sharded_pipe = _pipeline(parts, branches, mesh=mesh)
-    assert any(len(set(v.sharding.spec) - {None}) for v in jax.tree.leaves(sharded_pipe._states["unet"]))
+    assert any(len(set(v.sharding.spec) - {None}) for v in jax.tree.leaves(sharded_pipe._state["unet"]))
     sharded = sharded_pipe(PROMPT, persons, **kw)
     np.testing.assert_allclose(sharded.latents, single.latents, atol=1e-4, rtol=1e-4)
     assert np.abs(sharded.images.astype(int) - single.images.astype(int)).max() <= 1

@@ -1,6 +1,6 @@
 """The pipeline-folder loader on a tiny random diffusers StableDiffusionXLPipeline written by save_pretrained:
 ``load_pipeline_folder`` (model_index.json), ``load_model_folders`` (the project config) and the trainer's
-``pretrained_frozen_models``."""
+``pretrained_components``."""
 
 import json
 import shutil
@@ -22,9 +22,9 @@ from realisid_jax.models.modeling_utils import count_params
 from realisid_jax.models.unet_2d_condition import UNet2DConditionModel as JaxUNet
 from realisid_jax.models.vae import AutoencoderKL as JaxVAE
 from realisid_jax.sharding import DEFAULT_RULES, make_mesh
-from realisid_jax.tokenizer import CLIP_VOCAB_SIZE
-from realisid_jax.training.models import pretrained_frozen_models
-from realisid_jax.weights.pipeline_folder import (PipelineComponents, UnsupportedComponentError,
+from realisid_jax.text.tokenizer import CLIP_VOCAB_SIZE
+from realisid_jax.realisid.components import pretrained_components
+from realisid_jax.loading.pipeline_folder import (PipelineComponents, UnsupportedComponentError,
                                                   load_model_folders, load_pipeline_folder)
 
 CONFIG = load_config("configs/tiny.py")
@@ -100,7 +100,7 @@ def test_trainer_loads_every_model_of_the_config_on_a_mesh(sdxl, loaded):
     folder, encoder_folder, _, _ = sdxl
     mesh = make_mesh((2, 2, 2))
     config = load_config("configs/tiny.py", ["param_dtype=bfloat16"])
-    frozen = pretrained_frozen_models(config, folder, encoder_folder, mesh, DEFAULT_RULES)
+    frozen = pretrained_components(config, folder, encoder_folder, mesh=mesh, rules=DEFAULT_RULES)
     models = {name: getattr(frozen, name) for name in loaded.models()}
     assert {name: type(m) for name, m in models.items()} == {n: type(m) for n, m in loaded.models().items()}
     _assert_on_mesh(models, mesh, jnp.bfloat16)

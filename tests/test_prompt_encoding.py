@@ -10,8 +10,9 @@ from transformers import CLIPTokenizer
 
 from realisid_jax.config import load_config
 from realisid_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
-from realisid_jax.prompt_encoding import encode_prompt_sd15, encode_prompt_sdxl
-from realisid_jax.tokenizer import offline_clip_tokenizer, tokenizer_cache_dir
+from realisid_jax.text.prompt_encoding import encode_prompt_sd15, encode_prompt_sdxl
+from realisid_jax.text.tokenizer import offline_clip_tokenizer, tokenizer_cache_dir
+from realisid_jax.loading.pretrained import from_pretrained
 
 TINY = load_config("configs/tiny.py").model
 PROMPTS = ["a photo of a cat wearing a red hat", "portrait of an astronaut, " * 12]  # the second is truncated
@@ -38,7 +39,7 @@ def _text_encoders(tmp_path_factory):
         folder = tmp_path_factory.mktemp(name)
         model.save_pretrained(folder)
         reference.append(model)
-        ours.append(mine.from_pretrained(folder))
+        ours.append(from_pretrained(mine, folder))
     return reference, ours
 
 
@@ -123,7 +124,7 @@ def sd15(tmp_path_factory):
     pipe = StableDiffusionPipeline(vae=AutoencoderKL(**TINY.vae), text_encoder=reference, tokenizer=tokenizer,
                                    unet=unet, scheduler=EulerDiscreteScheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    return pipe, tokenizer, CLIPTextModel.from_pretrained(folder)
+    return pipe, tokenizer, from_pretrained(CLIPTextModel, folder)
 
 
 @pytest.mark.parametrize("negative_prompt", [NEGATIVES, None], ids=["negative", "default_negative"])

@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 
 from realisid_jax.config import load_config
-from realisid_jax.face.ops import crop_and_resize, location_mask, relocate_levels
+from realisid_jax.realisid.ops import crop_and_resize, location_mask, relocate_levels
 from realisid_jax.models.id_projection import IDProjectionConfig
 from realisid_jax.models.modeling_utils import count_params
-from realisid_jax.models.realisid import RealisID, RealisIDConfig
+from realisid_jax.realisid.branches import RealisID, RealisIDConfig
 from realisid_jax.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 
 LATENT = 8  # latent side; local_latent_size is set to it, so a full box makes the crop the identity

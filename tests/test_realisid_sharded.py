@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from realisid_jax.config import load_config
-from realisid_jax.models.realisid import RealisID, RealisIDConfig
+from realisid_jax.realisid.branches import RealisID, RealisIDConfig
 from realisid_jax.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 from realisid_jax.sharding import DEFAULT_RULES, data_sharding, make_mesh, state_shardings, use_mesh
 from test_realisid import LATENT, _inputs, _random

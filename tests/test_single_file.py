@@ -19,9 +19,9 @@ from tiny_sdxl import randomised
 
 from realisid_jax.commands.convert import load_base
 from realisid_jax.config import load_config
-from realisid_jax.weights.convert import export_torch_state
-from realisid_jax.weights.errors import CheckpointMismatchError
-from realisid_jax.weights.single_file import detect_components, load_single_file
+from realisid_jax.loading.torch_state import export_torch_state
+from realisid_jax.loading.errors import CheckpointMismatchError
+from realisid_jax.loading.single_file import detect_components, load_single_file
 
 SDXL = load_config("configs/tiny.py")
 SD15 = load_config("configs/tiny.py")

@@ -8,9 +8,9 @@ import pytest
 from transformers import CLIPTokenizer
 
 from realisid_jax import assets
-from realisid_jax.tokenizer import (CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, TokenizerError, load_tokenizer,
+from realisid_jax.text.tokenizer import (CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, TokenizerError, load_tokenizer,
                                     offline_clip_tokenizer, tokenize, tokenizer_cache_dir)
-from realisid_jax.weights.errors import HubIdError
+from realisid_jax.folders import HubIdError
 
 A_PHOTO_OF_A_CAT = [49406, 320, 1125, 539, 320, 2368, 49407]
 

@@ -29,11 +29,11 @@ from realisid_jax.data.input_pipeline import make_train_iterator
 from realisid_jax.data.prepare import PrepareOptions, prepare_dataset
 from realisid_jax.data.sample_data import write_sample_source
 from realisid_jax.sharding import make_mesh
-from realisid_jax.train import Trainer
+from realisid_jax.training.trainer import Trainer
 from realisid_jax.training.checkpoint import TrainCheckpointer
 from realisid_jax.training.loop import NonFiniteLossError
-from realisid_jax.training.objective import condition_dropout, face_weighted_loss
-from realisid_jax.weights.export import load_branches
+from realisid_jax.realisid.objective import condition_dropout, face_weighted_loss
+from realisid_jax.realisid.components import load_branches
 from test_memory_plan import MICRO
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,6 +17,7 @@ from realisid_jax.config import load_config
 from realisid_jax.models.embeddings import Timesteps, broadcast_timesteps, text_time_input
 from realisid_jax.models.modeling_utils import count_params
 from realisid_jax.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
+from realisid_jax.loading.pretrained import from_pretrained
 
 # One thread: on a shared 2-core machine torch's thread pool spins (2 s instead of 20 ms per tiny forward).
 torch.set_num_threads(1)
@@ -113,7 +114,7 @@ def reference(kind: str):
     ref = randomized(TorchUNet(**CASES[kind][0]), seed=1)
     with tempfile.TemporaryDirectory() as folder:
         ref.save_pretrained(folder)
-        return ref, UNet2DConditionModel.from_pretrained(folder)
+        return ref, from_pretrained(UNet2DConditionModel, folder)
 
 
 @functools.cache

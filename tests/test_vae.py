@@ -12,6 +12,7 @@ from realisid_jax.config import load_config
 from realisid_jax.models.modeling_utils import count_params
 from realisid_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution
 from realisid_jax.sharding import make_mesh, state_shardings, use_mesh
+from realisid_jax.loading.pretrained import from_pretrained
 
 TINY = dict(load_config("configs/tiny.py").model.vae)
 VARIANTS = {
@@ -55,7 +56,7 @@ def checkpoints(tmp_path_factory):
         if name not in built:
             folder = tmp_path_factory.mktemp(name)
             reference = _torch_vae(VARIANTS[name], folder)
-            built[name] = reference, AutoencoderKL.from_pretrained(folder), folder
+            built[name] = reference, from_pretrained(AutoencoderKL, folder), folder
         return built[name]
 
     return get
@@ -94,7 +95,7 @@ def test_parity_encode_decode(pair):
 
 def test_bfloat16_load_and_decode(tiny_pair):
     _, model, folder = tiny_pair
-    bf16 = AutoencoderKL.from_pretrained(folder, dtype=jnp.bfloat16)
+    bf16 = from_pretrained(AutoencoderKL, folder, dtype=jnp.bfloat16)
     dtypes = {v.dtype for v in jax.tree.leaves(nnx.state(bf16, nnx.Param))}
     assert dtypes == {jnp.dtype(jnp.bfloat16)}
     z = _latents(model, 1)

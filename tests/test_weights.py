@@ -12,7 +12,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from realisid_jax.models.unet_2d_condition import UNet2DConditionModel
-from realisid_jax.weights.errors import CheckpointMismatchError, HubIdError
+from realisid_jax.folders import HubIdError
+from realisid_jax.loading.errors import CheckpointMismatchError
+from realisid_jax.loading.pretrained import from_pretrained
 
 torch.set_num_threads(1)
 
@@ -44,7 +46,7 @@ def test_wrong_shape_lists_key_and_both_shapes(folder):
     key = "down_blocks.1.attentions.0.proj_in.weight"
     edit_checkpoint(folder, lambda s: s.update({key: np.zeros((16, 16, 1, 2), np.float32)}))
     with pytest.raises(CheckpointMismatchError) as info:
-        UNet2DConditionModel.from_pretrained(folder)
+        from_pretrained(UNet2DConditionModel, folder)
     message = str(info.value)
     assert key in message and "(16, 16, 1, 2)" in message and "(16, 16, 1, 1)" in message
     assert info.value.wrong_shape == [(key, (16, 16, 1, 2), (16, 16, 1, 1))]
@@ -58,7 +60,7 @@ def test_missing_and_unexpected_keys_are_listed(folder):
 
     edit_checkpoint(folder, edit)
     with pytest.raises(CheckpointMismatchError) as info:
-        UNet2DConditionModel.from_pretrained(folder)
+        from_pretrained(UNet2DConditionModel, folder)
     assert info.value.missing == [missing] and info.value.unexpected == [unexpected]
     assert missing in str(info.value) and unexpected in str(info.value)
 
@@ -68,7 +70,7 @@ def test_config_for_another_architecture_is_a_mismatch(folder):
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "use_linear_projection": True}))
     with pytest.raises(CheckpointMismatchError) as info:
-        UNet2DConditionModel.from_pretrained(folder)
+        from_pretrained(UNet2DConditionModel, folder)
     assert {k for k, *_ in info.value.wrong_shape} >= {"down_blocks.1.attentions.0.proj_in.weight",
                                                         "up_blocks.0.attentions.0.proj_out.weight"}
 
@@ -76,22 +78,22 @@ def test_config_for_another_architecture_is_a_mismatch(folder):
 def test_missing_weights_file(folder):
     (folder / WEIGHTS).unlink()
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.bin") as info:
-        UNet2DConditionModel.from_pretrained(folder)
+        from_pretrained(UNet2DConditionModel, folder)
     assert "config.json" in str(info.value)  # what the folder does hold
 
 
 def test_missing_folder_and_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        UNet2DConditionModel.from_pretrained(tmp_path / "nowhere")
+        from_pretrained(UNet2DConditionModel, tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        UNet2DConditionModel.from_pretrained(tmp_path)
+        from_pretrained(UNet2DConditionModel, tmp_path)
     with pytest.raises(FileNotFoundError, match="unet"):
-        UNet2DConditionModel.from_pretrained(tmp_path, subfolder="unet")
+        from_pretrained(UNet2DConditionModel, tmp_path, subfolder="unet")
 
 
 def test_hub_id_is_refused():
     with pytest.raises(HubIdError, match="huggingface-cli download"):
-        UNet2DConditionModel.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0", subfolder="unet")
+        from_pretrained(UNet2DConditionModel, "stabilityai/stable-diffusion-xl-base-1.0", subfolder="unet")
 
 
 def test_bin_checkpoint_loads_like_safetensors(torch_unet, tmp_path):
@@ -99,17 +101,17 @@ def test_bin_checkpoint_loads_like_safetensors(torch_unet, tmp_path):
     torch_unet.save_pretrained(tmp_path / "bin", safe_serialization=False)
     assert (tmp_path / "bin" / "diffusion_pytorch_model.bin").is_file()
     assert not (tmp_path / "bin" / WEIGHTS).exists()
-    a = nnx.state(UNet2DConditionModel.from_pretrained(tmp_path / "st"), nnx.Param)
-    b = nnx.state(UNet2DConditionModel.from_pretrained(tmp_path / "bin"), nnx.Param)
+    a = nnx.state(from_pretrained(UNet2DConditionModel, tmp_path / "st"), nnx.Param)
+    b = nnx.state(from_pretrained(UNet2DConditionModel, tmp_path / "bin"), nnx.Param)
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
     # Both match the PyTorch tensors (transposed to flax layout), not merely each other.
-    kernel = np.asarray(nnx.state(UNet2DConditionModel.from_pretrained(tmp_path / "bin"))["conv_in"]["kernel"])
+    kernel = np.asarray(nnx.state(from_pretrained(UNet2DConditionModel, tmp_path / "bin"))["conv_in"]["kernel"])
     np.testing.assert_array_equal(kernel, torch_unet.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0))
 
 
 def test_pipeline_folder_with_subfolder(torch_unet, tmp_path):
     torch_unet.save_pretrained(tmp_path / "pipe" / "unet")
-    model = UNet2DConditionModel.from_pretrained(tmp_path / "pipe", subfolder="unet")
+    model = from_pretrained(UNet2DConditionModel, tmp_path / "pipe", subfolder="unet")
     assert model.config.block_out_channels == (8, 16)

@@ -9,7 +9,7 @@ import transformers
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from realisid_jax.config import load_config
-from realisid_jax.tokenizer import offline_clip_tokenizer
+from realisid_jax.text.tokenizer import offline_clip_tokenizer
 
 TINY = load_config("configs/tiny.py").model
 

@@ -165,9 +165,9 @@ def check_references(config, cells: Sequence[GridCell], photos: dict[str, Path |
     Raises:
       SizeError, BoxError, TooManyPersonsError, FaceError (NoFaceError, ImageReadError, ...): naming the photo.
     """
-    from realisid_jax.conditioning import Person
+    from realisid_jax.realisid.conditions import Person
     from realisid_jax.face.analysis import FaceAnalyzer
-    from realisid_jax.pipeline import prepare_conditions
+    from realisid_jax.realisid.pipeline import prepare_conditions
 
     analyzer = FaceAnalyzer()
     first = {}
@@ -201,7 +201,7 @@ def _prompts(path: Path | None) -> list[str]:
 
 
 def _build_pipeline(config, args, mesh):
-    from realisid_jax.pipeline import RealisIDPipeline
+    from realisid_jax.realisid.pipeline import RealisIDPipeline
 
     if args.base is None:
         print("note: no --base: the config's RANDOM weights make noise, not faces (plumbing runs only)",
@@ -217,7 +217,7 @@ def generate(pipeline, cells: Sequence[GridCell], photos: dict[str, Path], out: 
     returns the manifest's path. Paths in the manifest are relative to ``out``."""
     from PIL import Image
 
-    from realisid_jax.conditioning import Person
+    from realisid_jax.realisid.conditions import Person
     from realisid_jax.eval.manifest import ManifestEntry, ManifestPerson, write_manifest
 
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
 ``--base`` is a diffusers pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, ...) or an original-layout
 single ``.safetensors`` file. The branches come from ``--branches`` (an ``export_branches`` folder), or are
 initialised from the UNet (ControlNet ``from_unet``) with a fresh ID projection. Load the result with
-``realisid_jax.weights.orbax_cache.load_converted``.
+``realisid_jax.loading.orbax_cache.load_converted``.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def load_base(base: str, config, *, image_encoder: str | None = None) -> dict[st
       HubIdError / FileNotFoundError: a source is no local file or folder. ValueError / CheckpointMismatchError:
       as the two loaders.
     """
-    from realisid_jax.weights.pipeline_folder import load_model_folders
-    from realisid_jax.weights.single_file import load_single_file
+    from realisid_jax.loading.pipeline_folder import load_model_folders
+    from realisid_jax.loading.single_file import load_single_file
 
     if Path(base).is_file():
         return {**load_single_file(base, config), **load_model_folders(None, config, image_encoder=image_encoder)}
@@ -58,10 +58,10 @@ def convert(config, base: str, out: str, *, branches: str | None = None, image_e
       FileNotFoundError / HubIdError: a source missing. ValueError: ``out`` exists, or a source's
       ``config.json`` differs from the config. CheckpointMismatchError: weights that do not fit the config.
     """
-    from realisid_jax.models.factory import dtypes
-    from realisid_jax.models.realisid import RealisID, RealisIDConfig
-    from realisid_jax.weights.export import load_branches
-    from realisid_jax.weights.orbax_cache import save_converted
+    from realisid_jax.models.registry import dtypes
+    from realisid_jax.realisid.branches import RealisID, RealisIDConfig
+    from realisid_jax.realisid.components import abstract_branches, load_branches
+    from realisid_jax.loading.orbax_cache import save_converted
 
     start = time.perf_counter()
     models = load_base(base, config, image_encoder=image_encoder)
@@ -69,8 +69,7 @@ def convert(config, base: str, out: str, *, branches: str | None = None, image_e
         raise FileNotFoundError(f"{base} holds no UNet")
     realisid_config = RealisIDConfig.from_config(config)
     if branches is not None:
-        kw = dtypes(config)
-        models["realisid"] = load_branches(branches, realisid=RealisID.abstract(realisid_config, **kw), **kw)
+        models["realisid"] = load_branches(branches, realisid=abstract_branches(config), **dtypes(config))
     else:
         models["realisid"] = RealisID.from_unet(models["unet"], realisid_config)
     log(f"loaded {', '.join(models)} in {time.perf_counter() - start:.1f} s")

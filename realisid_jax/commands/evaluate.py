@@ -71,7 +71,7 @@ def build_evaluator(args: argparse.Namespace):
     if args.clip_vision is not None:
         tokenizer = None
         if args.clip_text is not None:
-            from realisid_jax.tokenizer import load_tokenizer, offline_clip_tokenizer
+            from realisid_jax.text.tokenizer import load_tokenizer, offline_clip_tokenizer
 
             tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else offline_clip_tokenizer()
         clip = ClipScorer.from_pretrained(args.clip_vision, args.clip_text, tokenizer)

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Handler: 0; a missing checkpoint raises FileNotFoundError (``cli`` prints it, exit code 2)."""
-    from realisid_jax.training.export import export_checkpoint
+    from realisid_jax.training.checkpoint_export import export_checkpoint
 
     step = export_checkpoint(args.workdir, args.out, args.step)
     print(f"exported step {step} of {args.workdir} to {args.out}; use: realisid sample --branches {args.out}")

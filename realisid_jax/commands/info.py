@@ -19,9 +19,9 @@ def register(subparsers) -> None:
 def parameter_counts(config) -> dict[str, int]:
     """Component name -> number of parameters; the branches are split into ``local_branch``,
     ``global_branch`` and ``id_projection``."""
-    from realisid_jax.models.factory import abstract_components
+    from realisid_jax.realisid.components import abstract_components
 
-    models = abstract_components(config)
+    models = abstract_components(config).named()
     realisid = models.pop("realisid")
     counts = {name: count_params(model) for name, model in models.items()}
     for name in ("local_branch", "global_branch", "id_projection"):

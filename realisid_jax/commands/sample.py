@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 def _persons(args, height: int, width: int):
     from skimage import data
 
-    from realisid_jax.conditioning import Person
+    from realisid_jax.realisid.conditions import Person
 
     if not args.face:
         # Embedded default: the astronaut's face, placed at 1/4 of the image edge, upper middle.
@@ -74,7 +74,7 @@ def _enable_compilation_cache() -> None:
 
 def build_pipeline(config, args):
     from realisid_jax.commands.info import parameter_counts
-    from realisid_jax.pipeline import RealisIDPipeline
+    from realisid_jax.realisid.pipeline import RealisIDPipeline
     from realisid_jax.sharding import make_mesh
 
     # Weights sharded and the batch split over the config's mesh (all devices; --config.mesh.shape).
@@ -94,8 +94,8 @@ def build_pipeline(config, args):
 def run(args) -> int:
     from PIL import Image
 
-    from realisid_jax.conditioning import conditioning_sheet
-    from realisid_jax.pipeline import prepare_conditions
+    from realisid_jax.realisid.conditions import conditioning_sheet
+    from realisid_jax.realisid.pipeline import prepare_conditions
 
     config = load_config(args.config, args.config_overrides)
     height = args.height or config.sampling.height

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     distributed.maybe_initialize()
     from realisid_jax.config import load_config
-    from realisid_jax.train import train
+    from realisid_jax.training.trainer import train
     from realisid_jax.training.loop import NonFiniteLossError
 
     config = load_config(args.config, args.config_overrides)

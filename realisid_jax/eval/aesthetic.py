@@ -34,8 +34,8 @@ from flax import nnx
 from realisid_jax.eval.identity import unit_rows
 from realisid_jax.models.layers import linear
 from realisid_jax.models.modeling_utils import abstract_module
-from realisid_jax.weights.checkpoint import read_state_dict
-from realisid_jax.weights.convert import load_torch_state
+from realisid_jax.loading.files import read_state_dict
+from realisid_jax.loading.torch_state import load_torch_state
 
 CLIP_L14_DIM = 768
 HIDDEN = (1024, 128, 64, 16)

@@ -32,7 +32,8 @@ from realisid_jax.face.image import as_rgb8
 from realisid_jax.face.preprocess import CLIP_MEAN, CLIP_STD, normalize
 from realisid_jax.models.clip_text import CLIPTextModelWithProjection
 from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
-from realisid_jax.tokenizer import tokenize
+from realisid_jax.text.tokenizer import tokenize
+from realisid_jax.loading.pretrained import from_pretrained
 
 
 def clip_image_input(image: np.ndarray, size: int) -> np.ndarray:
@@ -52,7 +53,7 @@ class ClipScorer:
     Args:
       vision: ``CLIPVisionModelWithProjection``.
       text: ``CLIPTextModelWithProjection`` of the same CLIP model, or ``None`` (then no CLIP-T).
-      tokenizer: the ``CLIPTokenizer`` for ``text`` (``realisid_jax.tokenizer``); needed with ``text``.
+      tokenizer: the ``CLIPTokenizer`` for ``text`` (``realisid_jax.text.tokenizer``); needed with ``text``.
       label: names the model in outputs.
       mean, std: the image preprocessor's normalisation.
 
@@ -81,8 +82,8 @@ class ClipScorer:
                         tokenizer=None, **kwargs) -> ClipScorer:
         """Loads transformers-format ``CLIPVisionModelWithProjection`` / ``CLIPTextModelWithProjection``
         folders (see the module docstring)."""
-        vision = CLIPVisionModelWithProjection.from_pretrained(vision_folder)
-        text = CLIPTextModelWithProjection.from_pretrained(text_folder) if text_folder is not None else None
+        vision = from_pretrained(CLIPVisionModelWithProjection, vision_folder)
+        text = from_pretrained(CLIPTextModelWithProjection, text_folder) if text_folder is not None else None
         return cls(vision, text, tokenizer, label=kwargs.pop("label", f"clip:{Path(vision_folder).name}"), **kwargs)
 
     @property

@@ -43,6 +43,7 @@ from realisid_jax.face.analysis import Face
 from realisid_jax.face.image import as_rgb8
 from realisid_jax.face.preprocess import CLIP_MEAN, CLIP_STD, crop_box, preprocess_reference, square_box
 from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
+from realisid_jax.loading.pretrained import from_pretrained
 
 FACENET_SIZE = 160
 CLIP_FALLBACK_PREFIX = "clip-vision-fallback"
@@ -140,7 +141,7 @@ class CLIPFaceEmbedder:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, **kwargs) -> CLIPFaceEmbedder:
         """Loads a transformers ``CLIPVisionModelWithProjection`` folder (``config.json`` + weights)."""
-        return cls(CLIPVisionModelWithProjection.from_pretrained(folder), source=Path(folder).name, **kwargs)
+        return cls(from_pretrained(CLIPVisionModelWithProjection, folder), source=Path(folder).name, **kwargs)
 
     def embed(self, image: np.ndarray, faces: Sequence[Face]) -> np.ndarray:
         if not faces:

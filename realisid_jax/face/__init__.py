@@ -1,6 +1,6 @@
-"""Faces: host-side analysis (NumPy/OpenCV/LiteRT) and jitted face ops (``face.ops``, JAX).
+"""Faces, host side (NumPy / OpenCV / LiteRT): what the method needs to know about a photo's people.
 
-Host side, one concept per module:
+One concept per module:
   image       ``load_image``: any photo file/array -> uint8 RGB (the project's one loader)
   errors      ``ImageReadError``, ``NoFaceError``, ``FaceTooSmallError``
   detect      ``Detector`` protocol; BlazeFace (MediaPipe) and Haar (OpenCV) backends
@@ -11,39 +11,5 @@ Host side, one concept per module:
   preprocess  ``preprocess_reference`` -> ``ReferenceFace`` (square masked CLIP crop)
   draw        ``draw_landmark_image`` (c_pe), ``annotate``
 
-The names below are importable from ``realisid_jax.face`` directly; they load lazily so that
-importing ``realisid_jax.face.ops`` does not pull in OpenCV or LiteRT.
+The jitted face-box operations of the method (crop, relocation R, location mask) are ``realisid.ops``.
 """
-from __future__ import annotations
-
-import importlib
-
-_EXPORTS = {
-    "load_image": "image",
-    "ImageReadError": "errors",
-    "NoFaceError": "errors",
-    "FaceTooSmallError": "errors",
-    "FaceError": "errors",
-    "Detection": "detect",
-    "Detector": "detect",
-    "Landmarker": "landmarks",
-    "FaceParser": "parsing",
-    "BlazeFaceDetector": "detect",
-    "HaarCascadeDetector": "detect",
-    "FaceMeshLandmarker": "landmarks",
-    "LandmarkOvalParser": "parsing",
-    "Face": "analysis",
-    "FaceAnalyzer": "analysis",
-    "ReferenceFace": "preprocess",
-    "preprocess_reference": "preprocess",
-    "draw_landmark_image": "draw",
-    "annotate": "draw",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

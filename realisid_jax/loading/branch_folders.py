@@ -6,7 +6,7 @@
     OUT/global_branch/  config.json (diffusers ControlNetModel)   diffusion_pytorch_model.safetensors
     OUT/id_projection/  config.json (IPAdapterPlusImageProjection init kwargs)   diffusion_pytorch_model.safetensors
 
-``diffusers.ControlNetModel.from_pretrained(OUT / "local_branch")`` loads a branch;
+``diffusers.from_pretrained(ControlNetModel, OUT / "local_branch")`` loads a branch;
 ``IPAdapterPlusImageProjection(**config)`` plus ``load_state_dict`` the projection. ``load_branches`` reads
 the folders back. ``init_branch_from_controlnet`` starts a branch from an existing diffusers SDXL ControlNet
 (e.g. InstantID's IdentityNet), copying every tensor that fits and reporting the rest.
@@ -29,10 +29,10 @@ from safetensors.numpy import save_file
 
 from realisid_jax.models.controlnet import ControlNetModel
 from realisid_jax.models.id_projection import IDProjection
-from realisid_jax.models.realisid import RealisID
 from realisid_jax.sharding import DEFAULT_RULES, Rules
-from realisid_jax.weights import convert
-from realisid_jax.weights.checkpoint import find_weights, read_json, read_state_dict, resolve_folder
+from realisid_jax.loading import torch_state
+from realisid_jax.loading.files import find_weights, read_json, read_state_dict, resolve_folder
+from realisid_jax.loading.pretrained import from_pretrained
 
 BRANCHES = ("local_branch", "global_branch")
 PARTS = (*BRANCHES, "id_projection")
@@ -51,7 +51,7 @@ def export_module(module: nnx.Module, folder: str | os.PathLike, class_name: str
     folder.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": class_name, "_diffusers_version": _DIFFUSERS_VERSION, **module.config.to_dict()}
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    state = convert.export_torch_state(nnx.state(module, nnx.Param), key_fn=type(module).torch_key)
+    state = torch_state.export_torch_state(nnx.state(module, nnx.Param), key_fn=type(module).torch_key)
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     return folder
 
@@ -59,8 +59,8 @@ def export_module(module: nnx.Module, folder: str | os.PathLike, class_name: str
 _SETTINGS = "realisid.json"
 
 
-def export_branches(realisid: RealisID, out: str | os.PathLike) -> dict[str, Path]:
-    """Exports ``local_branch``, ``global_branch`` and ``id_projection`` under ``out``, and the RealisID-level
+def export_branches(realisid: nnx.Module, out: str | os.PathLike) -> dict[str, Path]:
+    """Exports a ``RealisID``'s ``local_branch``, ``global_branch`` and ``id_projection`` under ``out``, and the RealisID-level
     settings (crop size, branch scales) as ``realisid.json``; returns name -> folder."""
     folders = {name: export_module(getattr(realisid, name), Path(out) / name, _CLASS_NAMES[name]) for name in PARTS}
     c = realisid.config
@@ -69,35 +69,28 @@ def export_branches(realisid: RealisID, out: str | os.PathLike) -> dict[str, Pat
     return folders
 
 
-def load_branches(folder: str | os.PathLike, *, dtype=None, param_dtype=None, attention_impl: str | None = "xla",
-                  mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, realisid: RealisID | None = None) -> RealisID:
-    """Reads an ``export_branches`` folder back into a ``RealisID``.
+def load_branch_parts(folder: str | os.PathLike, *, dtype=None, param_dtype=None, attention_impl: str | None = "xla",
+                      mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> tuple[dict[str, nnx.Module], dict]:
+    """Reads an ``export_branches`` folder: ``(name -> model, settings)`` for ``local_branch``, ``global_branch``
+    (``ControlNetModel``) and ``id_projection`` (``IDProjection``), and the ``realisid.json`` settings (empty
+    when absent). ``realisid.components.load_branches`` assembles them into a ``RealisID``.
 
     Args:
       folder: holds ``local_branch/``, ``global_branch/``, ``id_projection/``.
-      realisid: model whose three parts are replaced (its ``config`` keeps the scales and crop size); default
-        a ``RealisID`` whose config is read from the folders (``RealisIDConfig`` defaults otherwise).
       dtype, param_dtype, attention_impl, mesh, rules: as ``from_pretrained``; dtype defaults to float32.
 
     Raises:
       FileNotFoundError: a part's folder, config or weights missing. CheckpointMismatchError: as
       ``from_pretrained``.
     """
-    from realisid_jax.models.realisid import RealisIDConfig
-
     root = resolve_folder(folder)
     kw = dict(dtype=dtype or jnp.float32, param_dtype=param_dtype, attention_impl=attention_impl, mesh=mesh,
               rules=rules)
-    parts = {name: cls.from_pretrained(root, subfolder=name, **kw)
+    parts = {name: from_pretrained(cls, root, subfolder=name, **kw)
              for name, cls in (("local_branch", ControlNetModel), ("global_branch", ControlNetModel),
                                ("id_projection", IDProjection))}
-    if realisid is None:
-        settings = read_json(root / _SETTINGS) if (root / _SETTINGS).is_file() else {}
-        config = RealisIDConfig(**{name: part.config for name, part in parts.items()}, **settings)
-        realisid = RealisID.abstract(config, dtype=kw["dtype"], param_dtype=param_dtype, attention_impl=attention_impl)
-    for name, part in parts.items():
-        setattr(realisid, name, part)
-    return realisid
+    settings = read_json(root / _SETTINGS) if (root / _SETTINGS).is_file() else {}
+    return parts, settings
 
 
 @dataclasses.dataclass
@@ -152,7 +145,7 @@ def _config_differences(checkpoint_config: dict, branch_config) -> list[tuple[st
     return out
 
 
-def init_branch_from_controlnet(realisid: RealisID, branch_name: str, folder: str | os.PathLike, *,
+def init_branch_from_controlnet(realisid: nnx.Module, branch_name: str, folder: str | os.PathLike, *,
                                 verbose: bool = True) -> ImportReport:
     """Copies a diffusers ControlNet's weights into ``realisid.<branch_name>`` wherever they fit.
 
@@ -163,7 +156,7 @@ def init_branch_from_controlnet(realisid: RealisID, branch_name: str, folder: st
     and each existing parameter's sharding.
 
     Args:
-      realisid: modified in place.
+      realisid: a ``RealisID``, modified in place.
       branch_name: ``"local_branch"`` or ``"global_branch"``.
       folder: diffusers ControlNet folder (``config.json`` + ``diffusion_pytorch_model.safetensors``/``.bin``).
 
@@ -186,10 +179,10 @@ def init_branch_from_controlnet(realisid: RealisID, branch_name: str, folder: st
             report.missing.append(key)
             continue
         used.add(key)
-        array = convert.to_flax_layout(str(var_path[-1]), state_dict[key])
+        array = torch_state.to_flax_layout(str(var_path[-1]), state_dict[key])
         current = variable.get_value()
         if tuple(array.shape) != tuple(current.shape):
-            want = convert.to_torch_layout(str(var_path[-1]), np.empty(current.shape, np.bool_)).shape
+            want = torch_state.to_torch_layout(str(var_path[-1]), np.empty(current.shape, np.bool_)).shape
             report.wrong_shape.append((key, tuple(state_dict[key].shape), tuple(want)))
             continue
         value = jax.device_put(np.asarray(array).astype(current.dtype), current.sharding)

@@ -23,7 +23,3 @@ class CheckpointMismatchError(ValueError):
         for key, got, want in wrong_shape:
             lines.append(f"  wrong shape: {key}: checkpoint {tuple(got)}, model expects {tuple(want)}")
         super().__init__("\n".join(lines))
-
-
-class HubIdError(FileNotFoundError):
-    """A hub id such as ``stabilityai/stable-diffusion-xl-base-1.0`` was given where a local folder is needed."""

@@ -10,31 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from realisid_jax.weights.errors import HubIdError
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_folder(path: str | os.PathLike) -> Path:
-    """Returns ``path`` as an existing local folder.
-
-    Raises:
-      HubIdError: ``path`` does not exist and looks like ``owner/name`` (no model hub is reachable).
-      FileNotFoundError: ``path`` does not exist.
-      NotADirectoryError: ``path`` is a file.
-    """
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        return folder
-    if folder.exists():
-        raise NotADirectoryError(f"{folder} is a file; a diffusers/transformers model folder is expected")
-    if _HUB_ID.match(str(path)):
-        raise HubIdError(
-            f"{path!r} looks like a model-hub id, but realisid-jax loads local folders only (no hub access at "
-            f"run time). Download it elsewhere (e.g. `huggingface-cli download {path} --local-dir DIR`) and "
-            f"pass DIR.")
-    raise FileNotFoundError(f"model folder {folder} does not exist")
-
+from realisid_jax.folders import resolve_folder
 
 def read_json(path: Path) -> dict:
     """Reads a ``config.json``-style file. Raises FileNotFoundError naming the folder and file."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import jax
@@ -21,8 +21,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from realisid_jax.loading.errors import CheckpointMismatchError
+from realisid_jax.models.registry import FROZEN, dtypes
 from realisid_jax.sharding import DEFAULT_RULES, Rules, state_shardings
-from realisid_jax.weights.errors import CheckpointMismatchError
 
 FORMAT_VERSION = 1
 # Config sections each cached component is built from (compared on load: a different architecture fails).
@@ -50,16 +51,13 @@ def _describe(config, name: str) -> dict:
     return described
 
 
-def _abstract(config, name: str) -> nnx.Module:
-    """Component ``name`` of ``config`` with ``ShapeDtypeStruct`` variables (only that one is traced)."""
-    from realisid_jax.models.factory import FROZEN, dtypes
-    from realisid_jax.models.realisid import RealisID, RealisIDConfig
-
-    kw = dtypes(config)
-    if name == "realisid":
-        return RealisID.abstract(RealisIDConfig.from_config(config), **kw)
+def _abstract(config, name: str, templates: Mapping[str, Callable[[], nnx.Module]]) -> nnx.Module:
+    """Component ``name`` of ``config`` with ``ShapeDtypeStruct`` variables (only that one is traced): a frozen
+    model of ``models.registry.FROZEN``, or ``templates[name]()`` for others (the RealisID branches)."""
+    if name in templates:
+        return templates[name]()
     cls, config_class = FROZEN[name]
-    return cls.abstract(config_class.from_dict(dict(config.model[name])), **kw)
+    return cls.abstract(config_class.from_dict(dict(config.model[name])), **dtypes(config))
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -126,7 +124,8 @@ def _check_shapes(stored: dict, target: dict, source: str) -> None:
 
 
 def load_converted(directory: str | os.PathLike, config, *, mesh: Mesh | None = None,
-                   rules: Rules = DEFAULT_RULES, components: Iterable[str] | None = None) -> dict[str, nnx.Module]:
+                   rules: Rules = DEFAULT_RULES, components: Iterable[str] | None = None,
+                   templates: Mapping[str, Callable[[], nnx.Module]] | None = None) -> dict[str, nnx.Module]:
     """Restores cached components, each parameter directly onto its sharding.
 
     Each model is built abstractly (``nnx.eval_shape``) from ``config``; the shardings of its variables come
@@ -139,6 +138,8 @@ def load_converted(directory: str | os.PathLike, config, *, mesh: Mesh | None = 
       config: project config; its model sections must describe the cached architectures.
       mesh, rules: target mesh and logical-axis rules.
       components: names to restore (default: all cached).
+      templates: name -> function building the abstract model, for components that are not frozen base models
+        (``realisid.components.load_converted_components`` passes the branches').
 
     Returns:
       name -> model.
@@ -159,7 +160,7 @@ def load_converted(directory: str | os.PathLike, config, *, mesh: Mesh | None = 
     checkpointer = _checkpointer()
     items, graphdefs, states = {}, {}, {}
     for name in names:
-        graphdefs[name], states[name] = nnx.split(_abstract(config, name))
+        graphdefs[name], states[name] = nnx.split(_abstract(config, name, templates or {}))
         target = states[name].to_pure_dict()
         _check_shapes(_stored_shapes(path / name), target, f"{path / name}")
         if mesh is not None:

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from realisid_jax.sharding import DEFAULT_RULES, Rules
-from realisid_jax.weights.checkpoint import read_json, resolve_folder
+from realisid_jax.loading.files import read_json, resolve_folder
+from realisid_jax.loading.pretrained import from_pretrained
 
 if TYPE_CHECKING:
     import ml_collections
@@ -130,7 +131,7 @@ def model_class(class_name: str) -> type:
     Raises:
       UnsupportedComponentError: no implementation of ``class_name``.
     """
-    from realisid_jax.models.factory import FROZEN
+    from realisid_jax.models.registry import FROZEN
 
     classes = {cls.__name__: cls for cls, _ in FROZEN.values()}
     if class_name not in classes:
@@ -163,7 +164,7 @@ def load_pipeline_folder(folder: str | os.PathLike, *, dtype=jnp.float32,
       CheckpointMismatchError: a component's weights do not fit its ``config.json``.
       TokenizerError: a tokenizer folder does not hold the 49,408-entry CLIP tokenizer.
     """
-    from realisid_jax.tokenizer import load_tokenizer
+    from realisid_jax.text.tokenizer import load_tokenizer
 
     root = resolve_folder(folder)
     model_index = read_json(root / "model_index.json")
@@ -206,7 +207,7 @@ def load_model_folders(folder: str | os.PathLike | None, config: ml_collections.
         are read.
       CheckpointMismatchError: a component's weights do not fit its config.
     """
-    from realisid_jax.models.factory import FROZEN, dtypes
+    from realisid_jax.models.registry import FROZEN, dtypes
 
     folders = _folders(resolve_folder(folder) if folder is not None else None, FROZEN, image_encoder)
     described = [name for name in FROZEN if config.model.get(name) is not None]
@@ -241,7 +242,7 @@ def _load_models(folders: Mapping[str, Path], classes: Mapping[str, str], listed
                                 f"{listed_by} {', '.join(f'{n} ({classes[n]})' for n in absent)}")
     for name, model_config in (expected or {}).items():
         _check_config(folders[name], name, model_config)
-    return {name: model_class(cls).from_pretrained(folders[name], **kw)
+    return {name: from_pretrained(model_class(cls), folders[name], **kw)
             for name, cls in classes.items() if name in _MODELS}
 
 

@@ -29,9 +29,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from realisid_jax.models.factory import FROZEN, dtypes
+from realisid_jax.models.registry import FROZEN, dtypes
 from realisid_jax.sharding import DEFAULT_RULES, Rules
-from realisid_jax.weights import stability_keys
+from realisid_jax.loading import stability_keys
+from realisid_jax.loading.pretrained import from_state_dict
 
 # Candidate prefixes per component, in the order they are looked for.
 PREFIXES: dict[str, tuple[str, ...]] = {
@@ -166,7 +167,7 @@ def load_single_file(path: str | os.PathLike, config, *, components: Iterable[st
         cls, config_class = FROZEN[name]
         model_config = dict(config.model[name])
         state = to_diffusers(name, read_prefixed(path, found[name]), model_config)
-        models[name] = cls.from_state_dict(config_class.from_dict(model_config), state,
+        models[name] = from_state_dict(cls, config_class.from_dict(model_config), state,
                                            source=f"{path} [{found[name] or name}]", mesh=mesh, rules=rules,
                                            **dtypes(config))
     return models

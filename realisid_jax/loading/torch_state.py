@@ -15,17 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from realisid_jax.weights.errors import CheckpointMismatchError
-
-Path = tuple[str | int, ...]
-_TORCH_NAME = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
-
-
-def torch_key(path: Path) -> str:
-    """The PyTorch state-dict key of an NNX variable path."""
-    *modules, leaf = path
-    return ".".join(str(p) for p in (*modules, _TORCH_NAME.get(leaf, leaf)))
-
+from realisid_jax.loading.errors import CheckpointMismatchError
+from realisid_jax.models.modeling_utils import VariablePath, torch_key
 
 def to_flax_layout(leaf: str, array: np.ndarray) -> np.ndarray:
     """PyTorch layout -> flax layout for the variable named ``leaf``."""
@@ -46,7 +37,7 @@ def to_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
 
 
 def load_torch_state(abstract_state: nnx.State, state_dict: dict[str, np.ndarray], *, source: str,
-                     key_fn: Callable[[Path], str] = torch_key, ignore: Sequence[str] = (),
+                     key_fn: Callable[[VariablePath], str] = torch_key, ignore: Sequence[str] = (),
                      shardings: nnx.State | None = None) -> nnx.State:
     """Fills an abstract NNX state (from ``nnx.eval_shape``) with a PyTorch state dict.
 
@@ -90,7 +81,7 @@ def load_torch_state(abstract_state: nnx.State, state_dict: dict[str, np.ndarray
     return nnx.from_flat_state([place(*item) for item in loaded])
 
 
-def export_torch_state(state: nnx.State, key_fn: Callable[[Path], str] = torch_key) -> dict[str, np.ndarray]:
+def export_torch_state(state: nnx.State, key_fn: Callable[[VariablePath], str] = torch_key) -> dict[str, np.ndarray]:
     """NNX state -> PyTorch state dict of host float arrays (inverse of ``load_torch_state``)."""
     return {key_fn(path): np.ascontiguousarray(to_torch_layout(str(path[-1]), np.asarray(v.get_value())))
             for path, v in nnx.to_flat_state(state)}

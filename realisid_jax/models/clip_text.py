@@ -137,7 +137,7 @@ class CLIPTextModel(nnx.Module, _CLIPTextBase):
 
         Args:
           input_ids: (B, L) integer token ids, L <= ``max_position_embeddings`` (77), e.g. from
-            ``realisid_jax.tokenizer.tokenize``.
+            ``realisid_jax.text.tokenizer.tokenize``.
           attention_mask: optional (B, L), 1 = real token, 0 = padding; combined with the causal mask. A row
             whose first token is padding has no key to attend to (transformers' output is undefined there too).
 

@@ -142,7 +142,7 @@ class ControlNetModel(UNetEncoderMixin, PretrainedMixin, nnx.Module):
     """ControlNet: UNet encoder + mid block copy F on ``conv_in(z_t) + Z1(cond)``, zero 1x1 convs Z2 per output.
 
     Construct with ``ControlNetModel(config, rngs=...)`` (fresh: Z1/Z2 zero, everything else random),
-    ``ControlNetModel.from_unet(unet)`` (F copied from the UNet) or ``ControlNetModel.from_pretrained(folder)``.
+    ``ControlNetModel.from_unet(unet)`` (F copied from the UNet) or ``from_pretrained(ControlNetModel, folder)``.
     """
 
     config_class = ControlNetConfig

@@ -1,13 +1,11 @@
-"""What every model shares: a config dataclass read from ``config.json`` and ``from_pretrained``.
-
-Mirrors diffusers' ``ModelMixin.from_pretrained`` / ``ConfigMixin`` for local folders: the model is built with
-``nnx.eval_shape`` (no memory), then each imported tensor is placed straight onto its sharding.
+"""What every model shares: a config dataclass read from ``config.json``, abstract construction, and the PyTorch
+names of its variables (``torch_key``), which ``realisid_jax.loading`` uses to import diffusers/transformers
+checkpoints (diffusers' ``ModelMixin`` / ``ConfigMixin``; loading itself lives in ``loading.pretrained``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
@@ -15,11 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
-from realisid_jax.sharding import DEFAULT_RULES, Rules, state_shardings
-from realisid_jax.weights import convert
-from realisid_jax.weights.checkpoint import find_weights, read_json, read_state_dict, resolve_folder
+VariablePath = tuple[str | int, ...]
+_TORCH_NAME = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+
+
+def torch_key(path: VariablePath) -> str:
+    """The PyTorch state-dict key of an NNX variable path."""
+    *modules, leaf = path
+    return ".".join(str(p) for p in (*modules, _TORCH_NAME.get(leaf, leaf)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +70,8 @@ def abstract_module(build: Callable[[nnx.Rngs], nnx.Module]) -> nnx.Module:
 
 
 class PretrainedMixin:
-    """``from_pretrained`` for a model class ``cls(config, *, rngs, dtype, param_dtype, attention_impl)``."""
+    """What ``loading.pretrained.from_pretrained`` needs of a model class ``cls(config, *, rngs, dtype, param_dtype,
+    attention_impl)``: its config class, weight file names, PyTorch key names and buffers to ignore."""
 
     config_class: ClassVar[type[ModelConfig]]
     weights_names: ClassVar[tuple[str, ...]] = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -76,9 +79,9 @@ class PretrainedMixin:
     ignore_keys: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
-    def torch_key(cls, path: convert.Path) -> str:
+    def torch_key(cls, path: VariablePath) -> str:
         """NNX path -> PyTorch key; the identity rename unless a class's tree differs from PyTorch's."""
-        return convert.torch_key(path)
+        return torch_key(path)
 
     @classmethod
     def rename_checkpoint(cls, state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -93,43 +96,3 @@ class PretrainedMixin:
         return abstract_module(lambda rngs: cls(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype or dtype,
                                                 attention_impl=attention_impl))
 
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *, subfolder: str | None = None, dtype=jnp.float32,
-                        param_dtype=None, attention_impl: str | None = "xla", mesh: Mesh | None = None,
-                        rules: Rules = DEFAULT_RULES) -> Self:
-        """Loads a diffusers/transformers-format local folder (``config.json`` + weights).
-
-        Args:
-          folder: local model folder (or a pipeline folder with ``subfolder``, e.g. ``"unet"``).
-          dtype: computation dtype; ``param_dtype`` (default: ``dtype``) is the storage dtype, float32 or
-            bfloat16.
-          mesh, rules: when given, each parameter is placed directly on its logical-axis sharding.
-
-        Raises:
-          HubIdError: a hub id instead of a folder. FileNotFoundError: folder, ``config.json`` or weights
-          missing. CheckpointMismatchError: missing / unexpected / wrong-shape keys, all listed.
-        """
-        root = resolve_folder(folder)
-        path = resolve_folder(root / subfolder) if subfolder else root
-        config = cls.config_class.from_dict(read_json(path / "config.json"))
-        weights = find_weights(path, cls.weights_names)
-        return cls.from_state_dict(config, read_state_dict(weights), source=str(weights), dtype=dtype,
-                                   param_dtype=param_dtype, attention_impl=attention_impl, mesh=mesh, rules=rules)
-
-    @classmethod
-    def from_state_dict(cls, config: ModelConfig, state_dict: dict[str, np.ndarray], *, source: str,
-                        dtype=jnp.float32, param_dtype=None, attention_impl: str | None = "xla",
-                        mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Self:
-        """Builds the model of ``config`` from a PyTorch-keyed state dict (diffusers/transformers names), e.g.
-        one converted from a single-file checkpoint; arguments as ``from_pretrained``, ``source`` names the
-        file in error messages.
-
-        Raises:
-          CheckpointMismatchError: missing / unexpected / wrong-shape keys, all listed.
-        """
-        graphdef, abstract_state = nnx.split(cls.abstract(config, dtype=dtype, param_dtype=param_dtype,
-                                                          attention_impl=attention_impl))
-        shardings = state_shardings(abstract_state, mesh, rules) if mesh is not None else None
-        state = convert.load_torch_state(abstract_state, cls.rename_checkpoint(state_dict), source=source,
-                                         key_fn=cls.torch_key, ignore=cls.ignore_keys, shardings=shardings)
-        return nnx.merge(graphdef, state)

@@ -21,6 +21,9 @@ from realisid_jax.sharding import constrain
 
 _SIZE = int | tuple[int, ...]
 
+# Pixels per latent cell of the SD / SDXL VAE (diffusers' ``pipeline.vae_scale_factor``): 2 ** (levels - 1).
+VAE_SCALE_FACTOR = 8
+
 
 @dataclasses.dataclass(frozen=True)
 class AutoencoderKLConfig(ModelConfig):

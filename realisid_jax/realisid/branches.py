@@ -8,7 +8,7 @@ The frozen UNet gets, at every skip connection and after the mid block,
   * ``i_g^k = global_branch(z_t, t, p_id^k, c_loc^k)`` runs on the whole latent, conditioned on the person's
     location mask.
 Persons are padded to a static K with a validity mask and folded into the batch axis (B * K), so each branch
-runs once per denoising step. Boxes follow ``realisid_jax.face.ops``: ``(x0, y0, x1, y1)`` normalised to [0, 1].
+runs once per denoising step. Boxes follow ``realisid_jax.realisid.ops``: ``(x0, y0, x1, y1)`` normalised to [0, 1].
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from realisid_jax.face.ops import crop_and_resize, location_mask, relocate_levels
+from realisid_jax.realisid.ops import crop_and_resize, location_mask, relocate_levels
 from realisid_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from realisid_jax.models.embeddings import broadcast_timesteps
 from realisid_jax.models.id_projection import IDProjection, IDProjectionConfig
 from realisid_jax.models.modeling_utils import abstract_module
 from realisid_jax.models.unet_2d_condition import UNet2DConditionConfig
+from realisid_jax.models.vae import VAE_SCALE_FACTOR
 
-# Latent cells per pixel edge (SD / SDXL VAE): the condition images are 8x the latent.
-VAE_SCALE = 8
 # Stand-in box of padded persons: keeps every op well conditioned; their outputs are masked out anyway.
 _FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 
@@ -168,7 +167,7 @@ class RealisID(nnx.Module):
         b, h, w, _ = sample.shape
         k = boxes.shape[1]
         size = self.config.local_latent_size
-        pixels = VAE_SCALE * size
+        pixels = VAE_SCALE_FACTOR * size
         if boxes.shape != (b, k, 4) or valid.shape != (b, k) or id_embedding.shape[:2] != (b, k):
             raise ValueError(f"boxes {boxes.shape}, valid {valid.shape} and id_embedding {id_embedding.shape} "
                              f"must share (B, K) = ({b}, K), boxes ending in 4")
@@ -182,7 +181,7 @@ class RealisID(nnx.Module):
         p_id = id_embedding.reshape(b * k, *id_embedding.shape[2:])
         global_added, local_added = self._added_conditions(added_cond_kwargs, flat_boxes, (h, w), k)
 
-        masks = jax.vmap(location_mask, in_axes=(0, None))(flat_boxes, (VAE_SCALE * h, VAE_SCALE * w))
+        masks = jax.vmap(location_mask, in_axes=(0, None))(flat_boxes, (VAE_SCALE_FACTOR * h, VAE_SCALE_FACTOR * w))
         g_down, g_mid = self.global_branch(_fold(sample, k), t, p_id, masks.astype(sample.dtype),
                                            added_cond_kwargs=global_added)
         crops = jax.vmap(jax.vmap(crop_and_resize, in_axes=(None, 0, None)), in_axes=(0, 0, None))(
@@ -209,9 +208,9 @@ class RealisID(nnx.Module):
             return None, None
         folded = {name: _fold(jnp.asarray(value), k) for name, value in added_cond_kwargs.items()}
         h, w = latent_hw
-        pixels = VAE_SCALE * self.config.local_latent_size
-        box_h = (flat_boxes[:, 3] - flat_boxes[:, 1]) * (VAE_SCALE * h)
-        box_w = (flat_boxes[:, 2] - flat_boxes[:, 0]) * (VAE_SCALE * w)
+        pixels = VAE_SCALE_FACTOR * self.config.local_latent_size
+        box_h = (flat_boxes[:, 3] - flat_boxes[:, 1]) * (VAE_SCALE_FACTOR * h)
+        box_w = (flat_boxes[:, 2] - flat_boxes[:, 0]) * (VAE_SCALE_FACTOR * w)
         zeros = jnp.zeros_like(box_h)
         crop_ids = jnp.stack([box_h, box_w, zeros, zeros, zeros + pixels, zeros + pixels], axis=-1)
         local = {**folded, "time_ids": crop_ids}

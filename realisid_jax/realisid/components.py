@@ -1,58 +1,145 @@
-"""Every model of a RealisID system from one project config (``configs/*.py``): abstract or random.
+"""``Components``: every model of a RealisID system in one NNX module (diffusers' ``pipeline.components``).
 
-``abstract_components`` builds each with ``nnx.eval_shape`` (parameter counts and shardings, no memory);
-``random_components`` initialises them (tiny configs, tests and the embedded demo). Loading real weights
-goes through each class's ``from_pretrained`` (``weights.pipeline_folder``).
+The frozen base (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2`` for SDXL, ``image_encoder``) and the
+trainable ``realisid`` branches. The pipeline, the trainer, the memory plan and the training sample writer all
+hold this one container: split once (``nnx.split``), merged once inside each jitted function.
+
+``abstract_components`` builds it with ``nnx.eval_shape`` (parameter counts and shardings, no memory);
+``random_components`` initialises it (tiny configs, tests and the embedded demo); ``pretrained_components``
+loads the frozen models from diffusers / transformers folders straight onto their shardings.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
+from jax.sharding import Mesh
 
-from realisid_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-from realisid_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
-from realisid_jax.models.realisid import RealisID, RealisIDConfig
-from realisid_jax.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
-from realisid_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+from realisid_jax.loading.branch_folders import load_branch_parts
+from realisid_jax.loading.orbax_cache import load_converted
+from realisid_jax.loading.pipeline_folder import load_model_folders
+from realisid_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
+from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
+from realisid_jax.models.modeling_utils import init_rngs
+from realisid_jax.models.registry import FROZEN, dtypes, frozen_configs
+from realisid_jax.models.unet_2d_condition import UNet2DConditionModel
+from realisid_jax.models.vae import AutoencoderKL
+from realisid_jax.realisid.branches import RealisID, RealisIDConfig
+from realisid_jax.sharding import DEFAULT_RULES, Rules
 
-# name -> (class, config class); text_encoder_2 is absent for SD 1.5 (``model.text_encoder_2 = None``).
-FROZEN = {
-    "unet": (UNet2DConditionModel, UNet2DConditionConfig),
-    "vae": (AutoencoderKL, AutoencoderKLConfig),
-    "text_encoder": (CLIPTextModel, CLIPTextConfig),
-    "text_encoder_2": (CLIPTextModelWithProjection, CLIPTextConfig),
-    "image_encoder": (CLIPVisionModelWithProjection, CLIPVisionConfig),
-}
-
-
-def dtypes(config) -> dict[str, Any]:
-    """Model constructor keywords from the config's ``dtype``, ``param_dtype`` and ``attention_impl``."""
-    impl = config.attention_impl
-    return dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
-                attention_impl=None if impl in (None, "None", "auto") else impl)
+# The trainable part: the branch parameters (both ControlNets and the ID projection).
+BRANCH_PARAMS = nnx.All(nnx.Param, nnx.PathContains("realisid"))
 
 
-def _frozen_configs(config) -> dict[str, tuple[type, Any]]:
-    return {name: (cls, cfg_cls.from_dict(dict(config.model[name])))
-            for name, (cls, cfg_cls) in FROZEN.items() if config.model.get(name) is not None}
+class Components(nnx.Module):
+    """The models of one RealisID system.
+
+    Attributes:
+      unet, vae, text_encoder, text_encoder_2 (``None`` for SD 1.5), image_encoder: the frozen base (CLIP ViT;
+        its penultimate hidden layer feeds the ID projection).
+      realisid: ``RealisID``: local branch, global branch, ID projection (trained).
+    """
+
+    def __init__(self, *, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                 text_encoder_2: CLIPTextModelWithProjection | None, image_encoder: CLIPVisionModelWithProjection,
+                 realisid: RealisID):
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+        self.image_encoder = image_encoder
+        self.realisid = realisid
+
+    @property
+    def text_encoders(self) -> tuple:
+        """One text encoder for SD 1.5, two for SDXL."""
+        return tuple(e for e in (self.text_encoder, self.text_encoder_2) if e is not None)
+
+    def named(self) -> dict[str, nnx.Module]:
+        """name -> model, for the models present (``text_encoder_2`` absent for SD 1.5)."""
+        names = (*FROZEN, "realisid")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
-def abstract_components(config) -> dict[str, nnx.Module]:
-    """Each frozen model and the trainable ``realisid`` branches with ``ShapeDtypeStruct`` parameters."""
+def _with_frozen(models: dict[str, nnx.Module], realisid: RealisID) -> Components:
+    return Components(**{name: models.get(name) for name in FROZEN}, realisid=realisid)
+
+
+def build_components(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Components:
+    """Randomly initialised components of ``config``; the branches start from the UNet (ControlNet
+    ``from_unet``: zero Z1/Z2 convs, so fresh branches change nothing). Traceable: call it under
+    ``nnx.eval_shape`` or a jit with ``out_shardings`` to get them abstract or born sharded."""
     kw = dtypes(config)
-    models = {name: cls.abstract(cfg, **kw) for name, (cls, cfg) in _frozen_configs(config).items()}
-    models["realisid"] = RealisID.abstract(RealisIDConfig.from_config(config), **kw)
-    return models
+    models = {name: cls(cfg, rngs=rngs, **kw) for name, (cls, cfg) in frozen_configs(config).items()}
+    realisid = RealisID.from_unet(models["unet"], RealisIDConfig.from_config(config), rngs=rngs)
+    return _with_frozen(models, realisid)
 
 
-def random_components(config, seed: int = 0) -> dict[str, nnx.Module]:
-    """Randomly initialised models; the branches initialised from the UNet (ControlNet ``from_unet``: zero
-    Z1/Z2 convs, so fresh branches change nothing). For tiny configs: full-size models need real weights."""
-    kw = dtypes(config)
-    rngs = nnx.Rngs(seed)
-    models = {name: cls(cfg, rngs=rngs, **kw) for name, (cls, cfg) in _frozen_configs(config).items()}
-    models["realisid"] = RealisID.from_unet(models["unet"], RealisIDConfig.from_config(config), rngs=rngs)
-    return models
+def abstract_branches(config: ml_collections.ConfigDict) -> RealisID:
+    """The ``RealisID`` branches of ``config`` with ``ShapeDtypeStruct`` parameters."""
+    return RealisID.abstract(RealisIDConfig.from_config(config), **dtypes(config))
+
+
+def abstract_components(config: ml_collections.ConfigDict) -> Components:
+    """Every model with ``ShapeDtypeStruct`` parameters: shapes, counts and shardings without memory."""
+    return nnx.eval_shape(lambda: build_components(config, init_rngs(0)))
+
+
+def random_components(config: ml_collections.ConfigDict, seed: int = 0) -> Components:
+    """Randomly initialised models (tiny configs: full-size models need real weights)."""
+    return build_components(config, nnx.Rngs(seed))
+
+
+def pretrained_components(config: ml_collections.ConfigDict, pretrained: str | Path, image_encoder: str | Path | None,
+                          *, mesh: Mesh | None, rules: Rules, seed: int = 0, fresh_branches: bool = True) -> Components:
+    """The frozen models of ``config`` from the diffusers pipeline folder ``pretrained`` (``unet/``, ``vae/``,
+    ``text_encoder/`` and ``text_encoder_2/``) and the transformers CLIP vision folder ``image_encoder``
+    (default ``pretrained/image_encoder``), each tensor placed straight onto its sharding; fresh branches copied
+    from the UNet, or abstract ones (``fresh_branches=False``: the trainer makes them only for a new run).
+
+    Raises:
+      FileNotFoundError, ValueError, CheckpointMismatchError: as ``load_model_folders`` (a missing sub-folder, a
+      ``config.json`` that describes another architecture than ``config.model``, weights that do not fit).
+    """
+    described = [name for name in FROZEN if config.model.get(name) is not None]
+    models = load_model_folders(pretrained, config, components=described, image_encoder=image_encoder, mesh=mesh,
+                                rules=rules)
+    if fresh_branches:
+        realisid = RealisID.from_unet(models["unet"], RealisIDConfig.from_config(config), rngs=nnx.Rngs(seed))
+    else:
+        realisid = abstract_branches(config)
+    return _with_frozen(models, realisid)
+
+
+def load_converted_components(directory: str | Path, config: ml_collections.ConfigDict, *, mesh: Mesh | None = None,
+                              rules: Rules = DEFAULT_RULES, components=None) -> dict[str, nnx.Module]:
+    """``loading.orbax_cache.load_converted`` for every cached component, the ``realisid`` branches included
+    (name -> model; see there for the arguments and errors)."""
+    return load_converted(directory, config, mesh=mesh, rules=rules, components=components,
+                          templates={"realisid": lambda: abstract_branches(config)})
+
+
+def load_branches(folder: str | Path, *, realisid: RealisID | None = None, **kw) -> RealisID:
+    """Trained branches from a ``loading.branch_folders.export_branches`` folder (``realisid export``).
+
+    Args:
+      folder: holds ``local_branch/``, ``global_branch/``, ``id_projection/`` and ``realisid.json``.
+      realisid: model whose three parts are replaced (its ``config`` keeps the scales and crop size); default
+        a ``RealisID`` whose config is read from the folders (``RealisIDConfig`` defaults otherwise).
+      kw: ``dtype``, ``param_dtype``, ``attention_impl``, ``mesh``, ``rules`` as ``loading.from_pretrained``.
+
+    Raises:
+      FileNotFoundError: a part's folder, config or weights missing. CheckpointMismatchError: weights that do
+      not fit.
+    """
+    parts, settings = load_branch_parts(folder, **kw)
+    if realisid is None:
+        config = RealisIDConfig(**{name: part.config for name, part in parts.items()}, **settings)
+        realisid = RealisID.abstract(config, dtype=kw.get("dtype") or jnp.float32, param_dtype=kw.get("param_dtype"),
+                                     attention_impl=kw.get("attention_impl", "xla"))
+    for name, part in parts.items():
+        setattr(realisid, name, part)
+    return realisid

@@ -2,7 +2,7 @@
 face box -> normalised box; padded to the static maximum K with a validity mask.
 
 User boxes are ``(x0, y0, x1, y1)`` in output-image pixels; the JAX ops take them normalised to [0, 1]
-(``realisid_jax.face.ops``).
+(``realisid_jax.realisid.ops``).
 """
 
 from __future__ import annotations

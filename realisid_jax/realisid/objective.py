@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from realisid_jax.face.ops import location_mask
+from realisid_jax.realisid.ops import location_mask
 
 
 def face_masks(boxes: jax.Array, hw: tuple[int, int]) -> jax.Array:

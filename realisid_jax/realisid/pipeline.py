@@ -22,10 +22,15 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from realisid_jax.conditioning import Person, PersonConditions, SizeError, prepare_persons
+from realisid_jax.loading.pipeline_folder import load_pipeline_folder
+from realisid_jax.models.registry import dtypes
+from realisid_jax.realisid.branches import RealisID, RealisIDConfig
+from realisid_jax.realisid.components import Components, load_branches, random_components
+from realisid_jax.realisid.conditions import Person, PersonConditions, SizeError, prepare_persons
 from realisid_jax.face.analysis import FaceAnalyzer
-from realisid_jax.models.realisid import VAE_SCALE
-from realisid_jax.prompt_encoding import encode_prompt_sd15, encode_prompt_sdxl
+from realisid_jax.models.vae import VAE_SCALE_FACTOR
+from realisid_jax.text.prompt_encoding import encode_prompt_sd15, encode_prompt_sdxl
+from realisid_jax.text.tokenizer import offline_clip_tokenizer
 from realisid_jax.schedulers import get_scheduler
 from realisid_jax.sharding import DEFAULT_RULES, data_sharding, state_shardings, use_mesh
 
@@ -56,12 +61,12 @@ def prepare_conditions(config, persons: Sequence[Person], height: int, width: in
       BoxError, TooManyPersonsError, NoFaceError, ImageReadError, FaceTooSmallError: see
       ``conditioning.prepare_persons``.
     """
-    step = 8 * VAE_SCALE
+    step = 8 * VAE_SCALE_FACTOR
     if height % step or width % step or height <= 0 or width <= 0:
         raise SizeError(f"height and width must be positive multiples of {step} px (8 latent cells), "
                         f"got {height}x{width}")
     return prepare_persons(persons, height=height, width=width, max_persons=config.realisid.max_persons,
-                           landmark_px=VAE_SCALE * config.realisid.local_latent_size,
+                           landmark_px=VAE_SCALE_FACTOR * config.realisid.local_latent_size,
                            analyzer=analyzer or FaceAnalyzer(), clip_size=config.model.image_encoder["image_size"])
 
 
@@ -69,8 +74,7 @@ class RealisIDPipeline:
     """Sampling with RealisID's local and global branches on a frozen base model.
 
     Args:
-      models: ``unet``, ``vae``, ``text_encoder``, optional ``text_encoder_2`` (SDXL), ``image_encoder`` and
-        ``realisid`` (``models.factory`` names).
+      components: the ``Components`` container (frozen base + ``realisid`` branches); split once here.
       tokenizers: one ``CLIPTokenizer`` per text encoder.
       config: the project config (``sampling`` and ``realisid`` sections are the defaults).
       scheduler_config: the base model's ``scheduler_config.json`` contents (default SDXL's).
@@ -79,38 +83,47 @@ class RealisIDPipeline:
       analyzer: face analysis for the reference / pose photos (default ``FaceAnalyzer()``).
     """
 
-    def __init__(self, models: dict[str, nnx.Module], tokenizers: Sequence, config, *,
-                 scheduler_config: dict | None = None, mesh: Mesh | None = None,
-                 analyzer: FaceAnalyzer | None = None):
+    def __init__(self, components: Components, tokenizers: Sequence, config, *, scheduler_config: dict | None = None,
+                 mesh: Mesh | None = None, analyzer: FaceAnalyzer | None = None):
+        graphdef, state = nnx.split(components)
+        self._init(graphdef, state, tokenizers, config, scheduler_config=scheduler_config, mesh=mesh,
+                   analyzer=analyzer)
+
+    @classmethod
+    def from_split(cls, graphdef: nnx.GraphDef, state: nnx.State, tokenizers: Sequence, config, *,
+                   scheduler_config: dict | None = None, mesh: Mesh | None = None,
+                   analyzer: FaceAnalyzer | None = None) -> RealisIDPipeline:
+        """A pipeline over an already split ``Components`` (``nnx.split``): the trainer's, without a merge."""
+        pipeline = cls.__new__(cls)
+        pipeline._init(graphdef, state, tokenizers, config, scheduler_config=scheduler_config, mesh=mesh,
+                       analyzer=analyzer)
+        return pipeline
+
+    def _init(self, graphdef, state, tokenizers, config, *, scheduler_config, mesh, analyzer) -> None:
         self.config = config
         self.tokenizers = tuple(tokenizers)
-        self.text_encoders = tuple(models[n] for n in ("text_encoder", "text_encoder_2") if models.get(n) is not None)
-        self.is_sdxl = len(self.text_encoders) == 2
+        self.is_sdxl = len(self.tokenizers) == 2
         self.scheduler = get_scheduler(config.sampling.scheduler, scheduler_config)
         self.mesh = mesh
         self.rules = tuple(config.mesh.rules) if mesh is not None else DEFAULT_RULES
         self.analyzer = analyzer
-        self.vae = models["vae"]
-        self.image_encoder = models["image_encoder"]
-        self._graphdefs, self._states = {}, {}
-        for name in ("unet", "realisid", "vae", "image_encoder"):
-            graphdef, state = nnx.split(models[name])
-            if mesh is not None:
-                state = jax.device_put(state, state_shardings(state, mesh, self.rules))
-            self._graphdefs[name], self._states[name] = graphdef, state
+        if mesh is not None:
+            state = jax.device_put(state, state_shardings(state, mesh, self.rules))
+        self._graphdef, self._state = graphdef, state
+
+    @property
+    def components(self) -> Components:
+        """The models (a fresh merge of the pipeline's state)."""
+        return nnx.merge(self._graphdef, self._state)
 
     @classmethod
     def from_config(cls, config, *, seed: int = 0, mesh: Mesh | None = None,
                     analyzer: FaceAnalyzer | None = None) -> RealisIDPipeline:
-        """Randomly initialised models (``models.factory.random_components``) with the offline CLIP tokenizer:
-        the embedded default and the tests. Random weights make noise, not faces."""
-        from realisid_jax.models.factory import random_components
-        from realisid_jax.tokenizer import offline_clip_tokenizer
-
-        models = random_components(config, seed)
+        """Randomly initialised models (``components.random_components``) with the offline CLIP tokenizer: the
+        embedded default and the tests. Random weights make noise, not faces."""
         tokenizer = offline_clip_tokenizer()
         n_text = 2 if config.model.get("text_encoder_2") is not None else 1
-        return cls(models, (tokenizer,) * n_text, config, mesh=mesh, analyzer=analyzer)
+        return cls(random_components(config, seed), (tokenizer,) * n_text, config, mesh=mesh, analyzer=analyzer)
 
     @classmethod
     def from_pretrained(cls, config, base: str, *, branches: str | None = None, image_encoder: str | None = None,
@@ -127,11 +140,6 @@ class RealisIDPipeline:
         Raises:
           FileNotFoundError / HubIdError / CheckpointMismatchError: from the loaders, naming the folder.
         """
-        from realisid_jax.models.factory import dtypes
-        from realisid_jax.models.realisid import RealisID, RealisIDConfig
-        from realisid_jax.weights.export import load_branches
-        from realisid_jax.weights.pipeline_folder import load_pipeline_folder
-
         kw = dtypes(config)
         rules = tuple(config.mesh.rules)
         parts = load_pipeline_folder(base, dtype=kw["dtype"], mesh=mesh, rules=rules, image_encoder=image_encoder,
@@ -141,10 +149,11 @@ class RealisIDPipeline:
         realisid = RealisID.from_unet(parts.unet, RealisIDConfig.from_config(config))
         if branches is not None:
             realisid = load_branches(branches, realisid=realisid, mesh=mesh, rules=rules, **kw)
-        models = dict(unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
-                      text_encoder_2=parts.text_encoder_2, image_encoder=parts.image_encoder, realisid=realisid)
-        tokenizers = tuple(t for t in (parts.tokenizer, parts.tokenizer_2) if t is not None)
-        return cls(models, tokenizers, config, scheduler_config=parts.scheduler_config, mesh=mesh, analyzer=analyzer)
+        components = Components(unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
+                                text_encoder_2=parts.text_encoder_2, image_encoder=parts.image_encoder,
+                                realisid=realisid)
+        return cls(components, parts.tokenizers, config, scheduler_config=parts.scheduler_config, mesh=mesh,
+                   analyzer=analyzer)
 
     def set_branch_params(self, params: dict) -> None:
         """Replaces the branches' weights with ``params``, a pure dict of the ``realisid`` module's parameters
@@ -154,14 +163,14 @@ class RealisIDPipeline:
         Raises:
           ValueError: ``params`` does not have the branches' tree structure.
         """
-        state = self._states["realisid"]
+        state = self._state["realisid"]
         expected = jax.tree.map(lambda x: (x.shape, x.dtype), state.to_pure_dict())
         given = jax.tree.map(lambda x: (x.shape, x.dtype), params)
         if given != expected:
             raise ValueError("params do not match the RealisID branches' tree (names, shapes, dtypes)")
         new = jax.tree.map(lambda x: x, state)
         new.replace_by_pure_dict(params)
-        self._states["realisid"] = jax.device_put(new, jax.tree.map(lambda x: x.sharding, state))
+        self._state["realisid"] = jax.device_put(new, jax.tree.map(lambda x: x.sharding, state))
 
     # ----------------------------------------------------------------------------------------------- host
     def prepare(self, persons: Sequence[Person], height: int, width: int) -> PersonConditions:
@@ -173,11 +182,12 @@ class RealisIDPipeline:
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | None, num_images: int):
         """(text, negative text, pooled, negative pooled): each repeated to the ``num_images`` batch; the
         pooled pair is ``None`` for SD 1.5."""
+        text_encoders = self.components.text_encoders
         if self.is_sdxl:
-            e = encode_prompt_sdxl(prompt, self.tokenizers, self.text_encoders, negative_prompt=negative_prompt or None,
+            e = encode_prompt_sdxl(prompt, self.tokenizers, text_encoders, negative_prompt=negative_prompt or None,
                                    num_images_per_prompt=num_images)
             return e.prompt_embeds, e.negative_prompt_embeds, e.pooled_prompt_embeds, e.negative_pooled_prompt_embeds
-        text, negative = encode_prompt_sd15(prompt, self.tokenizers[0], self.text_encoders[0],
+        text, negative = encode_prompt_sd15(prompt, self.tokenizers[0], text_encoders[0],
                                             negative_prompt=negative_prompt, num_images_per_prompt=num_images)
         return text, negative, None, None
 
@@ -212,7 +222,7 @@ class RealisIDPipeline:
                             int(math.floor(fraction * steps)))
         text = self.encode_prompt(prompt, negative_prompt if negative_prompt is not None else s.negative_prompt or None,
                                   num_images)
-        latent_shape = (num_images, height // VAE_SCALE, width // VAE_SCALE, self.config.model.unet["in_channels"])
+        latent_shape = (num_images, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR, self.config.model.unet["in_channels"])
         if latents is None:
             latents = jax.random.normal(jax.random.key(seed), latent_shape, jnp.float32)
         elif tuple(latents.shape) != latent_shape:
@@ -222,11 +232,8 @@ class RealisIDPipeline:
         with self._mesh_context():
             inputs = self._place(dict(latents=latents, text=text, time_ids=time_ids, conditions=conditions,
                                       num_images=num_images))
-            id_embedding, no_id = _encode_ids(self._graphdefs["image_encoder"], self._graphdefs["realisid"],
-                                              self._states["image_encoder"], self._states["realisid"],
-                                              inputs["reference_pixels"])
-            args = (self._graphdefs["unet"], self._graphdefs["realisid"], self.scheduler, self._states["unet"],
-                    self._states["realisid"], sched_state)
+            id_embedding, no_id = _encode_ids(self._graphdef, self._state, inputs["reference_pixels"])
+            args = (self._graphdef, self.scheduler, self._state, sched_state)
             conds = (inputs["text"], inputs["time_ids"], id_embedding, no_id, inputs["boxes"], inputs["valid"],
                      inputs["landmark_images"], jnp.float32(guidance.text_scale), jnp.float32(guidance.id_scale),
                      jnp.int32(guidance.id_start_step))
@@ -240,7 +247,7 @@ class RealisIDPipeline:
                     carry[0].block_until_ready()
                     bar.update(stop - start)
             latents = carry[0]
-            images = _decode(self._graphdefs["vae"], self._states["vae"], latents)
+            images = _decode(self._graphdef, self._state, latents)
         return SamplingOutput(np.asarray(images), np.asarray(latents), conditions)
 
     def _mesh_context(self):
@@ -265,22 +272,23 @@ class RealisIDPipeline:
         return {**placed, "reference_pixels": arrays["reference_pixels"]}
 
 
-@functools.partial(jax.jit, static_argnames=("encoder_def", "realisid_def"))
-def _encode_ids(encoder_def, realisid_def, encoder_state, realisid_state, reference_pixels):
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode_ids(graphdef, state, reference_pixels):
     """p_id and the "no ID" embedding (zero image features through the projection), each (K, N, D)."""
-    encoder, realisid = nnx.merge(encoder_def, encoder_state), nnx.merge(realisid_def, realisid_state)
-    features = encoder(reference_pixels).hidden_states[-2]
-    return realisid.encode_id(features), realisid.encode_id(jnp.zeros_like(features))
+    models = nnx.merge(graphdef, state)
+    features = models.image_encoder(reference_pixels).hidden_states[-2]
+    return models.realisid.encode_id(features), models.realisid.encode_id(jnp.zeros_like(features))
 
 
-@functools.partial(jax.jit, static_argnames=("unet_def", "realisid_def", "scheduler"))
-def _denoise(unet_def, realisid_def, scheduler, unet_state, realisid_state, sched_state, carry, text, time_ids,
+@functools.partial(jax.jit, static_argnames=("graphdef", "scheduler"))
+def _denoise(graphdef, scheduler, state, sched_state, carry, text, time_ids,
              id_embedding, no_id, boxes, valid, landmark_images, text_scale, id_scale, id_start_step, start, stop):
     """Guided denoising steps ``start`` to ``stop`` (paper Eq. 8), one batch of 3N predictions per step.
 
     ``carry`` is (latents (N, h, w, C), the scheduler's loop carry) and is returned advanced; the bounds are
     traced, so the whole loop and a single step share one executable."""
-    unet, realisid = nnx.merge(unet_def, unet_state), nnx.merge(realisid_def, realisid_state)
+    models = nnx.merge(graphdef, state)
+    unet, realisid = models.unet, models.realisid
     n = carry[0].shape[0]
     prompt_embeds, negative_embeds, pooled, negative_pooled = text
     context = jnp.concatenate([negative_embeds, prompt_embeds, prompt_embeds])
@@ -308,9 +316,9 @@ def _denoise(unet_def, realisid_def, scheduler, unet_state, realisid_state, sche
     return jax.lax.fori_loop(start, stop, body, carry)
 
 
-@functools.partial(jax.jit, static_argnames=("vae_def",))
-def _decode(vae_def, vae_state, latents):
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _decode(graphdef, state, latents):
     """Latents -> uint8 images, as diffusers' ``VaeImageProcessor.postprocess`` (round of (x/2+0.5)*255)."""
-    vae = nnx.merge(vae_def, vae_state)
+    vae = nnx.merge(graphdef, state).vae
     image = vae.decode(latents / vae.scaling_factor + vae.shift_factor)
     return jnp.round(jnp.clip(image / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)

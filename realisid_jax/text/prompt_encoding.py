@@ -1,7 +1,7 @@
 """Prompt -> text conditioning, as diffusers' ``StableDiffusionXLPipeline.encode_prompt`` and
 ``StableDiffusionPipeline.encode_prompt`` (diffusers 0.42) compute it.
 
-Tokenisation runs on the host (``realisid_jax.tokenizer.tokenize``); the encoders run in one ``jax.jit``
+Tokenisation runs on the host (``realisid_jax.text.tokenizer.tokenize``); the encoders run in one ``jax.jit``
 (``sdxl_text_embeddings`` / ``sd15_text_embeddings`` are pure and can also be called inside a larger jitted
 function). Prompt weighting, textual inversion and LoRA scaling are not provided.
 """
@@ -18,7 +18,7 @@ from flax import nnx
 from transformers import CLIPTokenizer
 
 from realisid_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
-from realisid_jax.tokenizer import tokenize
+from realisid_jax.text.tokenizer import tokenize
 
 TextEncoder = CLIPTextModel | CLIPTextModelWithProjection
 Prompts = str | Sequence[str]

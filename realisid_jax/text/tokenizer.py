@@ -20,7 +20,7 @@ import numpy as np
 from transformers import CLIPTokenizer
 
 from realisid_jax import assets
-from realisid_jax.weights.checkpoint import resolve_folder
+from realisid_jax.folders import resolve_folder
 
 CLIP_VOCAB_SIZE = 49408
 CLIP_MAX_LENGTH = 77

@@ -16,14 +16,14 @@ from jax.sharding import Mesh, NamedSharding
 from transformers import CLIPTokenizer
 
 from realisid_jax.face.draw import draw_landmark_image
-from realisid_jax.models.realisid import VAE_SCALE
+from realisid_jax.models.vae import VAE_SCALE_FACTOR
 from realisid_jax.sharding import Rules, data_sharding
-from realisid_jax.tokenizer import CLIP_MAX_LENGTH, tokenize
+from realisid_jax.text.tokenizer import CLIP_MAX_LENGTH, tokenize
 
 
 def landmark_pixels(config: ml_collections.ConfigDict) -> int:
     """Side of the c_pe image: the local branch's input in pixels (8 x ``realisid.local_latent_size``)."""
-    return VAE_SCALE * int(config.realisid.local_latent_size)
+    return VAE_SCALE_FACTOR * int(config.realisid.local_latent_size)
 
 
 def batch_shapes(config: ml_collections.ConfigDict, num_text_encoders: int) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -16,12 +16,12 @@ import ml_collections
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
-from realisid_jax.models.factory import dtypes
-from realisid_jax.models.realisid import RealisID, RealisIDConfig
+from realisid_jax.realisid.branches import RealisID
+from realisid_jax.realisid.components import abstract_branches
 from realisid_jax.training.checkpoint import TrainCheckpointer
 from realisid_jax.training.optimizer import make_optimizer
 from realisid_jax.training.state import initial_train_state
-from realisid_jax.weights.export import export_branches
+from realisid_jax.loading.branch_folders import export_branches
 
 
 def restore_branches(workdir: str | os.PathLike, step: int | None = None) -> tuple[RealisID, int]:
@@ -37,8 +37,7 @@ def restore_branches(workdir: str | os.PathLike, step: int | None = None) -> tup
             raise FileNotFoundError(f"no finished checkpoint {'' if step is None else step} under "
                                     f"{ckpt.directory} (finished: {ckpt.all_steps() or 'none'})")
         config = ml_collections.ConfigDict(ckpt.meta(step)["config"])
-        abstract = RealisID.abstract(RealisIDConfig.from_config(config), **dtypes(config))
-        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+        graphdef, params, rest = nnx.split(abstract_branches(config), nnx.Param, ...)
         optimizer, _ = make_optimizer(config.train)
         host = SingleDeviceSharding(jax.devices("cpu")[0])
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host),

@@ -16,19 +16,17 @@ import jax
 import ml_collections
 from flax import nnx
 
-from realisid_jax.models.factory import dtypes
 from realisid_jax.models.modeling_utils import count_params, fast_compile_options, init_rngs
-from realisid_jax.models.realisid import RealisID, RealisIDConfig
+from realisid_jax.realisid.components import build_components
 from realisid_jax.sharding import make_mesh, state_shardings, use_mesh
-from realisid_jax.tokenizer import CLIP_MAX_LENGTH
-from realisid_jax.train import noise_schedule
+from realisid_jax.text.tokenizer import CLIP_MAX_LENGTH
+from realisid_jax.training.trainer import noise_schedule
 from realisid_jax.training.batches import batch_spec
-from realisid_jax.training.models import random_frozen_models
 from realisid_jax.training.optimizer import make_optimizer
 from realisid_jax.training.state import (
     ModelSetup,
     abstract_train_state,
-    graphdefs_of,
+    split_components,
     train_state_shardings,
     with_shardings,
 )
@@ -92,13 +90,11 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, pe
     mesh = make_mesh((1, num_devices, 1), devices[:num_devices])
     rules = tuple(tuple(r) for r in config.mesh.rules)
     # Built outside the mesh context (nnx.eval_shape would read logical axis names as mesh axes there).
-    frozen = nnx.eval_shape(lambda: random_frozen_models(config, init_rngs(0)))
-    realisid = RealisID.abstract(RealisIDConfig.from_config(config), **dtypes(config))
-    graphdefs = graphdefs_of(frozen, realisid, bool(config.train.remat))
-    _, params, rest = nnx.split(realisid, nnx.Param, ...)
-    frozen_inputs = (nnx.state(frozen), rest)
-    frozen_sh = tuple(state_shardings(s, mesh, rules) for s in frozen_inputs)
-    setup = ModelSetup(graphdefs=graphdefs, frozen_inputs=frozen_inputs, frozen_shardings=frozen_sh,
+    graphdef, abstract_params, frozen_inputs = nnx.eval_shape(
+        lambda: split_components(build_components(config, init_rngs(0)), bool(config.train.remat)))
+    params = abstract_params["realisid"]
+    frozen_sh = state_shardings(frozen_inputs, mesh, rules)
+    setup = ModelSetup(graphdef=graphdef, frozen_inputs=frozen_inputs, frozen_shardings=frozen_sh,
                        param_shardings=state_shardings(params, mesh, rules).to_pure_dict())
     optimizer, _ = make_optimizer(config.train)
     shardings = train_state_shardings(optimizer, params.to_pure_dict(), setup, mesh)
@@ -107,7 +103,7 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, pe
     batch = batch_spec(config, num_encoders, mesh, rules)
     # Token values do not change the program's memory; the real step uses the empty prompt's ids.
     settings = StepSettings.from_config(config, [(0,) * CLIP_MAX_LENGTH] * num_encoders)
-    step = jit_train_step(graphdefs=graphdefs, scheduler=noise_schedule(None), optimizer=optimizer,
+    step = jit_train_step(graphdef=graphdef, scheduler=noise_schedule(None), optimizer=optimizer,
                           settings=settings, state_shardings=shardings, frozen_shardings=frozen_sh,
                           batch_shardings={k: v.sharding for k, v in batch.items()})
     with use_mesh(mesh, rules):
@@ -119,7 +115,7 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, pe
     alias, temp = int(stats.alias_size_in_bytes), int(stats.temp_size_in_bytes)
     return MemoryPlan(num_devices=num_devices, per_device_batch=per_device_batch,
                       resolution=int(config.train.resolution), trainable_params=count_params(params),
-                      frozen_params=count_params(frozen_inputs[0]),
+                      frozen_params=count_params(frozen_inputs),
                       state_bytes=shard_bytes((state, with_shardings(frozen_inputs, frozen_sh))),
                       argument_bytes=argument, output_bytes=output,
                       alias_bytes=alias, temp_bytes=temp, peak_bytes=argument + output - alias + temp)

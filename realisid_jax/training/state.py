@@ -26,29 +26,35 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from realisid_jax.models.factory import dtypes
 from realisid_jax.models.modeling_utils import fast_compile_options, init_rngs
-from realisid_jax.models.realisid import RealisID, RealisIDConfig
+from realisid_jax.realisid.branches import RealisID, RealisIDConfig
+from realisid_jax.realisid.components import (
+    BRANCH_PARAMS,
+    Components,
+    abstract_branches,
+    build_components,
+    pretrained_components,
+)
 from realisid_jax.sharding import Rules, state_shardings
-from realisid_jax.training.models import FrozenModels, pretrained_frozen_models, random_frozen_models
 
 TrainState = dict[str, Any]
 
 
 @dataclasses.dataclass
 class ModelSetup:
-    """What the step needs besides the train state.
+    """What the step needs besides the train state: the ``Components`` container split once.
 
     Attributes:
-      graphdefs: ``(frozen graphdef, RealisID graphdef)``; rematerialisation flags are baked in.
-      frozen_inputs: ``(frozen models' state, RealisID's non-parameter state)``, sharded, never donated.
+      graphdef: the ``Components`` graph definition; rematerialisation flags are baked in.
+      frozen_inputs: every variable but the branch parameters (the frozen models' state and the branches'
+        non-parameter state), sharded, never donated.
       frozen_shardings: their shardings (same structure).
       param_shardings: shardings of the branch parameters (pure dict, the train state's ``params``).
     """
 
-    graphdefs: tuple[nnx.GraphDef, nnx.GraphDef]
-    frozen_inputs: tuple[nnx.State, nnx.State]
-    frozen_shardings: tuple[nnx.State, nnx.State]
+    graphdef: nnx.GraphDef
+    frozen_inputs: nnx.State
+    frozen_shardings: nnx.State
     param_shardings: dict
 
 
@@ -56,14 +62,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def graphdefs_of(frozen: FrozenModels, realisid: RealisID, remat: bool) -> tuple[nnx.GraphDef, nnx.GraphDef]:
-    """Graph definitions of (abstract) models; with ``remat`` every block of the networks the backward pass
-    goes through is rematerialised: the frozen UNet (gradients reach the branches through its skips) and
-    both ControlNets."""
+def enable_remat(components: Components) -> None:
+    """Rematerialises every block of the networks the backward pass goes through: the frozen UNet (gradients
+    reach the branches through its skips) and both ControlNets."""
+    for net in (components.unet, components.realisid.local_branch, components.realisid.global_branch):
+        net.enable_gradient_checkpointing()
+
+
+def split_components(components: Components, remat: bool) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``(graphdef, branch params, the rest)`` of (abstract or concrete) components."""
     if remat:
-        for net in (frozen.unet, realisid.local_branch, realisid.global_branch):
-            net.enable_gradient_checkpointing()
-    return nnx.graphdef(frozen), nnx.graphdef(realisid)
+        enable_remat(components)
+    return nnx.split(components, BRANCH_PARAMS, ...)
 
 
 def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *, pretrained: Path | None = None,
@@ -83,32 +93,34 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
     if (pretrained is None) != (image_encoder is None):
         raise ValueError("pass both --pretrained and --image-encoder, or neither (random weights)")
     seed = int(config.train.seed)
+    remat = bool(config.train.remat)
     if pretrained is None:
-        def random_state():
-            return nnx.split(random_frozen_models(config, init_rngs(seed)))
+        def random_split():
+            return split_components(build_components(config, init_rngs(seed)), remat)
 
-        frozen_graphdef, abstract_frozen = nnx.eval_shape(random_state)
-        frozen_shardings = state_shardings(abstract_frozen, mesh, rules)
-        init = jax.jit(lambda: random_state()[1], out_shardings=frozen_shardings).lower()
-        frozen = nnx.merge(frozen_graphdef, init.compile(compiler_options=fast_compile_options())())
+        graphdef, abstract_params, abstract_rest = nnx.eval_shape(random_split)
+        frozen_shardings = state_shardings(abstract_rest, mesh, rules)
+        init = jax.jit(lambda: random_split()[2], out_shardings=frozen_shardings).lower()
+        rest = init.compile(compiler_options=fast_compile_options())()
+        unet = nnx.merge(graphdef, abstract_params, rest).unet
     else:
-        frozen = pretrained_frozen_models(config, pretrained, image_encoder, mesh, rules)
-        frozen_shardings = state_shardings(nnx.state(frozen), mesh, rules)
+        components = pretrained_components(config, pretrained, image_encoder, mesh=mesh, rules=rules,
+                                           fresh_branches=False)
+        graphdef, abstract_params, rest = split_components(components, remat)
+        frozen_shardings = state_shardings(rest, mesh, rules)
+        unet = components.unet
+    branch_params = abstract_params["realisid"]
+    param_shardings = state_shardings(branch_params, mesh, rules)
     branch_config = RealisIDConfig.from_config(config)
-    abstract_branches = RealisID.abstract(branch_config, **dtypes(config))
-    _, abstract_params, rest = nnx.split(abstract_branches, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise NotImplementedError("RealisID has non-parameter state; the trainer treats it as empty")
-    param_shardings = state_shardings(abstract_params, mesh, rules)
-    graphdefs = graphdefs_of(frozen, abstract_branches, bool(config.train.remat))
 
     def make_params() -> dict:
-        branches = RealisID.from_unet(frozen.unet, branch_config, rngs=nnx.Rngs(seed + 1))
+        branches = RealisID.from_unet(unet, branch_config, rngs=nnx.Rngs(seed + 1))
         return jax.tree.map(_onto, nnx.state(branches, nnx.Param).to_pure_dict(), param_shardings.to_pure_dict())
 
-    setup = ModelSetup(graphdefs=graphdefs, frozen_inputs=(nnx.state(frozen), rest),
-                       frozen_shardings=(frozen_shardings, rest), param_shardings=param_shardings.to_pure_dict())
-    return setup, abstract_params.to_pure_dict(), make_params
+    setup = ModelSetup(graphdef=graphdef, frozen_inputs=rest, frozen_shardings=frozen_shardings,
+                       param_shardings=param_shardings.to_pure_dict())
+    return setup, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), branch_params.to_pure_dict()), \
+        make_params
 
 
 def _onto(x: jax.Array, sharding: NamedSharding) -> jax.Array:

@@ -17,9 +17,9 @@ import ml_collections
 import optax
 from flax import nnx
 
-from realisid_jax.prompt_encoding import sd15_text_embeddings, sdxl_text_embeddings
+from realisid_jax.text.prompt_encoding import sd15_text_embeddings, sdxl_text_embeddings
 from realisid_jax.schedulers import DDPMScheduler
-from realisid_jax.training.objective import condition_dropout, face_masks, face_weighted_loss
+from realisid_jax.realisid.objective import condition_dropout, face_masks, face_weighted_loss
 from realisid_jax.training.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -46,14 +46,14 @@ class StepSettings:
                    float(t.drop_both_prob), int(t.resolution), tuple(tuple(int(i) for i in ids) for ids in empty_ids))
 
 
-def text_conditioning(frozen, input_ids: list[jax.Array], no_text: jax.Array, settings: StepSettings):
+def text_conditioning(models, input_ids: list[jax.Array], no_text: jax.Array, settings: StepSettings):
     """Prompt embeddings (B, 77, D) and, for SDXL, the pooled embedding (B, P) (``None`` for SD 1.5); rows with
     ``no_text`` encode the empty prompt (the paper's text dropout)."""
     ids = [jnp.where(no_text[:, None], jnp.asarray(empty, jnp.int32)[None, :], batch_ids)
            for batch_ids, empty in zip(input_ids, settings.empty_ids, strict=True)]
-    if frozen.text_encoder_2 is None:
-        return sd15_text_embeddings(frozen.text_encoder, ids[0]), None
-    return sdxl_text_embeddings([frozen.text_encoder, frozen.text_encoder_2], ids)
+    if models.text_encoder_2 is None:
+        return sd15_text_embeddings(models.text_encoder, ids[0]), None
+    return sdxl_text_embeddings([models.text_encoder, models.text_encoder_2], ids)
 
 
 def sdxl_time_ids(batch: int, resolution: int) -> jax.Array:
@@ -63,29 +63,30 @@ def sdxl_time_ids(batch: int, resolution: int) -> jax.Array:
     return jnp.broadcast_to(row, (batch, 6))
 
 
-def compute_loss(params: dict, frozen, batch: Batch, key: jax.Array, *, branch_graphdef: nnx.GraphDef,
-                 branch_rest: nnx.State, scheduler: DDPMScheduler,
-                 settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+def compute_loss(params: dict, frozen_state: nnx.State, batch: Batch, key: jax.Array, *, graphdef: nnx.GraphDef,
+                 scheduler: DDPMScheduler, settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Eq. 7 on one batch: returns ``(loss, {"mse", "face_loss"})``.
 
-    ``frozen``: the ``FrozenModels`` module. ``batch``: ``pixel_values`` (B, R, R, 3) in [-1, 1];
+    ``params``: the branch parameters (pure dict); ``frozen_state`` every other variable of the ``Components``
+    container ``graphdef`` describes (merged once, here). ``batch``: ``pixel_values`` (B, R, R, 3) in [-1, 1];
     ``input_ids`` (and ``input_ids_2`` for SDXL) (B, 77) int32; ``face_box`` (B, 4) normalised;
     ``landmark_image`` (B, P, P, 3) in [0, 1] (P = the local branch's pixel size); ``reference`` (B, S, S, 3)
     CLIP-normalised.
     """
-    realisid = nnx.merge(branch_graphdef, params, branch_rest)
+    models = nnx.merge(graphdef, {"realisid": params}, frozen_state)
+    realisid = models.realisid
     k_vae, k_noise, k_t, k_drop = jax.random.split(key, 4)
     b = batch["pixel_values"].shape[0]
 
-    vae = frozen.vae
+    vae = models.vae
     latents = vae.encode(batch["pixel_values"]).sample(k_vae)
     latents = (latents - vae.shift_factor) * vae.scaling_factor
     no_id, no_text = condition_dropout(k_drop, b, settings.drop_id_prob, settings.drop_text_prob,
                                        settings.drop_both_prob)
-    ids = [batch["input_ids"]] + ([batch["input_ids_2"]] if frozen.text_encoder_2 is not None else [])
-    prompt_embeds, pooled = text_conditioning(frozen, ids, no_text, settings)
+    ids = [batch["input_ids"]] + ([batch["input_ids_2"]] if models.text_encoder_2 is not None else [])
+    prompt_embeds, pooled = text_conditioning(models, ids, no_text, settings)
     added = None if pooled is None else {"text_embeds": pooled, "time_ids": sdxl_time_ids(b, settings.resolution)}
-    image_features = frozen.image_encoder(batch["reference"]).hidden_states[-2]
+    image_features = models.image_encoder(batch["reference"]).hidden_states[-2]
     image_features = jnp.where(no_id[:, None, None], jnp.zeros_like(image_features), image_features)
     p_id = realisid.encode_id(image_features)
 
@@ -95,7 +96,7 @@ def compute_loss(params: dict, frozen, batch: Batch, key: jax.Array, *, branch_g
     boxes = batch["face_box"].astype(jnp.float32)
     down, mid = realisid.residuals(noisy, timesteps, p_id[:, None], boxes[:, None], jnp.ones((b, 1), bool),
                                    batch["landmark_image"][:, None], added)
-    pred = frozen.unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added,
+    pred = models.unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added,
                        down_block_additional_residuals=down, mid_block_additional_residual=mid)
     target = scheduler.training_target(latents.astype(jnp.float32), noise, timesteps)
     mask = face_masks(boxes, latents.shape[1:3])
@@ -103,8 +104,8 @@ def compute_loss(params: dict, frozen, batch: Batch, key: jax.Array, *, branch_g
     return loss, {"mse": mse, "face_loss": face}
 
 
-def train_step(state: TrainState, frozen_inputs: tuple[nnx.State, nnx.State], batch: Batch, *,
-               graphdefs: tuple[nnx.GraphDef, nnx.GraphDef], scheduler: DDPMScheduler,
+def train_step(state: TrainState, frozen_inputs: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef,
+               scheduler: DDPMScheduler,
                optimizer: optax.GradientTransformation, settings: StepSettings) -> tuple[TrainState, dict]:
     """One AdamW step on the branch parameters. The step's randomness is ``fold_in(state.rng, state.step)``,
     so a resumed run draws exactly what an uninterrupted one would.
@@ -113,22 +114,15 @@ def train_step(state: TrainState, frozen_inputs: tuple[nnx.State, nnx.State], ba
       the new state and float32 scalar metrics ``loss``, ``mse``, ``face_loss``, ``grad_norm``.
     """
     key = jax.random.fold_in(state["rng"], state["step"])
-    frozen_graphdef, branch_graphdef = graphdefs
-    frozen_state, branch_rest = frozen_inputs
-    # nnx.value_and_grad, not jax's: the frozen module enters as a graph node, so that its blocks'
-    # nnx.remat (gradient checkpointing) sees variables of the right trace level; only argument 0 (the branch
-    # parameters) is differentiated.
-    loss_fn = functools.partial(compute_loss, branch_graphdef=branch_graphdef, branch_rest=branch_rest,
-                                scheduler=scheduler, settings=settings)
-    grad_fn = nnx.value_and_grad(loss_fn, argnums=0, has_aux=True)
-    (loss, aux), grads = grad_fn(state["params"], nnx.merge(frozen_graphdef, frozen_state), batch, key)
+    loss_fn = functools.partial(compute_loss, graphdef=graphdef, scheduler=scheduler, settings=settings)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], frozen_inputs, batch, key)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
     return new_state, {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads)}
 
 
-def jit_train_step(*, graphdefs, scheduler, optimizer, settings, state_shardings, frozen_shardings,
+def jit_train_step(*, graphdef, scheduler, optimizer, settings, state_shardings, frozen_shardings,
                    batch_shardings) -> Any:
     """``train_step`` under ``jax.jit`` with explicit shardings; the train state (argument 0) is donated.
 
@@ -137,7 +131,7 @@ def jit_train_step(*, graphdefs, scheduler, optimizer, settings, state_shardings
     """
 
     def step(state, frozen_inputs, batch):
-        return train_step(state, frozen_inputs, batch, graphdefs=graphdefs, scheduler=scheduler,
+        return train_step(state, frozen_inputs, batch, graphdef=graphdef, scheduler=scheduler,
                           optimizer=optimizer, settings=settings)
 
     replicated = jax.sharding.NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec())

@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from realisid_jax.data.input_pipeline import make_train_iterator
 from realisid_jax.schedulers import SDXL_SCHEDULER_CONFIG, DDPMScheduler
 from realisid_jax.sharding import make_mesh, use_mesh
-from realisid_jax.tokenizer import load_tokenizer, offline_clip_tokenizer, tokenize
+from realisid_jax.text.tokenizer import load_tokenizer, offline_clip_tokenizer, tokenize
 from realisid_jax.training import loop
 from realisid_jax.training.batches import DeviceBatches, batch_spec
 from realisid_jax.training.checkpoint import StatefulIterator, TrainCheckpointer
@@ -113,7 +113,7 @@ class Trainer:
         self.tokenizers = tokenizers(config, pretrained)
         self._batch_spec = batch_spec(config, len(self.tokenizers), self.mesh, self.rules)
         settings = StepSettings.from_config(config, [tokenize(t, "")[0] for t in self.tokenizers])
-        self._step = jit_train_step(graphdefs=self.setup.graphdefs, scheduler=noise_schedule(pretrained),
+        self._step = jit_train_step(graphdef=self.setup.graphdef, scheduler=noise_schedule(pretrained),
                                     optimizer=self.optimizer, settings=settings, state_shardings=self.shardings,
                                     frozen_shardings=self.setup.frozen_shardings,
                                     batch_shardings={k: s.sharding for k, s in self._batch_spec.items()})
@@ -180,7 +180,7 @@ class Trainer:
         every = int(self.config.train.sample_every)
         if every <= 0 or "://" in workdir:
             return ()
-        return (SampleWriter(self, Path(workdir) / "samples", every),)
+        return (SampleWriter(self.setup, self.tokenizers, self.config, self.mesh, Path(workdir) / "samples", every),)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
