@@ -160,3 +160,61 @@ def test_vmap_over_persons_equals_loop():
 def test_relocate_levels_checks_lengths():
     with pytest.raises(ValueError, match="2 residuals but 1 level"):
         relocate_levels((jnp.zeros((2, 2, 1)),) * 2, FULL, ((4, 4),))
+
+
+# The local branch at SDXL 1024²: latent 128, residual levels 128 / 64 / 32 fed from a 64² crop (64 / 32 / 16).
+LOCAL_LEVELS = [((64, 64), (128, 128)), ((32, 32), (64, 64)), ((16, 16), (32, 32))]
+FACE_FRACTIONS = [4, 7, 16]  # face side as 1/n of the image edge: relocation shrinks by 2x, 3.5x, 8x
+
+
+def _face_box(fraction, x0=0.3137, y0=0.2281):
+    """A square box 1/fraction of the edge at a sub-cell offset on every level."""
+    return jnp.array([x0, y0, x0 + 1 / fraction, y0 + 1 / fraction])
+
+
+@pytest.mark.parametrize("fraction", FACE_FRACTIONS)
+def test_every_local_cell_reaches_the_unet(fraction):
+    """Shrinking filter: each cell of each local residual level has a non-zero gradient (no cells skipped)."""
+    box = _face_box(fraction)
+    for (src, dst) in LOCAL_LEVELS:
+        r = _rand((*src, 2), 3)
+        weight = jnp.asarray(np.random.default_rng(4).uniform(0.5, 1.5, (*dst, 2)).astype(np.float32))
+        grad = np.asarray(jax.jit(jax.grad(lambda r: jnp.sum(relocate(r, box, dst) * weight)))(r))
+        assert np.all(grad != 0), f"1/{fraction}, {src}->{dst}: {(grad == 0).mean():.0%} of cells unused"
+
+
+@pytest.mark.parametrize("fraction", FACE_FRACTIONS)
+@pytest.mark.parametrize("axis", [0, 1])
+def test_stripes_average_out(fraction, axis):
+    """A one-cell ±1 stripe pattern (area mean 0) relocates to ≈ 0 everywhere, at any sub-cell offset."""
+    for x0 in (0.1, 0.3137, 0.55):
+        box = _face_box(fraction, x0, 0.7 * x0 + 0.01)
+        for (src, dst) in LOCAL_LEVELS:
+            stripes = np.broadcast_to(((-1.0) ** np.arange(src[axis])).reshape((-1, 1, 1) if axis == 0 else (1, -1, 1)),
+                                      (*src, 1))
+            out = np.asarray(relocate_jit(jnp.asarray(stripes, jnp.float32), box, dst))
+            assert abs(out.mean()) <= 0.05 and np.abs(out).max() <= 0.05, (x0, src, np.abs(out).max())
+
+
+@pytest.mark.parametrize("fraction", FACE_FRACTIONS)
+def test_relocate_preserves_mass(fraction):
+    """sum x cell area is the same before (cells of the box) and after (cells of the level), within 1%."""
+    box = _face_box(fraction)
+    side = 1 / fraction
+    for (src, dst) in LOCAL_LEVELS:
+        r = np.random.default_rng(5).uniform(0.5, 1.5, (*src, 1)).astype(np.float32)
+        out = np.asarray(relocate_jit(jnp.asarray(r), box, dst))
+        mass_in = r.sum() * side * side / (src[0] * src[1])
+        mass_out = out.sum() / (dst[0] * dst[1])
+        np.testing.assert_allclose(mass_out, mass_in, rtol=0.01)
+
+
+def test_crop_shrinking_averages_out():
+    """A face larger than the local size: the crop's shrinking filter averages a ±1 stripe pattern out."""
+    stripes = jnp.asarray(np.broadcast_to(((-1.0) ** np.arange(128))[None, :, None], (128, 128, 1)), jnp.float32)
+    for side in (0.9, 1.0):
+        out = np.asarray(crop_jit(stripes, jnp.array([0.0371, 0.02, 0.0371 + side, 0.02 + side]), 64))
+        assert np.abs(out).max() <= 0.05, side
+    grad = np.asarray(jax.jit(jax.grad(lambda x: crop_and_resize(x, jnp.array([0.03, 0.05, 0.93, 0.95]), 32).sum()))(
+        stripes))
+    assert np.all(grad[7:121, 4:119] != 0)  # every latent cell inside the box feeds the crop

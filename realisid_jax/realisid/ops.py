@@ -30,10 +30,23 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _tent(coords: jax.Array, n: int) -> jax.Array:
-    """Bilinear weights (len(coords), n) of sampling a length-``n`` axis at cell-index ``coords``, border clamped."""
-    coords = jnp.clip(coords, 0.0, n - 1.0)
-    return jnp.maximum(0.0, 1.0 - jnp.abs(coords[:, None] - jnp.arange(n, dtype=jnp.float32)[None, :]))
+def _filter(centres: jax.Array, step: jax.Array, n: int) -> jax.Array:
+    """(len(centres), n) resampling weights of a length-``n`` axis, each row summing to 1.
+
+    A triangle of half-width ``max(step, 1)`` input cells centred at each cell-index ``centres[i]``: bilinear
+    when enlarging (``step <= 1``), and when shrinking an antialiased (area-like) filter whose support spans
+    the output cell's neighbourhood, so every input cell contributes and a zero-mean pattern averages out
+    (PIL's / ``jax.image.scale_and_translate(antialias=True)``'s triangle filter). Centres are clamped so the
+    footprint stays inside the axis rather than being cut at its end, where a truncated filter would no
+    longer average out; for ``step <= 1`` this is the usual border clamp, so integer centres give exactly
+    the identity rows.
+    """
+    half = jnp.maximum(step, 1.0)
+    lo = jnp.minimum(half - 1.0, (n - 1) / 2)
+    hi = jnp.maximum(n - half, (n - 1) / 2)
+    centres = jnp.clip(centres, lo, hi)
+    weights = jnp.maximum(0.0, 1.0 - jnp.abs(centres[:, None] - jnp.arange(n, dtype=jnp.float32)[None, :]) / half)
+    return weights / jnp.sum(weights, axis=1, keepdims=True)
 
 
 def _coverage(lo: jax.Array, hi: jax.Array, n: int) -> jax.Array:
@@ -51,11 +64,13 @@ def _resample(x: jax.Array, wy: jax.Array, wx: jax.Array) -> jax.Array:
 
 
 def crop_and_resize(latent: jax.Array, box: jax.Array, size: int | Sequence[int]) -> jax.Array:
-    """Bilinearly samples the ``box`` region of ``latent`` onto a fixed ``size`` grid (RealisID's ẑ_t, Eq. 5).
+    """Resamples the ``box`` region of ``latent`` onto a fixed ``size`` grid (RealisID's ẑ_t, Eq. 5).
 
-    Half-pixel-centre convention, one sample per output cell (``torchvision.ops.roi_align(aligned=True,
-    sampling_ratio=1)``), sample positions clamped to the border cells: a full-image box with ``size == (H, W)``
-    is exactly the identity.
+    Half-pixel-centre convention. Enlarging (the usual case, a face smaller than S latent cells) is bilinear,
+    one sample per output cell (``torchvision.ops.roi_align(aligned=True, sampling_ratio=1)``); shrinking (a
+    face larger than S) widens the triangle filter by the scale, so every latent cell in the box contributes
+    (see ``_filter``). Sample positions are clamped to the border: a full-image box with ``size == (H, W)`` is
+    exactly the identity.
 
     Args:
       latent: (H, W, C) float array.
@@ -71,9 +86,11 @@ def crop_and_resize(latent: jax.Array, box: jax.Array, size: int | Sequence[int]
     x0, y0, x1, y1 = box[0], box[1], box[2], box[3]
     # Output cell centre -> index space of the input's cell centres; the step is exactly 1 for a full box
     # with size == (H, W), so that case is the exact identity.
-    sy = y0 * height + (jnp.arange(out_h, dtype=jnp.float32) + 0.5) * ((y1 - y0) * height / out_h) - 0.5
-    sx = x0 * width + (jnp.arange(out_w, dtype=jnp.float32) + 0.5) * ((x1 - x0) * width / out_w) - 0.5
-    return _resample(latent, _tent(sy, height), _tent(sx, width))
+    step_y = (y1 - y0) * height / out_h
+    step_x = (x1 - x0) * width / out_w
+    sy = y0 * height + (jnp.arange(out_h, dtype=jnp.float32) + 0.5) * step_y - 0.5
+    sx = x0 * width + (jnp.arange(out_w, dtype=jnp.float32) + 0.5) * step_x - 0.5
+    return _resample(latent, _filter(sy, step_y, height), _filter(sx, step_x, width))
 
 
 def location_mask(box: jax.Array, hw: Sequence[int]) -> jax.Array:
@@ -90,10 +107,13 @@ def location_mask(box: jax.Array, hw: Sequence[int]) -> jax.Array:
 def relocate(residual: jax.Array, box: jax.Array, hw: Sequence[int]) -> jax.Array:
     """RealisID's relocation R (Eq. 4): resizes a local residual back to the box's extent on an (h, w) grid.
 
-    Each output cell takes the bilinear sample of ``residual`` (stretched over the box, half-pixel centres,
-    border clamped) at its centre, times the fraction of the cell that the box covers. So the result is
-    exactly zero outside the box, sub-pixel exact at its border, and defined for boxes smaller than one cell
-    (deepest levels). A full-image box with ``residual.shape[:2] == hw`` is exactly the identity.
+    Each output cell takes the filtered value of ``residual`` (stretched over the box, half-pixel centres) at
+    its centre, times the fraction of the cell that the box covers. The filter is bilinear when the box spans
+    more cells than the residual and, when it spans fewer (small faces: the local residual shrinks 2x-8x),
+    a triangle widened by the scale (``_filter``): every residual cell contributes, a zero-mean pattern stays
+    ≈ 0 and the mass (sum x cell area) is kept within about 1%. The result is exactly zero outside the box,
+    sub-pixel exact at its border, and defined for boxes smaller than one cell (deepest levels). A full-image
+    box with ``residual.shape[:2] == hw`` is exactly the identity.
 
     Args:
       residual: (S_h, S_w, C) float array, one level of the local ControlNet's output.
@@ -109,12 +129,12 @@ def relocate(residual: jax.Array, box: jax.Array, hw: Sequence[int]) -> jax.Arra
     x0, y0, x1, y1 = box[0], box[1], box[2], box[3]
     # Output cell centre -> index space of the residual's cell centres (inverse of crop_and_resize's map),
     # in output-cell units so that a full box with S == (h, w) has step exactly 1.
-    sy = ((jnp.arange(height, dtype=jnp.float32) + 0.5) - y0 * height) * (
-        src_h / (jnp.maximum(y1 - y0, _MIN_EXTENT) * height)) - 0.5
-    sx = ((jnp.arange(width, dtype=jnp.float32) + 0.5) - x0 * width) * (
-        src_w / (jnp.maximum(x1 - x0, _MIN_EXTENT) * width)) - 0.5
-    wy = _coverage(y0, y1, height)[:, None] * _tent(sy, src_h)
-    wx = _coverage(x0, x1, width)[:, None] * _tent(sx, src_w)
+    step_y = src_h / (jnp.maximum(y1 - y0, _MIN_EXTENT) * height)
+    step_x = src_w / (jnp.maximum(x1 - x0, _MIN_EXTENT) * width)
+    sy = ((jnp.arange(height, dtype=jnp.float32) + 0.5) - y0 * height) * step_y - 0.5
+    sx = ((jnp.arange(width, dtype=jnp.float32) + 0.5) - x0 * width) * step_x - 0.5
+    wy = _coverage(y0, y1, height)[:, None] * _filter(sy, step_y, src_h)
+    wx = _coverage(x0, x1, width)[:, None] * _filter(sx, step_x, src_w)
     return _resample(residual, wy, wx)
 
 
