@@ -1,6 +1,8 @@
 """``realisid <command>``: one sub-command per module of ``realisid_jax.commands``.
 
 Config fields are overridden with ``--config.a.b=value`` after the command's own arguments.
+Exit codes: 0 done; 2 bad input (one ``error:`` line on stderr, nothing written); 1 a failure of the run itself
+(e.g. a non-finite training loss).
 """
 
 from __future__ import annotations
@@ -31,19 +33,30 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except _user_errors() as e:
         # Bad input is reported as one clear message, not a traceback.
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    # OSError's str() carries "[Errno 2] ..."; multi-line messages (e.g. a spec dump) are cut to their first line.
+    if isinstance(error, OSError) and error.strerror:
+        text = f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    else:
+        text = str(error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from realisid_jax.assets import AssetError
+    from realisid_jax.commands.arguments import UsageError
+    from realisid_jax.config import ConfigError
     from realisid_jax.realisid.conditions import BoxError, SizeError, TooManyPersonsError
     from realisid_jax.face.errors import FaceError
     from realisid_jax.text.tokenizer import TokenizerError
     from realisid_jax.loading.errors import CheckpointMismatchError
 
-    return (FileNotFoundError, NotADirectoryError, AssetError, BoxError, SizeError, TooManyPersonsError, FaceError,
-            TokenizerError, CheckpointMismatchError)
+    return (FileNotFoundError, NotADirectoryError, UsageError, ConfigError, AssetError, BoxError, SizeError,
+            TooManyPersonsError, FaceError, TokenizerError, CheckpointMismatchError)
 
 
 if __name__ == "__main__":

@@ -48,12 +48,17 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+class ConfigError(ValueError):
+    """An override that names no field, has no ``=value``, or a value of the wrong type (one-line message)."""
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Runs ``get_config()`` of a config file, then applies ``a.b=value`` overrides (values parsed as Python
     literals when they are, else kept as strings; ConfigDict keeps each field's type).
 
     Raises:
-      FileNotFoundError: no such config file. AttributeError/KeyError: an override names no field.
+      FileNotFoundError: no such config file. ConfigError: an override names no field, lacks ``=value``, or
+      its value does not fit the field's type (e.g. ``num_inference_steps=abc``).
     """
     path = Path(path)
     if not path.is_file():
@@ -63,16 +68,29 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
     spec.loader.exec_module(module)
     config = module.get_config()
     for item in overrides:
-        key, _, raw = item.removeprefix("--config.").partition("=")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        parent = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            parent = parent[name]
-        if leaf not in parent:
-            raise KeyError(f"config has no field {key!r}")
-        parent[leaf] = value
+        _override(config, item.removeprefix("--config."))
     return config
+
+
+def _override(config: ml_collections.ConfigDict, item: str) -> None:
+    key, equals, raw = item.partition("=")
+    if not equals:
+        raise ConfigError(f"--config.{item}: give a value, --config.{key}=VALUE")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    parent = config
+    *parents, leaf = key.split(".")
+    for depth, name in enumerate(parents):
+        parent = parent.get(name) if isinstance(parent, ml_collections.ConfigDict) else None
+        if not isinstance(parent, ml_collections.ConfigDict):
+            raise ConfigError(f"--config.{key}: config has no section {'.'.join(parents[:depth + 1])!r}")
+    if leaf not in parent:
+        close = ", ".join(sorted(parent.keys()))
+        raise ConfigError(f"--config.{key}: config has no field {key!r} (fields here: {close})")
+    try:
+        parent[leaf] = value
+    except (TypeError, ValueError):
+        raise ConfigError(f"--config.{key}={raw}: expected {type(parent[leaf]).__name__}, "
+                          f"got {type(value).__name__}") from None

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from realisid_jax.commands.arguments import UsageError, check_output_folder, non_negative_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``export`` subcommand to ``subparsers``; its handler is ``args.func(args) -> int``."""
@@ -14,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                               description=__doc__)
     p.add_argument("--workdir", required=True, type=Path, help="the run's work directory (holds checkpoints/)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest finished one)")
+    p.add_argument("--step", type=non_negative_int, default=None,
+                   help="checkpoint step (default: the newest finished one)")
     p.set_defaults(func=run)
     return p
 
@@ -23,6 +26,10 @@ def run(args: argparse.Namespace) -> int:
     """Handler: 0; a missing checkpoint raises FileNotFoundError (``cli`` prints it, exit code 2)."""
     from realisid_jax.training.checkpoint_export import export_checkpoint
 
+    if not (args.workdir / "checkpoints").is_dir():
+        raise UsageError(f"--workdir {args.workdir} holds no checkpoints/ folder (not a `realisid train` work "
+                         "directory)")
+    check_output_folder(args.out)
     step = export_checkpoint(args.workdir, args.out, args.step)
     print(f"exported step {step} of {args.workdir} to {args.out}; use: realisid sample --branches {args.out}")
     return 0

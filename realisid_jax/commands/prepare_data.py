@@ -7,6 +7,9 @@ import logging
 import os
 import sys
 
+from realisid_jax.commands.arguments import check_output_folder, image_size, non_negative_float, non_negative_int
+from realisid_jax.commands.arguments import finite_float, positive_int
+
 _DEFAULT_RESOLUTION = 1024
 _DEFAULT_REFERENCE_SIZE = 224
 
@@ -27,24 +30,24 @@ def register(subparsers) -> None:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="config file: --resolution defaults to train.resolution and "
                         "--reference-size to model.image_encoder.image_size")
-    p.add_argument("--resolution", type=int, default=None, metavar="N",
+    p.add_argument("--resolution", type=image_size, default=None, metavar="N",
                    help=f"training image side (default: config, else {_DEFAULT_RESOLUTION})")
-    p.add_argument("--reference-size", type=int, default=None, metavar="S",
+    p.add_argument("--reference-size", type=positive_int, default=None, metavar="S",
                    help=f"CLIP reference crop side (default: config, else {_DEFAULT_REFERENCE_SIZE})")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="W",
+    p.add_argument("--workers", type=non_negative_int, default=os.cpu_count() or 1, metavar="W",
                    help="face-analysis processes; 0 analyses in this process (default: CPU count)")
     p.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg",
                    help="encoding of the stored training image (default jpeg)")
-    p.add_argument("--min-face-px", type=float, default=32.0,
+    p.add_argument("--min-face-px", type=non_negative_float, default=32.0,
                    help="smallest square face box side at the training resolution (default 32)")
-    p.add_argument("--max-other-face-ratio", type=float, default=0.5,
+    p.add_argument("--max-other-face-ratio", type=finite_float, default=0.5,
                    help="skip photos whose second face is at least this fraction of the largest "
                         "(default 0.5)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Handler: prepares the dataset, prints the summary JSON; 1 on an input error."""
+    """Handler: prepares the dataset, prints the summary JSON; 2 on an input error."""
     from realisid_jax.data.prepare import PrepareOptions, prepare_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -64,6 +67,6 @@ def run(args: argparse.Namespace) -> int:
         summary = prepare_dataset(args.src, args.out, options=options, workers=args.workers)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(json.dumps(summary, indent=2))
     return 0

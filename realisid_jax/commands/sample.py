@@ -7,10 +7,12 @@ the config's random weights (tiny config: noise, not faces) and the real CLIP vo
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
-
+from realisid_jax.commands.arguments import (UsageError, check_fresh_folder, check_output_folder, image_size,
+                                             non_negative_int, positive_int)
 from realisid_jax.config import load_config
 
 DEFAULT_PROMPT = "a photo of an astronaut smiling, portrait, studio light"
@@ -26,12 +28,16 @@ def register(subparsers) -> None:
                    help="photo whose landmarks set pose/expression, per --face ('-' = the reference's own)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--out", required=True, help="output folder (PNG per image + conditioning sheet)")
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: config)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--out", required=True,
+                   help="output folder (PNG per image + conditioning sheet); a non-empty folder is refused "
+                        "unless --overwrite, so images of two runs are never mixed")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, deleting its earlier image_*.png first")
+    p.add_argument("--num-images", type=positive_int, default=1)
+    p.add_argument("--seed", type=non_negative_int, default=None)
+    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: config)")
+    p.add_argument("--height", type=image_size, default=None, help="pixels, a multiple of 64 (default: config)")
+    p.add_argument("--width", type=image_size, default=None, help="pixels, a multiple of 64 (default: config)")
     p.add_argument("--base", default=None, help="diffusers SDXL / SD1.5 pipeline folder (real weights)")
     p.add_argument("--branches", default=None, help="trained RealisID branches folder (realisid export)")
     p.add_argument("--image-encoder", default=None, help="CLIP vision model folder (transformers format)")
@@ -49,16 +55,16 @@ def _persons(args, height: int, width: int):
         box = (width / 2 - side / 2, height / 5, width / 2 + side / 2, height / 5 + side)
         return [Person(data.astronaut(), box)], "skimage.data.astronaut()"
     if len(args.box) != len(args.face):
-        raise SystemExit(f"error: {len(args.face)} --face but {len(args.box)} --box; give one box per face")
+        raise UsageError(f"{len(args.face)} --face but {len(args.box)} --box; give one box per face")
     if args.pose and len(args.pose) != len(args.face):
-        raise SystemExit("error: give --pose once per --face (use '-' for the reference's own landmarks)")
+        raise UsageError("give --pose once per --face (use '-' for the reference's own landmarks)")
     poses = args.pose or ["-"] * len(args.face)
     persons = []
     for face, box, pose in zip(args.face, args.box, poses):
         try:
             coords = tuple(float(v) for v in box.split(","))
         except ValueError:
-            raise SystemExit(f"error: --box {box!r} is not x0,y0,x1,y1") from None
+            raise UsageError(f"--box {box!r} is not x0,y0,x1,y1 (four numbers)") from None
         persons.append(Person(face, coords, None if pose == "-" else pose))
     return persons, ", ".join(args.face)
 
@@ -70,6 +76,22 @@ def _enable_compilation_cache() -> None:
 
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_compilation_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _warn_lost_input(args) -> None:
+    """Warnings (stderr) where a run would silently ignore part of what was asked."""
+    from realisid_jax.text.tokenizer import CLIP_MAX_LENGTH, offline_clip_tokenizer
+
+    tokenizer = offline_clip_tokenizer()
+    for flag, prompt in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        count = len(tokenizer(prompt or "").input_ids)  # with the start and end tokens
+        if count > CLIP_MAX_LENGTH:
+            print(f"warning: {flag} is {count - 2} tokens; CLIP reads {CLIP_MAX_LENGTH - 2}, the last "
+                  f"{count - CLIP_MAX_LENGTH} are dropped", file=sys.stderr)
+    if args.base is not None and args.branches is None:
+        print("warning: --base without --branches: the RealisID branches are fresh copies of the UNet with "
+              "zero-initialised outputs, so they add nothing; pass --branches (realisid export) for identity "
+              "control", file=sys.stderr)
 
 
 def build_pipeline(config, args):
@@ -101,8 +123,10 @@ def run(args) -> int:
     height = args.height or config.sampling.height
     width = args.width or config.sampling.width
     persons, source = _persons(args, height, width)
-    out = Path(args.out)
+    out = check_output_folder(args.out)
+    check_fresh_folder(out, overwrite=args.overwrite, pattern="image_*.png")
     conditions = prepare_conditions(config, persons, height, width)  # bad input fails before models load
+    _warn_lost_input(args)
     _enable_compilation_cache()
     pipeline = build_pipeline(config, args)
     result = pipeline(args.prompt, conditions, negative_prompt=args.negative_prompt, height=height, width=width,
@@ -110,6 +134,8 @@ def run(args) -> int:
                       seed=config.sampling.seed if args.seed is None else args.seed)
     # Everything is computed before anything is written: a failure leaves --out untouched.
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("image_*.png"):  # only reached with --overwrite (or an empty folder)
+        old.unlink()
     files = [(f"image_{i:03d}.png", Image.fromarray(img)) for i, img in enumerate(result.images)]
     files.append(("conditioning_sheet.png", conditioning_sheet(result.conditions, height, width)))
     for name, image in files:
@@ -119,5 +145,5 @@ def run(args) -> int:
         image.save(tmp, format="PNG")
         os.replace(tmp, out / name)
     print(f"wrote {len(result.images)} image(s) and conditioning_sheet.png to {out}/ "
-          f"(references: {source}; prompt: {args.prompt!r})")
+          f"(references: {source})")
     return 0
