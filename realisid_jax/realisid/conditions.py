@@ -40,7 +40,8 @@ class Person:
 
     Attributes:
       reference: photo of the person (path or HxWx3 array); its largest face is used.
-      box: ``(x0, y0, x1, y1)`` where the face goes, output-image pixels (floats allowed).
+      box: ``(x0, y0, x1, y1)`` where the face goes, output-image pixels (floats allowed); made square and
+        moved inside the image by ``check_box``.
       pose: optional photo whose landmarks set pose and expression; default the reference's own.
     """
 
@@ -56,7 +57,8 @@ class PersonConditions:
     Attributes:
       reference_pixels: (K, S_clip, S_clip, 3) float32, CLIP-normalised masked square face crops.
       landmark_images: (K, P, P, 3) float32 in [0, 1], c_pe at the local branch's pixel size P.
-      boxes: (K, 4) float32, normalised ``(x0, y0, x1, y1)``.
+      boxes: (K, 4) float32, normalised ``(x0, y0, x1, y1)``: the boxes actually used (``check_box``: square,
+        inside the image).
       valid: (K,) bool.
       references: the analysed references (for the conditioning sheet).
     """
@@ -75,10 +77,15 @@ def _as_image(image: ImageInput) -> tuple[np.ndarray, str]:
 
 
 def check_box(box: Sequence[float], height: int, width: int) -> np.ndarray:
-    """Validates a pixel box against the output image; returns it normalised to [0, 1] (float32).
+    """The box actually used for a user's pixel box, normalised to [0, 1] (float32).
+
+    Training boxes are squares (``realisid_jax.data.prepare.fit_square``) and the landmark image c_pe is
+    drawn in a square frame, so a user box becomes the square of its longer edge around its centre (no
+    stretched face in the local crop, a c_loc shape seen in training), moved by the least amount that puts
+    it inside the (width x height) image.
 
     Raises:
-      BoxError: not 4 numbers, empty, or not inside the (width x height) image.
+      BoxError: not 4 finite numbers, empty, or its longer edge longer than the image's shorter side.
     """
     b = np.asarray(box, np.float64).reshape(-1)
     if b.size != 4 or not np.all(np.isfinite(b)):
@@ -87,9 +94,14 @@ def check_box(box: Sequence[float], height: int, width: int) -> np.ndarray:
     text = ",".join(f"{v:g}" for v in b)
     if not (x1 > x0 and y1 > y0):
         raise BoxError(f"box {text} is empty: need x1 > x0 and y1 > y0")
-    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-        raise BoxError(f"box {text} is not inside the {width}x{height} image (pixels, x0,y0,x1,y1)")
-    return (b / np.array([width, height, width, height])).astype(np.float32)
+    side = max(x1 - x0, y1 - y0)
+    if side > min(width, height):
+        raise BoxError(f"box {text} is made square by its longer edge ({side:g} px), which does not fit in the "
+                       f"{width}x{height} image (pixels, x0,y0,x1,y1)")
+    left = np.clip((x0 + x1 - side) / 2, 0, width - side)
+    top = np.clip((y0 + y1 - side) / 2, 0, height - side)
+    square = np.array([left, top, left + side, top + side])
+    return (square / np.array([width, height, width, height])).astype(np.float32)
 
 
 def prepare_persons(persons: Sequence[Person], *, height: int, width: int, max_persons: int,
@@ -129,7 +141,8 @@ def _analyse(image: ImageInput, analyzer: FaceAnalyzer, size: int, mean, std) ->
 
 
 def conditioning_sheet(conditions: PersonConditions, height: int, width: int, *, thumb: int = 160) -> Image.Image:
-    """One PNG-able sheet: per person a row of (reference crop, landmark image, location mask with its box)."""
+    """One PNG-able sheet: per person a row of (reference crop, landmark image, location mask with the box
+    actually used, its pixel coordinates written below it)."""
     n = len(conditions.references)
     sheet = Image.new("RGB", (3 * thumb, max(1, n) * thumb), "black")
     scale = thumb / max(height, width)
@@ -138,7 +151,10 @@ def conditioning_sheet(conditions: PersonConditions, height: int, width: int, *,
         marks = Image.fromarray((conditions.landmark_images[r] * 255).astype(np.uint8)).resize((thumb, thumb))
         mask = Image.new("RGB", (thumb, thumb), (40, 40, 40))
         x0, y0, x1, y1 = conditions.boxes[r] * np.array([width, height, width, height]) * scale
-        ImageDraw.Draw(mask).rectangle([x0, y0, x1, y1], fill="white", outline="lime")
+        draw = ImageDraw.Draw(mask)
+        draw.rectangle([x0, y0, x1, y1], fill="white", outline="lime")
+        used = conditions.boxes[r] * np.array([width, height, width, height])
+        draw.text((2, thumb - 12), ",".join(f"{v:.0f}" for v in used), fill="lime")
         for c, tile in enumerate((crop, marks, mask)):
             sheet.paste(tile, (c * thumb, r * thumb))
     return sheet
