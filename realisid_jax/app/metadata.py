@@ -1,0 +1,150 @@
+"""Generation records in PNG text chunks: every image ``realisid sample`` and ``realisid app`` write carries
+the whole request, so ``realisid sample --from-png FILE`` re-runs it from the file alone.
+
+One ``tEXt``/``iTXt`` chunk per scalar field, keyed ``realisid:<field>`` with a JSON value (readable with any
+PNG tool, e.g. ``identify -verbose``), and per person the reference (and pose) photo as a lossless PNG in a
+compressed ``zTXt`` chunk: the photo the face analysis saw, bit for bit, so the conditions come out the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+_PREFIX = "realisid:"
+# A photo chunk holds a whole PNG (base64): far above Pillow's 1 MiB decompression guard for text chunks.
+_MAX_PHOTO_CHUNK = 256 * 1024 * 1024
+
+
+class MetadataError(ValueError):
+    """A PNG without a (complete) generation record."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Generation:
+    """One request, as actually run.
+
+    Attributes:
+      prompt, negative_prompt: the texts (``negative_prompt`` None = the config's).
+      seed: the initial-noise seed (int); image ``image_index`` of ``num_images`` drawn from it.
+      boxes: per person ``(x0, y0, x1, y1)`` output pixels, as the pipeline used them (squared, inside).
+      steps, scheduler: denoising steps and sampler name (``schedulers.SCHEDULERS``).
+      text_guidance_scale, id_guidance_scale: λ_t and λ_i of paper Eq. 8.
+      id_start_fraction: delayed ID conditioning, fraction of the steps without ID.
+      height, width: output size, pixels.
+      config: config file as given; config_overrides: ``a.b=value`` strings applied to it.
+      weights: ``base`` / ``branches`` / ``image_encoder`` folders (None = the config's random weights).
+      references: per person (H, W, 3) uint8 RGB reference photo; poses: per person pose photo or None.
+    """
+
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    boxes: tuple[tuple[float, float, float, float], ...]
+    steps: int
+    scheduler: str
+    text_guidance_scale: float
+    id_guidance_scale: float
+    id_start_fraction: float
+    height: int
+    width: int
+    num_images: int
+    config: str
+    config_overrides: tuple[str, ...] = ()
+    weights: dict = dataclasses.field(default_factory=dict)
+    image_index: int = 0
+    references: tuple[np.ndarray, ...] = ()
+    poses: tuple[np.ndarray | None, ...] = ()
+
+    def for_image(self, index: int) -> Generation:
+        """The same record for image ``index`` of the batch."""
+        return dataclasses.replace(self, image_index=index)
+
+
+_SCALARS = tuple(f.name for f in dataclasses.fields(Generation) if f.name not in ("references", "poses"))
+
+
+def png_info(generation: Generation) -> PngImagePlugin.PngInfo:
+    """PNG text chunks holding ``generation`` (pass as ``Image.save(..., pnginfo=...)``)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", "realisid-jax")
+    for name in _SCALARS:
+        info.add_text(_PREFIX + name, json.dumps(getattr(generation, name), ensure_ascii=False))
+    for kind, photos in (("reference", generation.references), ("pose", generation.poses)):
+        for k, photo in enumerate(photos):
+            if photo is not None:
+                info.add_text(f"{_PREFIX}{kind}:{k}", _encode_photo(photo), zip=True)
+    return info
+
+
+def save_png(image: Image.Image | np.ndarray, path: str | os.PathLike, generation: Generation) -> None:
+    """Writes ``image`` as a PNG carrying ``generation``."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image.save(path, format="PNG", pnginfo=png_info(generation))
+
+
+def read_generation(path: str | os.PathLike) -> Generation:
+    """The record of a PNG written by ``save_png``.
+
+    Raises:
+      FileNotFoundError: no such file. MetadataError: not a PNG, or no complete realisid record in it.
+    """
+    limit = PngImagePlugin.MAX_TEXT_CHUNK
+    PngImagePlugin.MAX_TEXT_CHUNK = _MAX_PHOTO_CHUNK
+    try:
+        with Image.open(path) as image:
+            image.load()
+            text = dict(getattr(image, "text", {}))
+    except Image.UnidentifiedImageError:
+        raise MetadataError(f"{path} is not an image") from None
+    finally:
+        PngImagePlugin.MAX_TEXT_CHUNK = limit
+    missing = [n for n in _SCALARS if _PREFIX + n not in text]
+    if missing:
+        raise MetadataError(f"{path} carries no realisid generation record (missing: {', '.join(missing)})")
+    fields = {n: json.loads(text[_PREFIX + n]) for n in _SCALARS}
+    fields["boxes"] = tuple(tuple(float(v) for v in b) for b in fields["boxes"])
+    fields["config_overrides"] = tuple(fields["config_overrides"])
+    n = len(fields["boxes"])
+    references = tuple(_photo(text, f"reference:{k}", path) for k in range(n))
+    poses = tuple(_decode_photo(text[key]) if (key := f"{_PREFIX}pose:{k}") in text else None for k in range(n))
+    return Generation(**fields, references=references, poses=poses)
+
+
+def _photo(text: dict, name: str, path) -> np.ndarray:
+    if _PREFIX + name not in text:
+        raise MetadataError(f"{path}: the generation record has no {name} photo")
+    return _decode_photo(text[_PREFIX + name])
+
+
+def _encode_photo(photo: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(photo, np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _decode_photo(text: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(text))) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def pixel_boxes(normalised: np.ndarray, valid: np.ndarray, height: int, width: int) -> tuple:
+    """The valid rows of (K, 4) normalised boxes as pixel tuples (``PersonConditions.boxes`` -> ``boxes``)."""
+    scale = np.array([width, height, width, height], np.float64)
+    return tuple(tuple(float(v) for v in np.asarray(b, np.float64) * scale) for b in np.asarray(normalised)[valid])
+
+
+def persons(generation: Generation) -> list:
+    """The record's persons as pipeline input (``realisid.conditions.Person``)."""
+    from realisid_jax.realisid.conditions import Person
+
+    poses: Sequence = generation.poses or (None,) * len(generation.boxes)
+    return [Person(ref, box, pose) for ref, box, pose in zip(generation.references, generation.boxes, poses)]

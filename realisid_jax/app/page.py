@@ -1,0 +1,113 @@
+"""The ``realisid app`` page (Gradio Blocks): persons with photos and face boxes, settings, Generate, gallery.
+
+Element ids (``elem_id``) are stable for the browser test: ``person-accordion-K``, ``reference-K``, ``face-K``, ``person-message-K``,
+``pose-K``, ``box-x-K``, ``box-y-K``, ``box-w-K``, ``box-h-K`` per person slot K (from 0), and ``layout``,
+``layout-message``, ``prompt``, ``height``, ``width``, ``steps``, ``seed``, ``random-seed``, ``generate``,
+``status``, ``gallery``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home; must precede the import
+
+import gradio as gr  # noqa: E402
+
+from realisid_jax.app.request import MIN_BOX_FRACTION, PersonRequest, Request, RequestError, Studio  # noqa: E402
+from realisid_jax.schedulers import SCHEDULERS  # noqa: E402
+
+_INTRO = ("Upload a reference photo per person, place each face on the output with the box controls (fractions "
+          "of the image edge; faces may be small), write a prompt and press **Generate**. Boxes are made square "
+          "and moved inside the image as the pipeline uses them: the layout shows both.")
+
+
+def build_page(studio: Studio, *, default_prompt: str = "", notice: str = "") -> gr.Blocks:
+    """The page for ``studio``; ``notice`` (e.g. the random-weights warning) is shown at the top."""
+    s = studio.config.sampling
+    with gr.Blocks(title="RealisID", analytics_enabled=False) as page:
+        gr.Markdown("# RealisID\n" + _INTRO)
+        if notice:
+            gr.Markdown(f"**Note:** {notice}", elem_id="notice")
+        person_inputs = []
+        with gr.Row():
+            with gr.Column(scale=1):
+                for k in range(studio.max_persons):
+                    with gr.Accordion(f"Person {k + 1}", open=k == 0, elem_id=f"person-accordion-{k}"):
+                        reference = gr.Image(label="reference photo", type="numpy", sources=["upload"],
+                                             elem_id=f"reference-{k}", height=220)
+                        face = gr.Image(label="detected face and landmarks", interactive=False,
+                                        elem_id=f"face-{k}", height=220)
+                        message = gr.Markdown(elem_id=f"person-message-{k}")
+                        pose = gr.Image(label="pose / expression photo (optional)", type="numpy",
+                                        sources=["upload"], elem_id=f"pose-{k}", height=160)
+                        box = [gr.Slider(0, 1, value=v, step=1 / 64, label=label, elem_id=f"box-{key}-{k}")
+                               for key, label, v in (("x", "box centre x", 0.5 if k == 0 else 0.25 + 0.5 * (k % 2)),
+                                                     ("y", "box centre y", 0.3 + 0.4 * (k // 2)))]
+                        box += [gr.Slider(MIN_BOX_FRACTION, 1, value=0.25, step=1 / 64, label=label,
+                                          elem_id=f"box-{key}-{k}")
+                                for key, label in (("w", "box width"), ("h", "box height"))]
+                    reference.change(studio.face_preview, reference, [face, message])
+                    person_inputs.append((reference, pose, box))
+            with gr.Column(scale=1):
+                layout = gr.Image(label="face boxes on the output (thin: as set, thick: as used)",
+                                  interactive=False, elem_id="layout")
+                layout_message = gr.Markdown(elem_id="layout-message")
+                prompt = gr.Textbox(label="prompt", value=default_prompt, lines=2, elem_id="prompt")
+                negative = gr.Textbox(label="negative prompt", value=s.negative_prompt, elem_id="negative-prompt")
+                with gr.Row():
+                    height = gr.Number(label="height (multiple of 64)", value=s.height, precision=0,
+                                       elem_id="height")
+                    width = gr.Number(label="width (multiple of 64)", value=s.width, precision=0, elem_id="width")
+                with gr.Row():
+                    steps = gr.Slider(1, 100, value=s.num_inference_steps, step=1, label="steps", elem_id="steps")
+                    scheduler = gr.Dropdown(sorted(SCHEDULERS), value=s.scheduler, label="scheduler")
+                with gr.Row():
+                    text_scale = gr.Slider(0, 20, value=s.text_guidance_scale, step=0.5, label="λ_t (text guidance)")
+                    id_scale = gr.Slider(0, 20, value=s.id_guidance_scale, step=0.5, label="λ_i (ID guidance)")
+                id_start = gr.Slider(0, 1, value=s.id_start_fraction, step=0.05,
+                                     label="ID start fraction (ID off for this part of the steps)")
+                with gr.Row():
+                    seed = gr.Number(label="seed", value=s.seed, precision=0, elem_id="seed")
+                    random_seed = gr.Checkbox(label="random seed", value=False, elem_id="random-seed")
+                    num_images = gr.Slider(1, 8, value=1, step=1, label="number of images")
+                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                status = gr.Markdown(elem_id="status")
+                gallery = gr.Gallery(label="images and conditioning sheet", format="png", columns=2,
+                                     elem_id="gallery")
+
+        boxes = [c for _, _, box in person_inputs for c in box]
+        size = [height, width]
+
+        def persons(values) -> list[PersonRequest]:
+            # values: per slot reference, pose, then its 4 box fractions
+            per = 6
+            return [PersonRequest(values[i], tuple(values[i + 2:i + 6]), values[i + 1])
+                    for i in range(0, len(values), per)]
+
+        slot_values = [c for reference, pose, box in person_inputs for c in (reference, pose, *box)]
+
+        def show_layout(h, w, *values):
+            return studio.layout_preview(persons(values), h, w)
+
+        for control in [*boxes, *size]:
+            control.change(show_layout, [*size, *slot_values], [layout, layout_message])
+        page.load(show_layout, [*size, *slot_values], [layout, layout_message])
+
+        def run(prompt_, negative_, h, w, steps_, scheduler_, text_, id_, start_, seed_, random_, n_, *values,
+                progress=gr.Progress(track_tqdm=True)):
+            request = Request(prompt_, persons(values), h, w, steps_, scheduler_, text_, id_, start_,
+                              None if random_ else seed_, n_, negative_)
+            try:
+                result = studio.generate(request)
+            except RequestError as err:
+                return gr.update(), f"⚠️ {err}", gr.update()
+            g = result.generation
+            items = [(str(p), f"image {i + 1}") for i, p in enumerate(result.images)]
+            items.append((str(result.sheet), "conditioning sheet"))
+            return items, (f"Done in {result.seconds:.1f} s: seed {g.seed}, {g.width}x{g.height}, {g.steps} steps "
+                           f"({g.scheduler}). Files: `{result.sheet.parent}`"), g.seed
+
+        generate.click(run, [prompt, negative, height, width, steps, scheduler, text_scale, id_scale, id_start, seed,
+                             random_seed, num_images, *slot_values], [gallery, status, seed])
+    return page

@@ -1,0 +1,227 @@
+"""The web app's request handling, free of any UI: page values in, PNG files (with their generation record)
+or one-line messages out.
+
+A ``Studio`` holds one loaded ``RealisIDPipeline`` for the life of the app; requests of the same size, person
+count, steps and scheduler reuse its compiled sampling loop (seeds, prompts, boxes and scales are data).
+Face boxes come from the page as fractions of the output image and go to the pipeline as pixels; what the
+page shows as "used" is what the pipeline's own box rule (``realisid.conditions.check_box``) returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from realisid_jax.app.metadata import Generation, pixel_boxes, save_png
+from realisid_jax.face.draw import annotate
+from realisid_jax.face.errors import FaceError
+from realisid_jax.realisid.conditions import (BoxError, Person, SizeError, TooManyPersonsError, check_box,
+                                              conditioning_sheet)
+from realisid_jax.schedulers import SCHEDULERS, get_scheduler
+
+#: Smallest face box the page offers, as a fraction of the image edge (the method's point is small faces).
+MIN_BOX_FRACTION = 1 / 16
+PREVIEW_PX = 384  # longer side of the box-layout preview
+PERSON_COLORS = ((255, 80, 80), (80, 200, 255), (255, 210, 60), (170, 110, 255), (90, 230, 120), (255, 140, 200))
+
+
+class RequestError(ValueError):
+    """A request the app cannot run; the message is shown in the page as it is."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PersonRequest:
+    """One person slot of the page.
+
+    Attributes:
+      reference: (H, W, 3) uint8 RGB photo of the person, or None (slot unused).
+      box: ``(centre x, centre y, width, height)`` of the face box, fractions of the output width / height.
+      pose: optional (H, W, 3) uint8 RGB photo whose landmarks set pose and expression.
+    """
+
+    reference: np.ndarray | None
+    box: tuple[float, float, float, float]
+    pose: np.ndarray | None = None
+
+    def pixel_box(self, height: int, width: int) -> tuple[float, float, float, float]:
+        """``(x0, y0, x1, y1)`` output pixels."""
+        cx, cy, w, h = (float(v) for v in self.box)
+        return (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Request:
+    """Everything the page's Generate button sends; ``seed`` None draws a random one."""
+
+    prompt: str
+    persons: Sequence[PersonRequest]
+    height: int
+    width: int
+    steps: int
+    scheduler: str
+    text_guidance_scale: float
+    id_guidance_scale: float
+    id_start_fraction: float
+    seed: int | None = 0
+    num_images: int = 1
+    negative_prompt: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """images: one PNG per image (each with its generation record); sheet: the conditioning sheet PNG."""
+
+    images: tuple[Path, ...]
+    sheet: Path
+    generation: Generation
+    seconds: float
+
+
+class Studio:
+    """One loaded pipeline serving the page's requests, one at a time.
+
+    Args:
+      pipeline: a ``RealisIDPipeline`` (loaded once, at app start).
+      config_name, config_overrides, weights: recorded in every PNG (see ``metadata.Generation``).
+      out_dir: where each request's PNGs go (a sub-folder per request).
+    """
+
+    def __init__(self, pipeline, *, config_name: str, out_dir: str | Path, config_overrides: Sequence[str] = (),
+                 weights: dict | None = None):
+        self.pipeline = pipeline
+        self.config = pipeline.config
+        self.config_name = config_name
+        self.config_overrides = tuple(config_overrides)
+        self.weights = dict(weights or {})
+        self.out_dir = Path(out_dir)
+        self._scheduler_config = pipeline.scheduler.config
+        self._lock = threading.Lock()  # the pipeline (and its scheduler slot) serves one request at a time
+
+    @property
+    def max_persons(self) -> int:
+        return int(self.config.realisid.max_persons)
+
+    # ---------------------------------------------------------------------------------------- page helpers
+    def face_preview(self, photo: np.ndarray | None) -> tuple[np.ndarray | None, str]:
+        """The photo with its detected face box and landmarks drawn, and a message ("" when a face was found).
+
+        The same analysis (largest face) the pipeline will run on it."""
+        if photo is None:
+            return None, ""
+        try:
+            face = self._analyzer().analyze(photo, policy="largest", source="this photo")[0]
+        except FaceError as err:
+            return None, f"⚠️ {err}: use a photo where the face is clearly visible"
+        return annotate(np.asarray(photo), [face.box], landmarks=[face.landmarks]), ""
+
+    def layout_preview(self, persons: Sequence[PersonRequest], height: int, width: int) -> tuple[np.ndarray, str]:
+        """The output canvas with each person's box as set (thin) and as the pipeline uses it (thick), and a
+        message for the boxes it rejects ("" when all are fine). Every slot is drawn, photo or not."""
+        try:
+            height, width = _size(height, width)
+            self.pipeline.prepare([], height, width)  # the pipeline's size check, no photo analysed
+        except (RequestError, SizeError) as err:
+            return np.zeros((8, 8, 3), np.uint8), str(err)
+        scale = PREVIEW_PX / max(height, width)
+        canvas = Image.new("RGB", (max(1, round(width * scale)), max(1, round(height * scale))), (48, 48, 48))
+        draw = ImageDraw.Draw(canvas)
+        messages = []
+        for k, person in enumerate(persons):
+            color = PERSON_COLORS[k % len(PERSON_COLORS)]
+            box = person.pixel_box(height, width)
+            draw.rectangle([v * scale for v in box], outline=color, width=1)
+            try:
+                used = check_box(box, height, width) * np.array([width, height, width, height]) * scale
+            except BoxError as err:
+                messages.append(f"person {k + 1}: {err}")
+                continue
+            draw.rectangle(used.tolist(), outline=color, width=3)
+            draw.text((used[0] + 4, used[1] + 2), str(k + 1), fill=color)
+        return np.asarray(canvas), "; ".join(messages)
+
+    # --------------------------------------------------------------------------------------------- generate
+    def generate(self, request: Request) -> Result:
+        """Runs one request and writes its PNGs.
+
+        Raises:
+          RequestError: bad size, box, person count, steps or scheduler, or a photo without a usable face
+            (the message names the person). Nothing is written then, and the studio stays usable.
+        """
+        start = time.perf_counter()
+        height, width = _size(request.height, request.width)
+        if request.steps < 1 or request.num_images < 1:
+            raise RequestError("steps and number of images must be at least 1")
+        if request.scheduler not in SCHEDULERS:
+            raise RequestError(f"unknown scheduler {request.scheduler!r}; choose from {sorted(SCHEDULERS)}")
+        slots = [(k, p) for k, p in enumerate(request.persons) if p.reference is not None]
+        persons = [Person(p.reference, p.pixel_box(height, width), p.pose) for _, p in slots]
+        seed = random.randrange(2**31) if request.seed is None else int(request.seed)
+        with self._lock:
+            conditions = self._prepare(persons, [k for k, _ in slots], height, width)
+            self.pipeline.scheduler = self._scheduler(request.scheduler)
+            output = self.pipeline(request.prompt, conditions, negative_prompt=request.negative_prompt,
+                                   height=height, width=width, num_inference_steps=int(request.steps),
+                                   text_guidance_scale=float(request.text_guidance_scale),
+                                   id_guidance_scale=float(request.id_guidance_scale),
+                                   id_start_fraction=float(request.id_start_fraction),
+                                   num_images=int(request.num_images), seed=seed)
+        generation = Generation(
+            prompt=request.prompt, negative_prompt=request.negative_prompt, seed=seed,
+            boxes=pixel_boxes(conditions.boxes, conditions.valid, height, width), steps=int(request.steps),
+            scheduler=request.scheduler, text_guidance_scale=float(request.text_guidance_scale),
+            id_guidance_scale=float(request.id_guidance_scale), id_start_fraction=float(request.id_start_fraction),
+            height=height, width=width, num_images=int(request.num_images), config=self.config_name,
+            config_overrides=self.config_overrides, weights=self.weights,
+            references=tuple(np.asarray(p.reference) for _, p in slots),
+            poses=tuple(None if p.pose is None else np.asarray(p.pose) for _, p in slots))
+        folder = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-seed{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        images = []
+        for i, image in enumerate(output.images):
+            images.append(folder / f"image_{i:03d}.png")
+            save_png(image, images[-1], generation.for_image(i))
+        sheet = folder / "conditioning_sheet.png"
+        conditioning_sheet(output.conditions, height, width).save(sheet)
+        return Result(tuple(images), sheet, generation, time.perf_counter() - start)
+
+    def _prepare(self, persons: list[Person], slots: list[int], height: int, width: int):
+        try:
+            return self.pipeline.prepare(persons, height, width)
+        except (SizeError, BoxError, TooManyPersonsError) as err:
+            raise RequestError(str(err)) from None
+        except FaceError as err:
+            # The pipeline names array photos "<array>": find the person to name in the page.
+            for k, person in zip(slots, persons):
+                for kind, photo in (("reference", person.reference), ("pose", person.pose)):
+                    if photo is not None and self.face_preview(photo)[1]:
+                        raise RequestError(f"person {k + 1}: no usable face in the {kind} photo") from None
+            raise RequestError(str(err)) from None
+
+    def _scheduler(self, name: str):
+        # Same name, equal frozen scheduler: the compiled loop (scheduler is a static argument) is reused.
+        return get_scheduler(name, self._scheduler_config)
+
+    def _analyzer(self):
+        if self.pipeline.analyzer is None:
+            from realisid_jax.face.analysis import FaceAnalyzer
+
+            self.pipeline.analyzer = FaceAnalyzer()
+        return self.pipeline.analyzer
+
+
+def _size(height, width) -> tuple[int, int]:
+    """Output size as ints (the page's number fields may send floats); the size rule is the pipeline's."""
+    try:
+        h, w = int(height), int(width)
+    except (TypeError, ValueError):
+        raise RequestError(f"height and width must be whole numbers of pixels, got {height!r} x {width!r}") from None
+    if h != height or w != width:
+        raise RequestError(f"height and width must be whole numbers of pixels, got {height} x {width}")
+    return h, w
