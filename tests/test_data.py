@@ -213,3 +213,18 @@ def test_host_sharding(prepared):
     assert set(shards[0]) | set(shards[1]) == set(everything) and len(everything) == N_FACES
     with pytest.raises(ValueError, match="divisible"):
         _iterator(out, batch_size=3, shard_index=0, shard_count=2)
+
+
+@pytest.mark.parametrize("short", [561, 569, 644, 735])
+def test_frame_of_a_short_side_scaled_to_the_resolution_has_no_border(short):
+    """At r = 1024 these short sides scale to 1023.9999999999999 px: the offset stays 0, no dark rows/columns."""
+    r, long = 1024, short * 3 // 2
+    scale = r / short
+    assert short * scale < r  # the float rounding the fix is about
+    oy = prepare.crop_offset(short * scale, 0.1 * r, 0.4 * r, r)
+    ox = prepare.crop_offset(long * scale, 0.0, 0.3 * r, r)
+    assert oy == 0 and ox == 0
+    assert prepare.crop_offset(long * scale, 1.4 * r, long * scale, r) == int(np.floor(long * scale + 1e-6)) - r
+    photo = np.full((short, long, 3), 200, np.uint8)
+    frame = prepare.frame_image(photo, np.array([[scale, 0, -ox], [0, scale, -oy]]), r)
+    assert frame.shape == (r, r, 3) and frame.min() == 200 and frame.max() == 200

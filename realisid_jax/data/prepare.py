@@ -175,7 +175,21 @@ def crop_offset(extent: float, lo: float, hi: float, size: int) -> int:
     ``[0, extent]``; an integer so that a photo already at the training size is copied exactly."""
     start = (extent - size) / 2
     start = (lo + hi - size) / 2 if hi - lo > size else min(max(start, hi - size), lo)
-    return int(np.clip(round(start), 0, np.floor(extent - size)))
+    # Clamped in whole pixels: a short side scaled to ``size`` is often 1023.9999999999999, whose float floor
+    # would give -1 (a border row in the frame); 1e-6 px is far above that rounding, far below a pixel.
+    last = max(0, int(np.floor(extent + 1e-6)) - size)
+    return min(max(round(start), 0), last)
+
+
+def frame_image(rgb: np.ndarray, to_frame: np.ndarray, size: int) -> np.ndarray:
+    """The (size, size, 3) training frame of ``rgb`` through the (2, 3) map ``to_frame`` (photo -> frame px).
+
+    Edge pixels are replicated: an up-scaled photo's outer pixel centres sample just past its border, where
+    a constant (black) border would darken the outer rows and columns of the frame.
+    """
+    from realisid_jax.face.image import warp_affine
+
+    return warp_affine(rgb, to_frame, (size, size), border="replicate")
 
 
 def fit_square(box: np.ndarray, size: int) -> np.ndarray:
@@ -231,7 +245,7 @@ def prepare_sample(path: str | os.PathLike, analyzer, options: PrepareOptions) -
         raise SkipSample("face_too_small", f"{path}: face box {box[2] - box[0]:.1f} px at "
                          f"resolution {r}, below {options.min_face_px:.0f} px")
     to_frame = np.array([[scale, 0, -ox], [0, scale, -oy]])
-    image = warp_affine(rgb, to_frame, (r, r))
+    image = frame_image(rgb, to_frame, r)
     mask = warp_affine(subject.mask.astype(np.float32), to_frame, (r, r)) >= 0.5
     reference = preprocess_reference(rgb, subject, size=options.reference_size).crop
     return {
