@@ -43,6 +43,8 @@ def register(subparsers) -> None:
     p.add_argument("--base", default=None, help="diffusers SDXL / SD1.5 pipeline folder (real weights)")
     p.add_argument("--branches", default=None, help="trained RealisID branches folder (realisid export)")
     p.add_argument("--image-encoder", default=None, help="CLIP vision model folder (transformers format)")
+    p.add_argument("--variant", default=None,
+                   help="weights variant, e.g. fp16 (model.fp16.safetensors); default: plain files, or the only one")
     p.set_defaults(func=run)
 
 
@@ -112,7 +114,7 @@ def build_pipeline(config, args):
               "train`) and --image-encoder (a CLIP ViT-H/14 vision folder).")
         return RealisIDPipeline.from_config(config, seed=config.sampling.seed, mesh=mesh)
     return RealisIDPipeline.from_pretrained(config, args.base, branches=args.branches,
-                                            image_encoder=args.image_encoder, mesh=mesh)
+                                            image_encoder=args.image_encoder, variant=args.variant, mesh=mesh)
 
 
 def run(args) -> int:

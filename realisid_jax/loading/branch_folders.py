@@ -31,7 +31,7 @@ from realisid_jax.models.controlnet import ControlNetModel
 from realisid_jax.models.id_projection import IDProjection
 from realisid_jax.sharding import DEFAULT_RULES, Rules
 from realisid_jax.loading import torch_state
-from realisid_jax.loading.files import find_weights, read_json, read_state_dict, resolve_folder
+from realisid_jax.loading.files import find_weights, read_json, read_weights, resolve_folder
 from realisid_jax.loading.pretrained import from_pretrained
 
 BRANCHES = ("local_branch", "global_branch")
@@ -168,7 +168,7 @@ def init_branch_from_controlnet(realisid: nnx.Module, branch_name: str, folder: 
     branch = getattr(realisid, branch_name)
     path = resolve_folder(folder)
     weights = find_weights(path, ControlNetModel.weights_names)
-    state_dict = ControlNetModel.rename_checkpoint(read_state_dict(weights))
+    state_dict = ControlNetModel.rename_checkpoint(read_weights(weights))
     report = ImportReport(branch_name, str(path),
                           config_differences=_config_differences(read_json(path / "config.json"), branch.config))
     params = nnx.state(branch, nnx.Param)

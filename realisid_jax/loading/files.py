@@ -20,17 +20,99 @@ def read_json(path: Path) -> dict:
         return json.load(f)
 
 
-def find_weights(folder: Path, names: Sequence[str]) -> Path:
-    """The first of ``names`` (preferred order, safetensors first) present in ``folder``.
+def weight_names(names: Sequence[str], variant: str | None) -> list[str]:
+    """File names to look for, in order: each of ``names`` then its sharded index (``<name>.index.json``), with
+    ``variant`` inserted before the last suffix as diffusers' / transformers' ``_add_variant`` do
+    (``model.fp16.safetensors``, ``model.safetensors.index.fp16.json``)."""
+    out = []
+    for name in names:
+        for candidate in (name, f"{name}.index.json"):
+            out.append(_add_variant(candidate, variant))
+    return out
+
+
+def _add_variant(name: str, variant: str | None) -> str:
+    if variant is None:
+        return name
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
+
+
+def folder_variants(folder: Path, names: Sequence[str]) -> list[str]:
+    """The variants whose weights ``folder`` holds (``fp16`` for ``model.fp16.safetensors``), sorted."""
+    found = set()
+    for name in names:
+        stem, suffix = name.rsplit(".", 1)
+        patterns = (re.compile(rf"{re.escape(stem)}\.([^.\-]+)\.{re.escape(suffix)}"),
+                    re.compile(rf"{re.escape(name)}\.index\.([^.]+)\.json"))
+        for path in folder.iterdir():
+            for pattern in patterns:
+                match = pattern.fullmatch(path.name)
+                if match:
+                    found.add(match.group(1))
+    return sorted(found)
+
+
+def find_weights(folder: Path, names: Sequence[str], *, variant: str | None = None) -> list[Path]:
+    """The weight files of one model in ``folder``: one file, or every shard its ``*.index.json`` lists.
+
+    The rules are diffusers' ``_get_model_file`` / transformers' ``_get_resolved_checkpoint_files`` for local
+    folders: ``names`` in preferred order (safetensors first), each as a single file or as a sharded index
+    (``diffusion_pytorch_model.safetensors.index.json`` whose ``weight_map`` names the shards). With
+    ``variant`` (``"fp16"``) that variant's files (``diffusion_pytorch_model.fp16.safetensors``), or, when the
+    folder has none, its plain files with a one-line note (as ``DiffusionPipeline.from_pretrained`` does for
+    components without the variant). Without it, a folder that holds no plain weights but exactly one variant
+    loads that variant, with a one-line note on stdout.
 
     Raises:
-      FileNotFoundError: none present; the message lists the names looked for and what the folder holds.
+      FileNotFoundError: no weights (the message lists the names looked for and what the folder holds), a
+        shard an index lists is missing, or ``variant`` is absent (the folder's variants are named).
+      ValueError: no plain weights but several variants, and ``variant`` not given.
     """
-    for name in names:
+    looked_for = weight_names(names, variant)
+    for name in looked_for:
         if (folder / name).is_file():
-            return folder / name
+            return _shards(folder / name) if name.endswith(".json") else [folder / name]
     present = sorted(p.name for p in folder.iterdir())
-    raise FileNotFoundError(f"no weights file in {folder}: looked for {list(names)}, found {present}")
+    variants = folder_variants(folder, names)
+    if variant is not None and any(name in present for name in weight_names(names, None)):
+        print(f"note: {folder} has no {variant} weights; loading its plain files")
+        return find_weights(folder, names)
+    if variant is None and len(variants) == 1:
+        print(f"note: {folder} holds only {variants[0]} weights; loading those (variant={variants[0]!r})")
+        return find_weights(folder, names, variant=variants[0])
+    if variant is None and variants:
+        raise ValueError(f"{folder} holds no plain weights but the variants {variants}; choose one (--variant)")
+    hint = f" (it holds the variants {variants})" if variants else ""
+    raise FileNotFoundError(f"no weights file in {folder}: looked for {looked_for}, found {present}{hint}")
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` (``{"weight_map": {key: shard file}}``) lists, in first-use order."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} has no weight_map: not a sharded-checkpoint index")
+    shards = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    missing = [p.name for p in shards if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index.name} lists shards missing from {index.parent}: {missing}")
+    return shards
+
+
+def read_weights(paths: Sequence[Path]) -> dict[str, np.ndarray]:
+    """``read_state_dict`` of each file, merged (the shards of one checkpoint).
+
+    Raises:
+      ValueError: a key present in two shards, or as ``read_state_dict``.
+    """
+    state: dict[str, np.ndarray] = {}
+    for path in paths:
+        part = read_state_dict(path)
+        twice = sorted(set(part) & set(state))
+        if twice:
+            raise ValueError(f"{path} repeats keys of an earlier shard: {twice[:5]}")
+        state.update(part)
+    return state
 
 
 def read_state_dict(path: Path) -> dict[str, np.ndarray]:

@@ -139,7 +139,7 @@ def model_class(class_name: str) -> type:
     return classes[class_name]
 
 
-def load_pipeline_folder(folder: str | os.PathLike, *, dtype=jnp.float32,
+def load_pipeline_folder(folder: str | os.PathLike, *, dtype=jnp.float32, variant: str | None = None,
                          image_encoder: str | os.PathLike | None = None, attention_impl: str | None = "xla",
                          mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> PipelineComponents:
     """Loads a diffusers SD 1.5 / SDXL pipeline folder, the classes chosen by its ``model_index.json``.
@@ -148,6 +148,8 @@ def load_pipeline_folder(folder: str | os.PathLike, *, dtype=jnp.float32,
       folder: local pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
         ``tokenizer/``, ``scheduler/``, and for SDXL ``text_encoder_2/``, ``tokenizer_2/``).
       dtype: computation and parameter dtype of every model, float32 or bfloat16.
+      variant: weights variant of every model (``"fp16"``: ``model.fp16.safetensors``); default the plain
+        files, or each folder's only variant (``loading.files.find_weights``).
       image_encoder: optional separate ``CLIPVisionModelWithProjection`` folder (IP-Adapter's
         ``models/image_encoder``); it takes the place of an ``image_encoder`` listed in the index.
       attention_impl: ``jax.nn.dot_product_attention`` implementation for every model.
@@ -172,7 +174,7 @@ def load_pipeline_folder(folder: str | os.PathLike, *, dtype=jnp.float32,
     if image_encoder is not None:
         classes["image_encoder"] = "CLIPVisionModelWithProjection"
     models = _load_models(_folders(root, classes, image_encoder), classes, "model_index.json lists", dtype=dtype,
-                          attention_impl=attention_impl, mesh=mesh, rules=rules)
+                          variant=variant, attention_impl=attention_impl, mesh=mesh, rules=rules)
     tokenizers = {name: load_tokenizer(root, subfolder=name) for name in ("tokenizer", "tokenizer_2")
                   if name in classes}
     scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
@@ -181,7 +183,8 @@ def load_pipeline_folder(folder: str | os.PathLike, *, dtype=jnp.float32,
 
 def load_model_folders(folder: str | os.PathLike | None, config: ml_collections.ConfigDict, *,
                        components: Iterable[str] | None = None, image_encoder: str | os.PathLike | None = None,
-                       mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> dict[str, nnx.Module]:
+                       variant: str | None = None, mesh: Mesh | None = None,
+                       rules: Rules = DEFAULT_RULES) -> dict[str, nnx.Module]:
     """Loads the frozen models the project config describes, from diffusers / transformers folders.
 
     Args:
@@ -194,6 +197,7 @@ def load_model_folders(folder: str | os.PathLike | None, config: ml_collections.
         exists.
       image_encoder: a separate ``CLIPVisionModelWithProjection`` folder; it takes the place of
         ``folder/image_encoder/``.
+      variant: weights variant (``"fp16"``), as ``load_pipeline_folder``.
       mesh, rules: when given, each parameter is placed directly on its logical-axis sharding.
 
     Returns:
@@ -219,8 +223,8 @@ def load_model_folders(folder: str | os.PathLike | None, config: ml_collections.
                          f"{described}")
     classes = {name: FROZEN[name][0].__name__ for name in wanted}
     expected = {name: FROZEN[name][1].from_dict(dict(config.model[name])) for name in wanted}
-    return _load_models(folders, classes, "the config describes", expected=expected, mesh=mesh, rules=rules,
-                        **dtypes(config))
+    return _load_models(folders, classes, "the config describes", expected=expected, variant=variant, mesh=mesh,
+                        rules=rules, **dtypes(config))
 
 
 def _folders(root: Path | None, names: Iterable[str], image_encoder: str | os.PathLike | None) -> dict[str, Path]:

@@ -16,20 +16,23 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from realisid_jax.loading import torch_state
-from realisid_jax.loading.files import find_weights, read_json, read_state_dict, resolve_folder
+from realisid_jax.loading.files import find_weights, read_json, read_weights, resolve_folder
 from realisid_jax.models.modeling_utils import ModelConfig, PretrainedMixin
 from realisid_jax.sharding import DEFAULT_RULES, Rules, state_shardings
 
 M = TypeVar("M", bound=PretrainedMixin)
 
 
-def from_pretrained(cls: type[M], folder: str | os.PathLike, *, subfolder: str | None = None, dtype=jnp.float32,
-                    param_dtype=None, attention_impl: str | None = "xla", mesh: Mesh | None = None,
-                    rules: Rules = DEFAULT_RULES) -> M:
+def from_pretrained(cls: type[M], folder: str | os.PathLike, *, subfolder: str | None = None,
+                    variant: str | None = None, dtype=jnp.float32, param_dtype=None,
+                    attention_impl: str | None = "xla", mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> M:
     """Loads a model of class ``cls`` from a diffusers/transformers-format local folder (``config.json`` + weights).
 
     Args:
-      folder: local model folder (or a pipeline folder with ``subfolder``, e.g. ``"unet"``).
+      folder: local model folder (or a pipeline folder with ``subfolder``, e.g. ``"unet"``): one weights file
+        or shards with their ``*.index.json`` (``loading.files.find_weights``).
+      variant: weights variant, e.g. ``"fp16"`` (``model.fp16.safetensors``); default the plain files, or the
+        folder's only variant. Each tensor is cast to ``param_dtype`` as it is placed.
       dtype: computation dtype; ``param_dtype`` (default: ``dtype``) is the storage dtype, float32 or
         bfloat16.
       mesh, rules: when given, each parameter is placed directly on its logical-axis sharding.
@@ -41,8 +44,9 @@ def from_pretrained(cls: type[M], folder: str | os.PathLike, *, subfolder: str |
     root = resolve_folder(folder)
     path = resolve_folder(root / subfolder) if subfolder else root
     config = cls.config_class.from_dict(read_json(path / "config.json"))
-    weights = find_weights(path, cls.weights_names)
-    return from_state_dict(cls, config, read_state_dict(weights), source=str(weights), dtype=dtype,
+    weights = find_weights(path, cls.weights_names, variant=variant)
+    source = str(weights[0]) if len(weights) == 1 else f"{path} ({len(weights)} shards)"
+    return from_state_dict(cls, config, read_weights(weights), source=source, dtype=dtype,
                            param_dtype=param_dtype, attention_impl=attention_impl, mesh=mesh, rules=rules)
 
 

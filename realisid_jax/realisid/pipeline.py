@@ -127,7 +127,8 @@ class RealisIDPipeline:
 
     @classmethod
     def from_pretrained(cls, config, base: str, *, branches: str | None = None, image_encoder: str | None = None,
-                        mesh: Mesh | None = None, analyzer: FaceAnalyzer | None = None) -> RealisIDPipeline:
+                        variant: str | None = None, mesh: Mesh | None = None,
+                        analyzer: FaceAnalyzer | None = None) -> RealisIDPipeline:
         """Real weights from local folders.
 
         Args:
@@ -136,6 +137,8 @@ class RealisIDPipeline:
             ``realisid export`` writes them); default: fresh branches from the UNet (zero residuals).
           image_encoder: a transformers ``CLIPVisionModelWithProjection`` folder; default the base folder's
             ``image_encoder/``.
+          variant: weights variant (``"fp16"``: ``model.fp16.safetensors``); default the plain files, or each
+            folder's only variant. Shards (``*.index.json``) and ``.bin`` files load too.
 
         Raises:
           FileNotFoundError / HubIdError / CheckpointMismatchError: from the loaders, naming the folder.
@@ -143,7 +146,7 @@ class RealisIDPipeline:
         kw = dtypes(config)
         rules = tuple(config.mesh.rules)
         parts = load_pipeline_folder(base, dtype=kw["dtype"], mesh=mesh, rules=rules, image_encoder=image_encoder,
-                                     attention_impl=kw["attention_impl"])
+                                     variant=variant, attention_impl=kw["attention_impl"])
         if parts.image_encoder is None:
             raise FileNotFoundError(f"no image encoder: {base} has no image_encoder/ and --image-encoder was not given")
         realisid = RealisID.from_unet(parts.unet, RealisIDConfig.from_config(config))

@@ -1,0 +1,109 @@
+"""Every weights layout people download loads the same weights: plain, fp16-variant-only, sharded safetensors
+and sharded ``.bin`` folders (diffusers' and transformers' names), written by ``save_pretrained``."""
+
+import json
+import shutil
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from huggingface_hub import split_torch_state_dict_into_shards
+from tiny_sdxl import TINY, build_tiny_sdxl, randomised
+
+from realisid_jax.cli import main
+from realisid_jax.loading.files import find_weights
+from realisid_jax.loading.pretrained import from_pretrained
+from realisid_jax.models.clip_text import CLIPTextModel
+from realisid_jax.models.unet_2d_condition import UNet2DConditionModel
+
+SHARD = "60KB"  # tiny models are ~0.5 MB: several shards each
+
+
+def _save_bin_shards(model: torch.nn.Module, folder, weights_name: str) -> None:
+    """Sharded ``.bin`` in transformers' layout (``pytorch_model-0000i-of-0000n.bin`` + ``.bin.index.json``):
+    transformers 5 no longer writes ``.bin`` itself."""
+    model.config.save_pretrained(folder)
+    state = model.state_dict()
+    split = split_torch_state_dict_into_shards(state, filename_pattern=weights_name.replace(".bin", "{suffix}.bin"),
+                                               max_shard_size=SHARD)
+    for file, keys in split.filename_to_tensors.items():
+        torch.save({k: state[k].contiguous() for k in keys}, folder / file)
+    (folder / f"{weights_name}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": split.tensor_to_filename}))
+
+
+def _layouts(model, root, weights_name, *, diffusers_bin: bool):
+    """Folders of one model: plain, fp16 variant only, sharded safetensors, sharded .bin."""
+    model.save_pretrained(root / "plain")
+    model.save_pretrained(root / "sharded", max_shard_size=SHARD)
+    if diffusers_bin:
+        model.save_pretrained(root / "bin", max_shard_size=SHARD, safe_serialization=False)
+    else:
+        (root / "bin").mkdir()
+        _save_bin_shards(model, root / "bin", weights_name)
+    model.to(torch.float16).save_pretrained(root / "fp16", variant="fp16")  # last: the cast is lossy
+    return {name: root / name for name in ("plain", "fp16", "sharded", "bin")}
+
+
+def _weights(module) -> dict:
+    return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+@pytest.fixture(scope="module")
+def unet_folders(tmp_path_factory):
+    torch.manual_seed(0)
+    unet = randomised(diffusers.UNet2DConditionModel(**TINY.unet.to_dict()))
+    return _layouts(unet, tmp_path_factory.mktemp("unet"), "diffusion_pytorch_model.bin", diffusers_bin=True)
+
+
+@pytest.fixture(scope="module")
+def clip_folders(tmp_path_factory):
+    torch.manual_seed(0)
+    encoder = randomised(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY.text_encoder.to_dict())))
+    return _layouts(encoder, tmp_path_factory.mktemp("clip"), "pytorch_model.bin", diffusers_bin=False)
+
+
+@pytest.mark.parametrize("model, folders", [(UNet2DConditionModel, "unet_folders"), (CLIPTextModel, "clip_folders")])
+def test_every_layout_gives_the_plain_weights(request, capsys, model, folders):
+    folders = request.getfixturevalue(folders)
+    for layout in ("sharded", "bin"):
+        assert len(find_weights(folders[layout], model.weights_names)) > 1, f"{layout}: expected several shards"
+    plain = _weights(from_pretrained(model, folders["plain"]))
+    for layout in ("sharded", "bin"):
+        got = _weights(from_pretrained(model, folders[layout]))
+        assert got.keys() == plain.keys()
+        for key, value in plain.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=f"{layout}: {key}")
+    capsys.readouterr()
+    fp16 = _weights(from_pretrained(model, folders["fp16"]))  # only variant files: picked with a note
+    assert "only fp16 weights" in capsys.readouterr().out
+    explicit = _weights(from_pretrained(model, folders["fp16"], variant="fp16"))
+    for key, value in plain.items():
+        assert fp16[key].dtype == np.float32  # cast per tensor into the config's param dtype
+        np.testing.assert_array_equal(fp16[key], value.astype(np.float16).astype(np.float32), err_msg=key)
+        np.testing.assert_array_equal(explicit[key], fp16[key])
+
+
+def test_variant_errors_name_what_the_folder_holds(unet_folders, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"variants \['fp16'\]"):
+        from_pretrained(UNet2DConditionModel, unet_folders["fp16"], variant="bf16")
+    both = tmp_path / "both"
+    shutil.copytree(unet_folders["fp16"], both)
+    shutil.copy(both / "diffusion_pytorch_model.fp16.safetensors", both / "diffusion_pytorch_model.ema.safetensors")
+    with pytest.raises(ValueError, match=r"\['ema', 'fp16'\]; choose one"):
+        from_pretrained(UNet2DConditionModel, both)
+
+
+def test_sample_on_an_fp16_variant_only_sdxl_folder(tmp_path, capsys):
+    _, encoder, pipe, _ = build_tiny_sdxl(tmp_path / "plain")
+    pipe.to(torch.float16).save_pretrained(tmp_path / "fp16", variant="fp16")
+    names = {p.name for p in (tmp_path / "fp16" / "unet").iterdir()}
+    assert "diffusion_pytorch_model.fp16.safetensors" in names and "diffusion_pytorch_model.safetensors" not in names
+    out = tmp_path / "out"
+    rc = main(["sample", "--config", "configs/tiny.py", "--base", str(tmp_path / "fp16"), "--image-encoder",
+               str(encoder), "--variant", "fp16", "--out", str(out), "--steps", "2", "--height", "128",
+               "--width", "128"])
+    assert rc == 0, capsys.readouterr().err
+    assert (out / "image_000.png").is_file()
