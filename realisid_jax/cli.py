@@ -54,9 +54,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from realisid_jax.face.errors import FaceError
     from realisid_jax.text.tokenizer import TokenizerError
     from realisid_jax.loading.errors import CheckpointMismatchError
+    from realisid_jax.training.checkpoint import CheckpointError
+    from realisid_jax.training.workdir_lock import WorkdirLockedError
 
     return (FileNotFoundError, NotADirectoryError, UsageError, ConfigError, AssetError, BoxError, SizeError,
-            TooManyPersonsError, FaceError, TokenizerError, CheckpointMismatchError)
+            TooManyPersonsError, FaceError, TokenizerError, CheckpointMismatchError, CheckpointError,
+            WorkdirLockedError)
 
 
 if __name__ == "__main__":

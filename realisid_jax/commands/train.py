@@ -1,6 +1,8 @@
 """``realisid train --config FILE --workdir DIR --data DIR``: train RealisID's branches on a prepared dataset.
 
-Resumes from the newest checkpoint in ``DIR/checkpoints`` when there is one. SIGTERM (e.g. a TPU
+Resumes from the newest checkpoint in ``DIR/checkpoints`` that restores (a newer corrupt one is skipped with a
+warning; ``--resume-step N`` picks one). One run per work directory: a second one stops at once, naming the
+holder (``realisid_jax.training.workdir_lock``). SIGTERM (e.g. a TPU
 preemption) writes a checkpoint and exits 0; a NaN/inf loss stops with exit code 1 and leaves the last good
 checkpoint in place. Multi-host: see ``realisid_jax.training.distributed`` and ``launch/README.md``.
 """
@@ -8,8 +10,11 @@ checkpoint in place. Multi-host: see ``realisid_jax.training.distributed`` and `
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+
+from realisid_jax.commands.arguments import UsageError, check_output_folder, non_negative_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -18,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "train", help="train the local/global branches and the ID projection",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path, help="config file, e.g. configs/sdxl.py")
+    parser.add_argument("--resume-step", type=non_negative_int, default=None, metavar="N",
+                        help="resume from checkpoint N instead of the newest one that restores")
     parser.add_argument("--workdir", required=True, help="checkpoints/ and tensorboard/ are written here")
     parser.add_argument("--data", required=True, type=Path,
                         help="dataset folder written by `realisid prepare-data`")
@@ -37,16 +44,45 @@ def run(args: argparse.Namespace) -> int:
 
     distributed.maybe_initialize()
     from realisid_jax.config import load_config
-    from realisid_jax.training.trainer import train
-    from realisid_jax.training.loop import NonFiniteLossError
 
     config = load_config(args.config, args.config_overrides)
+    _check_data(args.data, int(config.train.batch_size))
+    if "://" not in args.workdir:
+        check_output_folder(args.workdir, flag="--workdir")
+    from realisid_jax.training.loop import NonFiniteLossError
+    from realisid_jax.training.trainer import train
+
     try:
         result = train(config, args.workdir, data_dir=args.data, pretrained=args.pretrained,
-                       image_encoder=args.image_encoder)
+                       image_encoder=args.image_encoder, resume_step=args.resume_step)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     status = "stopped by SIGTERM" if result.preempted else "finished"
     print(f"{status} at step {result.step}; checkpoints in {Path(args.workdir) / 'checkpoints'}")
     return 0
+
+
+def _check_data(data: Path, batch_size: int) -> None:
+    """Checks ``--data`` before any model is built: a prepared dataset with at least one batch per process.
+
+    Raises:
+      UsageError: missing, not written by ``realisid prepare-data``, or too small.
+    """
+    import jax
+
+    from realisid_jax.data.builder import dataset_dir
+
+    hint = f"prepare one with `realisid prepare-data --src PHOTOS --out {data}`"
+    if not data.is_dir():
+        raise UsageError(f"--data {data} does not exist; {hint}")
+    info = dataset_dir(data) / "dataset_info.json"
+    if not info.is_file():
+        raise UsageError(f"--data {data} is not a prepared dataset (no {info.relative_to(data)}); {hint}")
+    splits = {s["name"]: s for s in json.loads(info.read_text())["splits"]}
+    examples = sum(int(n) for n in splits.get("train", {}).get("shardLengths", []))
+    processes = jax.process_count()
+    if examples // processes < batch_size // processes:
+        raise UsageError(f"--data {data} holds {examples} examples: fewer than one batch of "
+                         f"{batch_size // processes} per process ({processes} process(es)); add photos or lower "
+                         "--config.train.batch_size")

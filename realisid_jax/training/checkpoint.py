@@ -18,12 +18,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not restore (truncated or missing files, another model's shapes); the message is
+    one line naming the step and the file or folder, with the underlying error's first line."""
+
+
+def _summary(step: int, directory: epath.Path, error: BaseException) -> str:
+    # orbax/TensorStore errors run to dozens of lines ending in a JSON spec dump: keep the first line and name
+    # the first file of the step it mentions (else the step's folder).
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    step_dir = f"{directory}/{step}"
+    found = re.findall(re.escape(step_dir) + r"[^\s'\"]*", str(error))
+    where = max(found, key=len).rstrip(".,:;)]}") if found else step_dir
+    return f"checkpoint step {step} ({where}) does not restore: {type(error).__name__}: {text[:300]}"
 
 
 class StatefulIterator(Protocol):
@@ -121,17 +138,41 @@ class TrainCheckpointer:
           abstract_train_state: pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set: each array is
             read straight onto its devices (no host copy of the whole state).
           iterator: repositioned in place with ``set_state``, or ``None`` to skip the data item.
-          step: default the latest finalised step.
+          step: default the newest finalised step that restores: walking back from the newest, each one that
+            fails is reported on stderr (one line: step, file, error) and skipped.
 
         Returns:
           ``(train_state, step)``.
 
         Raises:
-          FileNotFoundError: no finalised checkpoint under the directory.
+          FileNotFoundError: no finalised checkpoint under the directory (or not ``step``).
+          CheckpointError: ``step`` (or every finalised step) does not restore.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
+        steps = self.all_steps()
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"no finished checkpoint {step} under {self.directory} "
+                                    f"(finished: {steps or 'none'})")
+        if not steps:
             raise FileNotFoundError(f"no finished checkpoint under {self.directory}")
+        if step is not None:
+            return self._restore_or_raise(abstract_train_state, iterator, step)
+        for candidate in reversed(steps):
+            try:
+                return self._restore_or_raise(abstract_train_state, iterator, candidate)
+            except CheckpointError as err:
+                older = [s for s in steps if s < candidate]
+                print(f"warning: {err}; {f'trying step {older[-1]}' if older else 'no older checkpoint'}",
+                      file=sys.stderr, flush=True)
+        raise CheckpointError(f"none of the checkpoints {steps} under {self.directory} restores (see above)")
+
+    def _restore_or_raise(self, abstract_train_state: Any, iterator: StatefulIterator | None,
+                          step: int) -> tuple[Any, int]:
+        try:
+            return self._restore(abstract_train_state, iterator, step)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise CheckpointError(_summary(step, self.directory, err)) from err
+
+    def _restore(self, abstract_train_state: Any, iterator: StatefulIterator | None, step: int) -> tuple[Any, int]:
         items = {"train": ocp.args.StandardRestore(abstract_train_state)}
         if iterator is not None:
             items["data"] = IteratorStateRestore(iterator)
@@ -141,8 +182,11 @@ class TrainCheckpointer:
         return jax.tree.unflatten(jax.tree.structure(abstract_train_state), jax.tree.leaves(restored)), step
 
     def meta(self, step: int) -> dict:
-        """The ``meta`` item of checkpoint ``step``."""
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        """The ``meta`` item of checkpoint ``step``. Raises CheckpointError: it does not restore."""
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise CheckpointError(_summary(step, self.directory, err)) from err
 
     def wait(self) -> None:
         """Blocks until pending asynchronous writes are finalised."""

@@ -4,12 +4,33 @@ process 0 only."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drops the rows of ``path`` (``metrics.jsonl``) after ``last_step``: a resumed run re-logs those steps, so
+    the file keeps one row per step. Written to a temporary file and renamed (a kill leaves either version)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _step(line) is not None and _step(line) <= last_step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
+def _step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a row cut short by a kill
+        return None
 
 
 class ProgressLog:

@@ -47,7 +47,8 @@ from realisid_jax.training.state import (
     train_state_shardings,
 )
 from realisid_jax.training.step import StepSettings, jit_train_step
-from realisid_jax.training.summary import ProgressLog
+from realisid_jax.training.summary import ProgressLog, truncate_metrics
+from realisid_jax.training.workdir_lock import WorkdirLock
 
 
 def tokenizers(config: ml_collections.ConfigDict, pretrained: Path | None) -> list:
@@ -138,8 +139,12 @@ class Trainer:
         return self._compiled(state, self.setup.frozen_inputs, batch)
 
     def fit(self, workdir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
-            data_iterator: StatefulIterator | None = None, hooks: Sequence[loop.Hook] = ()) -> TrainResult:
-        """Trains until ``config.train.num_steps``, resuming from the newest checkpoint in ``workdir/checkpoints``.
+            data_iterator: StatefulIterator | None = None, hooks: Sequence[loop.Hook] = (),
+            resume_step: int | None = None) -> TrainResult:
+        """Trains until ``config.train.num_steps``, resuming from the newest checkpoint in ``workdir/checkpoints``
+        that restores (a newer one that does not is skipped with a warning), or from ``resume_step``.
+        ``workdir`` is locked for the call (``workdir_lock``); ``metrics.jsonl`` keeps one row per step (rows
+        after the restored step are dropped).
 
         Args:
           workdir: ``checkpoints/``, ``tensorboard/``, ``metrics.jsonl`` and ``samples/`` go here (a ``gs://``
@@ -151,22 +156,29 @@ class Trainer:
         Raises:
           NonFiniteLossError: a NaN/inf loss or gradient norm (the last good checkpoint stays).
           ValueError: neither or both of ``data_dir`` / ``data_iterator``.
+          WorkdirLockedError: another run holds ``workdir``. CheckpointError: no checkpoint restores (or not
+            ``resume_step``).
         """
         if (data_dir is None) == (data_iterator is None):
             raise ValueError("give exactly one of data_dir and data_iterator")
+        with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+            return self._fit(str(workdir), data_dir, data_iterator, hooks, resume_step)
+
+    def _fit(self, workdir: str, data_dir, data_iterator, hooks, resume_step) -> TrainResult:
         train = self.config.train
-        workdir = str(workdir)
         if data_iterator is None:
             data_iterator = _input_iterator(self.config, data_dir)
         hooks = (*hooks, *self._sample_hooks(workdir))
         with TrainCheckpointer(_join(workdir, "checkpoints"), max_to_keep=int(train.keep_checkpoints)) as ckpt:
-            if ckpt.latest_step() is not None:
-                state, start = ckpt.restore(self.abstract_state(), data_iterator)
+            if ckpt.latest_step() is not None or resume_step is not None:
+                state, start = ckpt.restore(self.abstract_state(), data_iterator, resume_step)
             else:
                 state, start = self.initial_state(), 0
             batches = DeviceBatches(data_iterator, self.tokenizers, self.config, self.mesh, self.rules)
             meta = {"config": json.loads(self.config.to_json_best_effort())}
             metrics_file = None if "://" in workdir else Path(workdir) / "metrics.jsonl"
+            if metrics_file is not None and jax.process_index() == 0:
+                truncate_metrics(metrics_file, start)
             with use_mesh(self.mesh, self.rules), ProgressLog(
                     _join(workdir, "tensorboard"), start_step=start, num_steps=int(train.num_steps),
                     log_every=int(train.log_every), metrics_file=metrics_file) as log:
@@ -186,11 +198,14 @@ class Trainer:
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
           data_iterator: StatefulIterator | None = None, pretrained: Path | None = None,
           image_encoder: Path | None = None, hooks: Sequence[loop.Hook] = (), mesh: Mesh | None = None,
-          compiler_options: dict | None = None) -> TrainResult:
-    """``Trainer(config, ...).fit(workdir, ...)``: one run (see both for the arguments and errors)."""
-    trainer = Trainer(config, pretrained=pretrained, image_encoder=image_encoder, mesh=mesh,
-                      compiler_options=compiler_options)
-    return trainer.fit(workdir, data_dir=data_dir, data_iterator=data_iterator, hooks=hooks)
+          compiler_options: dict | None = None, resume_step: int | None = None) -> TrainResult:
+    """``Trainer(config, ...).fit(workdir, ...)``: one run (see both for the arguments and errors). The work
+    directory is locked before the models are built, so a second run on it stops at once."""
+    with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+        trainer = Trainer(config, pretrained=pretrained, image_encoder=image_encoder, mesh=mesh,
+                          compiler_options=compiler_options)
+        return trainer.fit(workdir, data_dir=data_dir, data_iterator=data_iterator, hooks=hooks,
+                           resume_step=resume_step)
 
 
 def _join(root: str, name: str) -> str:

@@ -1,0 +1,161 @@
+"""Bad input and faults: one ``error:`` line and exit code 2 before any model loads, nothing written; the work
+directory lock; the fallback past a corrupt newest checkpoint; ``metrics.jsonl`` one row per step.
+
+The CLI runs as a subprocess where the behaviour is the CLI's (each run ends at argument or input checks: seconds).
+Checkpoint tests use a small fake train state with ``TrainCheckpointer`` directly.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from realisid_jax.training.checkpoint import CheckpointError, TrainCheckpointer
+from realisid_jax.training.summary import truncate_metrics
+from realisid_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "realisid_jax.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--height", "0"], "argument --height: must be a positive multiple of 64 pixels, got 0"),
+    (["--width", "100"], "argument --width: must be a positive multiple of 64"),
+    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["--steps", "-3"], "argument --steps: must be at least 1, got -3"),
+    (["--num-images", "0"], "argument --num-images: must be at least 1"),
+    (["--seed", "-1"], "argument --seed: must be 0 or more"),
+    (["--config.sampling.nonexistent=1"], "config has no field 'sampling.nonexistent'"),
+    (["--config.sampling.num_inference_steps=abc"], "num_inference_steps=abc: expected int, got str"),
+    (["--face", "x.png", "--box", "a,b,c,d"], "--box 'a,b,c,d' is not x0,y0,x1,y1"),
+])
+def test_sample_bad_values_refused_before_models_load(tmp_path, extra, message):
+    out = tmp_path / "out"
+    _assert_one_line_error(_cli("sample", "--out", str(out), *extra), message)
+    assert not out.exists()
+
+
+def test_sample_out_is_a_file_or_holds_earlier_images(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    _assert_one_line_error(_cli("sample", "--out", str(afile)), "is an existing file, not a folder")
+    assert afile.read_text() == "keep"
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "image_001.png").write_bytes(b"old")
+    _assert_one_line_error(_cli("sample", "--out", str(earlier)), "pass --overwrite")
+    assert sorted(p.name for p in earlier.iterdir()) == ["image_001.png"]
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    """A prepared dataset of 6 examples at 64 px."""
+    from realisid_jax.data.prepare import PrepareOptions, prepare_dataset
+    from realisid_jax.data.sample_data import write_sample_source
+
+    root = tmp_path_factory.mktemp("faces")
+    write_sample_source(root / "src", 6)
+    prepare_dataset(root / "src", root / "data", workers=0,
+                    options=PrepareOptions(resolution=64, reference_size=224, min_face_px=8))
+    return root / "data"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist; prepare one with `realisid prepare-data"),
+    ("empty", "is not a prepared dataset"),
+    ("small", "holds 6 examples: fewer than one batch of 8 per process"),
+])
+def test_train_checks_data_before_building_models(tmp_path, small_dataset, case, message):
+    data = {"missing": tmp_path / "nope", "empty": tmp_path, "small": small_dataset}[case]
+    work = tmp_path / "work"
+    result = _cli("train", "--config", "configs/tiny.py", "--workdir", str(work), "--data", str(data),
+                  "--config.train.batch_size=8")
+    _assert_one_line_error(result, message)
+    assert not work.exists()
+
+
+def test_export_of_a_missing_workdir(tmp_path):
+    result = _cli("export", "--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(result, "holds no checkpoints/ folder")
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------- lock, checkpoints
+
+
+def test_workdir_lock_names_holder_and_is_released_by_the_os(tmp_path):
+    # The holder is another process (flock conflicts between processes, or open files, not within a depth).
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from realisid_jax.training.workdir_lock import WorkdirLock\n"
+        f"with WorkdirLock({str(tmp_path)!r}):\n print('locked', flush=True); time.sleep(600)")],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # waits on the event, not on a clock
+        with pytest.raises(WorkdirLockedError, match=rf"in use by another training run \(pid {holder.pid} on host"):
+            with WorkdirLock(tmp_path):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, the OS drops the lock
+        holder.wait()
+    assert (tmp_path / ".lock").exists()
+    with WorkdirLock(tmp_path), WorkdirLock(tmp_path):  # free again; re-entrant within a process
+        assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
+
+
+def _state(value: float) -> dict:
+    return {"params": {"w": jnp.full((4, 3), value)}, "step": jnp.int32(value)}
+
+
+def _abstract() -> dict:
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), _state(0.0))
+
+
+def _corrupt(step_dir: Path) -> None:
+    for path in step_dir.glob("train/**/d/*"):
+        with path.open("r+b") as f:
+            f.truncate(10)
+
+
+def test_restore_walks_back_past_a_corrupt_newest_checkpoint(tmp_path, capfd):
+    with TrainCheckpointer(tmp_path, async_save=False) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, _state(float(step)), None, {"step": step})
+        ckpt.wait()
+    _corrupt(tmp_path / "3")
+    with TrainCheckpointer(tmp_path, read_only=True) as ckpt:
+        state, step = ckpt.restore(_abstract(), None)
+        assert step == 2
+        np.testing.assert_array_equal(state["params"]["w"], np.full((4, 3), 2.0))
+        warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and "checkpoint step 3 (" in warnings[0] and "trying step 2" in warnings[0]
+        assert str(tmp_path / "3" / "train") in warnings[0]
+        with pytest.raises(CheckpointError, match=r"^checkpoint step 3 \(.*\) does not restore: [^\n]*$"):
+            ckpt.restore(_abstract(), None, step=3)
+        with pytest.raises(FileNotFoundError, match="no finished checkpoint 7"):
+            ckpt.restore(_abstract(), None, step=7)
+
+
+def test_metrics_keep_one_row_per_step_after_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    truncate_metrics(path, 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
