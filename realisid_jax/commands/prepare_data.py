@@ -7,8 +7,7 @@ import logging
 import os
 import sys
 
-from realisid_jax.commands.arguments import check_output_folder, image_size, non_negative_float, non_negative_int
-from realisid_jax.commands.arguments import finite_float, positive_int
+from realisid_jax.commands.arguments import finite_float, image_size, non_negative_float, non_negative_int, positive_int
 
 _DEFAULT_RESOLUTION = 1024
 _DEFAULT_REFERENCE_SIZE = 224
