@@ -1,9 +1,16 @@
-"""Stable Diffusion 1.5 as a smaller base (one text encoder, 768-wide cross-attention)."""
+"""Stable Diffusion 1.5 as a smaller base (one text encoder, 768-wide cross-attention).
+
+Variants (``--config configs/sd15.py:VARIANT``):
+  (none)  the full model
+  mid     the benchmarks' model: SD 1.5's UNet widths and conditioning at a CPU-sized depth (one resnet and one
+          transformer layer per block) and resolution (256 px, 16-cell face crops); small frozen encoders (the
+          step and sampling benchmarks do not run them, only the training step does)
+"""
 
 from realisid_jax.config import base_config
 
 
-def get_config():
+def get_config(variant: str = ""):
     c = base_config()
     c.model = dict(
         unet=dict(
@@ -38,4 +45,25 @@ def get_config():
     )
     c.sampling.height = c.sampling.width = 512
     c.train.resolution = 512
+    if variant == "mid":
+        _mid(c)
+    elif variant:
+        raise ValueError(f"configs/sd15.py has no variant {variant!r} (variants: mid)")
     return c
+
+
+def _mid(c) -> None:
+    m = c.model
+    m["unet"].update(layers_per_block=1, sample_size=32)
+    m["vae"].update(block_out_channels=(32, 64, 64, 64), layers_per_block=1, sample_size=256)
+    m["text_encoder"].update(num_hidden_layers=2)
+    m["image_encoder"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              projection_dim=64)
+    m["id_projection"] = dict(embed_dims=64, output_dims=768, hidden_dims=256, depth=1, dim_head=64, heads=4,
+                              num_queries=16, ffn_ratio=2)
+    c.realisid.local_latent_size = 16
+    c.sampling.height = c.sampling.width = 256
+    c.sampling.num_inference_steps = 4
+    c.train.resolution = 256
+    c.train.batch_size = 1
+    c.train.warmup_steps = 10

@@ -1,9 +1,15 @@
-"""SDXL 1.0 base + RealisID branches (ViT-H/14 image encoder, 16 ID tokens x 2048). Paper defaults."""
+"""SDXL 1.0 base + RealisID branches (ViT-H/14 image encoder, 16 ID tokens x 2048). Paper defaults.
+
+Variants (``--config configs/sdxl.py:VARIANT``):
+  (none)  the full model
+  tiny    the same architecture at tiny widths: every code path of the full model, fast on 2 CPU cores
+          (tests, the embedded demo)
+"""
 
 from realisid_jax.config import base_config
 
 
-def get_config():
+def get_config(variant: str = ""):
     c = base_config()
     c.model = dict(
         unet=dict(
@@ -42,4 +48,32 @@ def get_config():
         local_branch=dict(conditioning_channels=3, conditioning_embedding_out_channels=(16, 32, 96, 256)),
         global_branch=dict(conditioning_channels=1, conditioning_embedding_out_channels=(16, 32, 96, 256)),
     )
+    if variant == "tiny":
+        _tiny(c)
+    elif variant:
+        raise ValueError(f"configs/sdxl.py has no variant {variant!r} (variants: tiny)")
     return c
+
+
+def _tiny(c) -> None:
+    """Two UNet levels, widths 32/64, two-layer CLIP towers of width 32, 256 px images, 16-cell face crops."""
+    m = c.model
+    m["unet"].update(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                     transformer_layers_per_block=(1, 2), cross_attention_dim=64, addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=80, norm_num_groups=8, sample_size=32)
+    m["vae"].update(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=256)
+    del m["vae"]["force_upcast"]
+    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+    for name in ("text_encoder", "text_encoder_2", "image_encoder"):
+        m[name].update(tower)
+    m["id_projection"] = dict(embed_dims=32, output_dims=64, hidden_dims=32, depth=1, dim_head=8, heads=4,
+                              num_queries=16, ffn_ratio=2)
+    for name in ("local_branch", "global_branch"):
+        m[name].update(conditioning_embedding_out_channels=(8, 16, 16, 32))
+    c.realisid.local_latent_size = 16
+    c.sampling.height = c.sampling.width = 256
+    c.sampling.num_inference_steps = 10
+    c.train.resolution = 256
+    c.train.batch_size = 8
+    c.train.warmup_steps = 10

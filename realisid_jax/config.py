@@ -53,20 +53,22 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Runs ``get_config()`` of a config file, then applies ``a.b=value`` overrides (values parsed as Python
+    """Runs ``get_config()`` of a config file (``get_config(variant)`` for ``FILE:variant``, big_vision's
+    spelling, e.g. ``configs/sdxl.py:tiny``), then applies ``a.b=value`` overrides (values parsed as Python
     literals when they are, else kept as strings; ConfigDict keeps each field's type).
 
     Raises:
       FileNotFoundError: no such config file. ConfigError: an override names no field, lacks ``=value``, or
       its value does not fit the field's type (e.g. ``num_inference_steps=abc``).
     """
+    path, _, variant = str(path).partition(":")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
     spec = importlib.util.spec_from_file_location(f"_realisid_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config(variant) if variant else module.get_config()
     for item in overrides:
         _override(config, item.removeprefix("--config."))
     return config
