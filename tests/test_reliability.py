@@ -1,8 +1,10 @@
 """Bad input and faults: one ``error:`` line and exit code 2 before any model loads, nothing written; the work
 directory lock; the fallback past a corrupt newest checkpoint; ``metrics.jsonl`` one row per step.
 
-The CLI runs as a subprocess where the behaviour is the CLI's (each run ends at argument or input checks: seconds).
-Checkpoint tests use a small fake train state with ``TrainCheckpointer`` directly.
+The CLI's argument and input checks run in-process through ``realisid_jax.cli.main`` (each ends before any model
+is built: milliseconds, where a subprocess pays seconds of imports); a subprocess only where the behaviour needs
+another process (the lock holder, killed with SIGKILL). Checkpoint tests use a small fake train state with
+``TrainCheckpointer`` directly.
 """
 
 import json
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from realisid_jax.cli import main
 from realisid_jax.training.checkpoint import CheckpointError, TrainCheckpointer
 from realisid_jax.training.summary import truncate_metrics
 from realisid_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
@@ -23,17 +26,32 @@ from realisid_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "realisid_jax.cli", *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+@pytest.fixture(autouse=True)
+def _in_repo_without_models(monkeypatch):
+    monkeypatch.chdir(ROOT)  # config paths (configs/tiny.py) are relative to the repository, as in the README
+
+    def no_models(*_args, **_kwargs):
+        raise AssertionError("a bad input reached the model build")
+
+    monkeypatch.setattr("realisid_jax.commands.sample.build_pipeline", no_models)
 
 
-def _assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
-    assert result.returncode == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and message in errors[0], result.stderr
-    assert "Traceback" not in result.stderr
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    """Runs ``realisid ARGS`` in-process: (exit code, stderr). argparse errors end in ``SystemExit(2)``."""
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def _assert_one_line_error(result: tuple[int, str], message: str) -> None:
+    code, stderr = result
+    assert code == 2, stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], stderr
+    assert "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -47,21 +65,21 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, message: str) ->
     (["--config.sampling.num_inference_steps=abc"], "num_inference_steps=abc: expected int, got str"),
     (["--face", "x.png", "--box", "a,b,c,d"], "--box 'a,b,c,d' is not x0,y0,x1,y1"),
 ])
-def test_sample_bad_values_refused_before_models_load(tmp_path, extra, message):
+def test_sample_bad_values_refused_before_models_load(tmp_path, capsys, extra, message):
     out = tmp_path / "out"
-    _assert_one_line_error(_cli("sample", "--out", str(out), *extra), message)
+    _assert_one_line_error(_cli(capsys, "sample", "--out", str(out), *extra), message)
     assert not out.exists()
 
 
-def test_sample_out_is_a_file_or_holds_earlier_images(tmp_path):
+def test_sample_out_is_a_file_or_holds_earlier_images(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("keep")
-    _assert_one_line_error(_cli("sample", "--out", str(afile)), "is an existing file, not a folder")
+    _assert_one_line_error(_cli(capsys, "sample", "--out", str(afile)), "is an existing file, not a folder")
     assert afile.read_text() == "keep"
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     (earlier / "image_001.png").write_bytes(b"old")
-    _assert_one_line_error(_cli("sample", "--out", str(earlier)), "pass --overwrite")
+    _assert_one_line_error(_cli(capsys, "sample", "--out", str(earlier)), "pass --overwrite")
     assert sorted(p.name for p in earlier.iterdir()) == ["image_001.png"]
 
 
@@ -83,17 +101,17 @@ def small_dataset(tmp_path_factory):
     ("empty", "is not a prepared dataset"),
     ("small", "holds 6 examples: fewer than one batch of 8 per process"),
 ])
-def test_train_checks_data_before_building_models(tmp_path, small_dataset, case, message):
+def test_train_checks_data_before_building_models(tmp_path, capsys, small_dataset, case, message):
     data = {"missing": tmp_path / "nope", "empty": tmp_path, "small": small_dataset}[case]
     work = tmp_path / "work"
-    result = _cli("train", "--config", "configs/tiny.py", "--workdir", str(work), "--data", str(data),
+    result = _cli(capsys, "train", "--config", "configs/tiny.py", "--workdir", str(work), "--data", str(data),
                   "--config.train.batch_size=8")
     _assert_one_line_error(result, message)
     assert not work.exists()
 
 
-def test_export_of_a_missing_workdir(tmp_path):
-    result = _cli("export", "--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
+def test_export_of_a_missing_workdir(tmp_path, capsys):
+    result = _cli(capsys, "export", "--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
     _assert_one_line_error(result, "holds no checkpoints/ folder")
     assert not (tmp_path / "out").exists()
 
