@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("info", "faces", "sample", "prepare_data", "train", "export", "evaluate", "benchmark_prompts", "convert")
+COMMANDS = ("info", "faces", "sample", "app", "prepare_data", "train", "export", "evaluate", "benchmark_prompts",
+            "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from realisid_jax.commands.arguments import UsageError
     from realisid_jax.config import ConfigError
     from realisid_jax.realisid.conditions import BoxError, SizeError, TooManyPersonsError
+    from realisid_jax.app.metadata import MetadataError
     from realisid_jax.face.errors import FaceError
     from realisid_jax.text.tokenizer import TokenizerError
     from realisid_jax.loading.errors import CheckpointMismatchError
@@ -59,7 +61,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (FileNotFoundError, NotADirectoryError, UsageError, ConfigError, AssetError, BoxError, SizeError,
             TooManyPersonsError, FaceError, TokenizerError, CheckpointMismatchError, CheckpointError,
-            WorkdirLockedError)
+            WorkdirLockedError, MetadataError)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 _PREFIX = "realisid:"
+#: Command-line weight flags recorded with each image (``argparse`` attribute names).
+WEIGHT_FLAGS = ("base", "branches", "image_encoder", "variant")
 # A photo chunk holds a whole PNG (base64): far above Pillow's 1 MiB decompression guard for text chunks.
 _MAX_PHOTO_CHUNK = 256 * 1024 * 1024
 
@@ -142,9 +144,22 @@ def pixel_boxes(normalised: np.ndarray, valid: np.ndarray, height: int, width: i
     return tuple(tuple(float(v) for v in np.asarray(b, np.float64) * scale) for b in np.asarray(normalised)[valid])
 
 
-def persons(generation: Generation) -> list:
+def recorded_persons(generation: Generation) -> list:
     """The record's persons as pipeline input (``realisid.conditions.Person``)."""
     from realisid_jax.realisid.conditions import Person
 
     poses: Sequence = generation.poses or (None,) * len(generation.boxes)
     return [Person(ref, box, pose) for ref, box, pose in zip(generation.references, generation.boxes, poses)]
+
+
+def person_photos(persons: Sequence) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray | None, ...]]:
+    """(references, poses) of ``Person``s as the (H, W, 3) uint8 RGB arrays the face analysis reads (files are
+    decoded by the project's one image loader, so a re-run sees the same pixels)."""
+    from realisid_jax.face.image import as_rgb8, load_image
+
+    def rgb(photo):
+        if photo is None:
+            return None
+        return as_rgb8(photo) if isinstance(photo, np.ndarray) else load_image(photo)
+
+    return tuple(rgb(p.reference) for p in persons), tuple(rgb(p.pose) for p in persons)

@@ -1,4 +1,5 @@
-"""The ``realisid app`` page (Gradio Blocks): persons with photos and face boxes, settings, Generate, gallery.
+"""The ``realisid app`` page (Gradio Blocks): persons with photos and face boxes, settings, Generate,
+gallery.
 
 Element ids (``elem_id``) are stable for the browser test: ``person-accordion-K``, ``reference-K``, ``face-K``, ``person-message-K``,
 ``pose-K``, ``box-x-K``, ``box-y-K``, ``box-w-K``, ``box-h-K`` per person slot K (from 0), and ``layout``,

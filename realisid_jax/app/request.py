@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from realisid_jax.app.metadata import Generation, pixel_boxes, save_png
+from realisid_jax.app.metadata import Generation, person_photos, pixel_boxes, save_png
 from realisid_jax.face.draw import annotate
 from realisid_jax.face.errors import FaceError
 from realisid_jax.realisid.conditions import (BoxError, Person, SizeError, TooManyPersonsError, check_box,
@@ -172,6 +172,7 @@ class Studio:
                                    id_guidance_scale=float(request.id_guidance_scale),
                                    id_start_fraction=float(request.id_start_fraction),
                                    num_images=int(request.num_images), seed=seed)
+        references, poses = person_photos(persons)
         generation = Generation(
             prompt=request.prompt, negative_prompt=request.negative_prompt, seed=seed,
             boxes=pixel_boxes(conditions.boxes, conditions.valid, height, width), steps=int(request.steps),
@@ -179,8 +180,7 @@ class Studio:
             id_guidance_scale=float(request.id_guidance_scale), id_start_fraction=float(request.id_start_fraction),
             height=height, width=width, num_images=int(request.num_images), config=self.config_name,
             config_overrides=self.config_overrides, weights=self.weights,
-            references=tuple(np.asarray(p.reference) for _, p in slots),
-            poses=tuple(None if p.pose is None else np.asarray(p.pose) for _, p in slots))
+            references=references, poses=poses)
         folder = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-seed{seed}"
         folder.mkdir(parents=True, exist_ok=True)
         images = []

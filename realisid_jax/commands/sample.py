@@ -16,6 +16,9 @@ from realisid_jax.commands.arguments import (UsageError, check_fresh_folder, che
 from realisid_jax.config import load_config
 
 DEFAULT_PROMPT = "a photo of an astronaut smiling, portrait, studio light"
+RANDOM_WEIGHTS_NOTE = ("no --base given: using the config's RANDOM weights, which make noise, not faces. For real "
+                       "images pass --base (a diffusers SDXL folder), --branches (trained RealisID weights, "
+                       "`realisid train`) and --image-encoder (a CLIP ViT-H/14 vision folder).")
 _MAX_RANDOM_UNET = 100_000_000  # above this, random weights are surely a mistake: ask for --base
 
 
@@ -28,6 +31,10 @@ def register(subparsers) -> None:
                         "sheet shows the box used); a longer edge beyond the image is refused")
     p.add_argument("--pose", action="append", default=[],
                    help="photo whose landmarks set pose/expression, per --face ('-' = the reference's own)")
+    p.add_argument("--from-png", default=None, metavar="FILE",
+                   help="re-run the request recorded in a PNG that `realisid sample` or `realisid app` wrote (its "
+                        "photos, boxes, prompt, seed, settings, config and weight folders; --base/--branches/"
+                        "--image-encoder given here replace the recorded folders; other request flags are unused)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--out", required=True,
@@ -48,11 +55,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _persons(args, height: int, width: int):
+def _persons(args, height: int, width: int, recorded=None):
     from skimage import data
 
+    from realisid_jax.app.metadata import recorded_persons
     from realisid_jax.realisid.conditions import Person
 
+    if recorded is not None:
+        return recorded_persons(recorded), f"the photos recorded in {args.from_png}"
     if not args.face:
         # Embedded default: the astronaut's face, placed at 1/4 of the image edge, upper middle.
         side = min(height, width) / 4
@@ -73,7 +83,7 @@ def _persons(args, height: int, width: int):
     return persons, ", ".join(args.face)
 
 
-def _enable_compilation_cache() -> None:
+def enable_compilation_cache() -> None:
     import jax
 
     from realisid_jax.assets import cache_dir
@@ -109,9 +119,7 @@ def build_pipeline(config, args):
         if parameter_counts(config)["unet"] > _MAX_RANDOM_UNET:
             raise SystemExit("error: this config is full size; random weights would only make noise slowly. "
                              "Pass --base DIFFUSERS_FOLDER (and --branches, --image-encoder).")
-        print("note: no --base given: using the config's RANDOM weights, which make noise, not faces. For real "
-              "images pass --base (a diffusers SDXL folder), --branches (trained RealisID weights, `realisid "
-              "train`) and --image-encoder (a CLIP ViT-H/14 vision folder).")
+        print(f"note: {RANDOM_WEIGHTS_NOTE}")
         return RealisIDPipeline.from_config(config, seed=config.sampling.seed, mesh=mesh)
     return RealisIDPipeline.from_pretrained(config, args.base, branches=args.branches,
                                             image_encoder=args.image_encoder, variant=args.variant, mesh=mesh)
@@ -120,18 +128,20 @@ def build_pipeline(config, args):
 def run(args) -> int:
     from PIL import Image
 
+    from realisid_jax.app.metadata import png_info
     from realisid_jax.realisid.conditions import conditioning_sheet
     from realisid_jax.realisid.pipeline import prepare_conditions
 
+    recorded = _apply_record(args) if args.from_png else None
     config = load_config(args.config, args.config_overrides)
     height = args.height or config.sampling.height
     width = args.width or config.sampling.width
-    persons, source = _persons(args, height, width)
+    persons, source = _persons(args, height, width, recorded)
     out = check_output_folder(args.out)
     check_fresh_folder(out, overwrite=args.overwrite, pattern="image_*.png")
     conditions = prepare_conditions(config, persons, height, width)  # bad input fails before models load
     _warn_lost_input(args)
-    _enable_compilation_cache()
+    enable_compilation_cache()
     pipeline = build_pipeline(config, args)
     result = pipeline(args.prompt, conditions, negative_prompt=args.negative_prompt, height=height, width=width,
                       num_inference_steps=args.steps, num_images=args.num_images,
@@ -140,14 +150,50 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("image_*.png"):  # only reached with --overwrite (or an empty folder)
         old.unlink()
-    files = [(f"image_{i:03d}.png", Image.fromarray(img)) for i, img in enumerate(result.images)]
-    files.append(("conditioning_sheet.png", conditioning_sheet(result.conditions, height, width)))
-    for name, image in files:
+    generation = _generation(args, config, result.conditions, height, width, persons)
+    files = [(f"image_{i:03d}.png", Image.fromarray(img), png_info(generation.for_image(i)))
+             for i, img in enumerate(result.images)]
+    files.append(("conditioning_sheet.png", conditioning_sheet(result.conditions, height, width), None))
+    for name, image, info in files:
         fd, tmp = tempfile.mkstemp(dir=out, suffix=".png.tmp")
         os.close(fd)
         os.chmod(tmp, 0o644)
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=info)  # images carry their request (realisid_jax.app.metadata)
         os.replace(tmp, out / name)
     print(f"wrote {len(result.images)} image(s) and conditioning_sheet.png to {out}/ "
           f"(references: {source})")
     return 0
+
+
+def _apply_record(args):
+    """Sets ``args`` to the request recorded in ``args.from_png`` (weight folders given on the command line win);
+    the scales and the scheduler go in as config overrides. Returns the record."""
+    from realisid_jax.app.metadata import WEIGHT_FLAGS, read_generation
+
+    g = read_generation(args.from_png)
+    settings = {"scheduler": g.scheduler, "text_guidance_scale": g.text_guidance_scale,
+                "id_guidance_scale": g.id_guidance_scale, "id_start_fraction": g.id_start_fraction}
+    args.config = g.config
+    args.config_overrides = [*g.config_overrides, *(f"--config.sampling.{k}={v!r}" for k, v in settings.items())]
+    args.prompt, args.negative_prompt, args.seed, args.steps = g.prompt, g.negative_prompt, g.seed, g.steps
+    args.height, args.width, args.num_images = g.height, g.width, g.num_images
+    for flag in WEIGHT_FLAGS:
+        if getattr(args, flag, None) is None:
+            setattr(args, flag, g.weights.get(flag))
+    return g
+
+
+def _generation(args, config, conditions, height: int, width: int, persons):
+    """The request as run (config defaults filled in, boxes as the pipeline used them), for the PNGs."""
+    from realisid_jax.app.metadata import WEIGHT_FLAGS, Generation, person_photos, pixel_boxes
+
+    s = config.sampling
+    references, poses = person_photos(persons)
+    return Generation(
+        prompt=args.prompt, negative_prompt=s.negative_prompt if args.negative_prompt is None else args.negative_prompt,
+        seed=s.seed if args.seed is None else args.seed, steps=args.steps or s.num_inference_steps,
+        boxes=pixel_boxes(conditions.boxes, conditions.valid, height, width), scheduler=s.scheduler,
+        text_guidance_scale=s.text_guidance_scale, id_guidance_scale=s.id_guidance_scale,
+        id_start_fraction=s.id_start_fraction, height=height, width=width, num_images=args.num_images,
+        config=args.config, config_overrides=tuple(args.config_overrides),
+        weights={k: getattr(args, k, None) for k in WEIGHT_FLAGS}, references=references, poses=poses)

@@ -1,0 +1,44 @@
+"""``realisid app``: the main job as a local web page (Gradio) on http://127.0.0.1:7860.
+
+Models are loaded once, at start; without ``--base`` it serves the embedded default (the config's random
+weights: noise, not faces) as ``realisid sample`` does. No share link, no analytics: nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+from realisid_jax.config import load_config
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("app", help="the main job as a local web page (upload photos, place faces, generate)")
+    p.add_argument("--config", default="configs/tiny.py", help="config file (default: configs/tiny.py)")
+    p.add_argument("--base", default=None, help="diffusers SDXL / SD1.5 pipeline folder (real weights)")
+    p.add_argument("--branches", default=None, help="trained RealisID branches folder (realisid export)")
+    p.add_argument("--image-encoder", default=None, help="CLIP vision model folder (transformers format)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--out", default=None, help="folder for the generated PNGs (default: a temporary folder)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from realisid_jax.app.metadata import WEIGHT_FLAGS
+    from realisid_jax.app.page import build_page
+    from realisid_jax.app.request import Studio
+    from realisid_jax.commands.sample import (DEFAULT_PROMPT, RANDOM_WEIGHTS_NOTE, build_pipeline,
+                                              enable_compilation_cache)
+
+    config = load_config(args.config, args.config_overrides)
+    enable_compilation_cache()
+    pipeline = build_pipeline(config, args)
+    weights = {k: getattr(args, k, None) for k in WEIGHT_FLAGS}
+    out = args.out or tempfile.mkdtemp(prefix="realisid_app_")
+    studio = Studio(pipeline, config_name=args.config, config_overrides=args.config_overrides, weights=weights,
+                    out_dir=out)
+    page = build_page(studio, default_prompt=DEFAULT_PROMPT, notice="" if args.base else RANDOM_WEIGHTS_NOTE)
+    print(f"serving on http://{args.host}:{args.port} (images are written to {out}/; Ctrl-C stops)", flush=True)
+    page.queue().launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
+                        show_error=False, allowed_paths=[out], footer_links=[])
+    return 0
