@@ -116,6 +116,98 @@ def test_export_of_a_missing_workdir(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+# --------------------------------------------------------------------------------------- prepare-data
+
+
+def test_captions_decoded_as_utf8_else_windows_1252_else_latin1(tmp_path):
+    from realisid_jax.data.sources import read_caption
+
+    cases = {
+        "utf8.txt": ("café “noir”".encode(), ("café “noir”", "utf-8")),
+        "bom.txt": (b"\xef\xbb\xbfcaf\xc3\xa9", ("café", "utf-8")),
+        "utf16.txt": ("café".encode("utf-16"), ("café", "utf-16")),
+        "latin1.txt": (b"caf\xe9 au lait", ("café au lait", "cp1252")),
+        "cp1252.txt": (b"\x93quoted\x94", ("“quoted”", "cp1252")),
+        "undefined.txt": (b"caf\xe9 \x81", ("café \x81", "latin-1")),  # 0x81: no Windows-1252 character
+    }
+    for name, (data, expected) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert read_caption(tmp_path / name) == expected, name
+
+
+@pytest.fixture(scope="module")
+def odd_source(tmp_path_factory, face_models):
+    """A source folder with two face photos (one with a Latin-1 caption), a photo without a face, a corrupt one,
+    a caption without a photo, a captions.jsonl line naming a missing photo and a file that is no photo; prepared
+    once through ``realisid prepare-data``."""
+    from realisid_jax.data.sample_data import write_sample_source
+
+    root = tmp_path_factory.mktemp("odd")
+    src = root / "src"
+    write_sample_source(src, 2)  # astronaut.jpg, lfw_000.png, no_face.png, corrupt.jpg + their .txt
+    (src / "lfw_000.txt").write_bytes(b"a portrait in a caf\xe9")  # Latin-1
+    (src / "ghost.txt").write_text("a caption whose photo was deleted")
+    (src / "captions.jsonl").write_text(json.dumps({"file": "gone.png", "text": "another lost caption"}) + "\n")
+    (src / "notes.md").write_text("not a photo")
+    return src, root / "out"
+
+
+def _prepare(capsys, src, out, *extra):
+    return _cli(capsys, "prepare-data", "--src", str(src), "--out", str(out), "--resolution", "64",
+                "--workers", "0", "--min-face-px", "8", *extra)
+
+
+def test_prepare_data_accounts_for_every_source_file(odd_source, capsys, caplog):
+    from realisid_jax.data.builder import open_split
+
+    src, out = odd_source
+    code, stderr = _prepare(capsys, src, out)
+    assert code == 0, stderr
+    assert "caption file lfw_000.txt is not UTF-8: read as cp1252" in caplog.messages  # a log line on stderr
+    summary = json.loads((out / "prepare_summary.json").read_text())
+    names = sorted(p.name for p in src.iterdir())
+    assert summary["files"] == {"total": len(names), "photos": 4, "captions": 6, "not_photos": 1}
+    assert summary["written"] + sum(summary["skipped"].values()) + len(summary["errors"]) == 4
+    assert summary["caption_encodings"] == {"lfw_000.txt": "cp1252"} and summary["orphan_captions"] == 2
+    listed = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert {(e["file"], e["reason"]) for e in listed} == {
+        ("corrupt.jpg", "corrupt_image"), ("no_face.png", "no_face"), ("ghost.txt", "orphan_caption"),
+        ("captions.jsonl:1", "orphan_caption"), ("notes.md", "not_a_photo")}
+    # Every file is in the dataset (a photo or its caption), or listed with its reason.
+    kept = {"astronaut.jpg", "astronaut.txt", "lfw_000.png", "lfw_000.txt", "captions.jsonl",
+            "corrupt.txt", "no_face.txt"}
+    assert kept | {e["file"] for e in listed if ":" not in e["file"]} == set(names)
+    records = open_split(out)
+    captions = {records[i]["source"].decode(): records[i]["caption"].decode() for i in range(len(records))}
+    assert captions["lfw_000.png"] == "a portrait in a café" and len(captions) == summary["written"] == 2
+
+
+def test_prepare_data_refuses_a_finished_or_foreign_out_unless_overwrite(odd_source, capsys, tmp_path):
+    import shutil
+
+    src, prepared = odd_source
+    if not (prepared / "prepare_summary.json").exists():
+        assert _prepare(capsys, src, prepared)[0] == 0
+    out = tmp_path / "out"
+    shutil.copytree(prepared, out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    _assert_one_line_error(_prepare(capsys, src, out), "already holds a prepared dataset (prepare_summary.json)")
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    code, stderr = _prepare(capsys, src, out, "--overwrite")
+    assert code == 0, stderr
+    summary = json.loads((out / "prepare_summary.json").read_text())
+    assert (summary["analysed"], summary["cached"], summary["written"]) == (0, 4, 2)  # the cache is reused
+    # An interrupted run (its cache only) resumes without --overwrite; a folder of other files is refused.
+    (out / "prepare_summary.json").unlink()
+    (out / "skipped.jsonl").unlink()
+    assert _prepare(capsys, src, out)[0] == 0
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"keep")
+    _assert_one_line_error(_prepare(capsys, src, foreign), "is not empty and not an interrupted prepare-data run")
+    assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg"]
+
+
 # --------------------------------------------------------------------------------------- lock, checkpoints
 
 

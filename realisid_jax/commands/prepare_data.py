@@ -6,8 +6,10 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
-from realisid_jax.commands.arguments import finite_float, image_size, non_negative_float, non_negative_int, positive_int
+from realisid_jax.commands.arguments import (UsageError, check_output_folder, finite_float, image_size,
+                                             non_negative_float, non_negative_int, positive_int)
 
 _DEFAULT_RESOLUTION = 1024
 _DEFAULT_REFERENCE_SIZE = 224
@@ -21,11 +23,19 @@ def register(subparsers) -> None:
                     "photos only), resize and crop the photo to the training resolution, and write "
                     "a TFDS array_record dataset to OUT/realisid_faces. Interrupted runs resume: "
                     "per-photo results are cached in OUT/_work. A summary with skip counts goes "
-                    "to OUT/prepare_summary.json, the skipped files to OUT/skipped.jsonl.")
+                    "to OUT/prepare_summary.json; every source file that is not in the dataset "
+                    "(skipped photo, caption without a photo, other file) is listed with its reason "
+                    "in OUT/skipped.jsonl. Captions that are not UTF-8 are read as Windows-1252 or "
+                    "Latin-1 and named in the summary.")
     p.add_argument("--src", required=True, metavar="FOLDER",
                    help="photos with a sidecar NAME.txt caption each, or a captions.jsonl "
                         '({"file": ..., "text": ...} per line) in their folder')
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="output folder; one that holds a finished dataset or other files is refused "
+                        "unless --overwrite (an interrupted run's folder is resumed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the dataset in --out (its cached per-photo results are reused; "
+                        "other files there are kept)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="config file: --resolution defaults to train.resolution and "
                         "--reference-size to model.image_encoder.image_size")
@@ -50,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from realisid_jax.data.prepare import PrepareOptions, prepare_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _check_out(args.out, args.overwrite)
     resolution, reference_size = args.resolution, args.reference_size
     if args.config is not None:
         from realisid_jax.config import load_config
@@ -69,3 +80,26 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuses an ``--out`` holding a finished dataset or files that ``prepare-data`` does not write, unless
+    ``overwrite``; a folder with only an interrupted run's cache and partial dataset is resumed.
+
+    Raises:
+      UsageError: such a folder without ``overwrite``, or an ``--out`` that is a file or not writable.
+    """
+    from realisid_jax.data.builder import DATASET_NAME
+    from realisid_jax.data.prepare import SUMMARY_FILE, WORK_DIR
+
+    check_output_folder(out)
+    if overwrite or not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if SUMMARY_FILE in entries:
+        raise UsageError(f"--out {out} already holds a prepared dataset ({SUMMARY_FILE}); choose a new folder "
+                         f"or pass --overwrite (its cached per-photo results in {WORK_DIR}/ are reused)")
+    foreign = [name for name in entries if name not in (WORK_DIR, DATASET_NAME)]
+    if foreign:
+        raise UsageError(f"--out {out} is not empty and not an interrupted prepare-data run ({len(foreign)} "
+                         f"other entries, e.g. {foreign[0]}); choose a new folder or pass --overwrite")

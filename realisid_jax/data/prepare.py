@@ -19,7 +19,11 @@ sample. Each photo is
 
 Photos without a caption are skipped (``no_caption``) before any analysis. Captions come from a
 sidecar ``<stem>.txt`` next to the photo, else from a ``captions.jsonl`` in the photo's folder
-(lines ``{"file": "<name relative to that folder>", "text": "..."}``).
+(lines ``{"file": "<name relative to that folder>", "text": "..."}``); a caption file that is not
+UTF-8 is read as Windows-1252 or Latin-1 and named in the summary (``realisid_jax.data.sources``).
+Every other file of the source folder is accounted for too: captions naming no photo
+(``orphan_caption``) and files that are neither photos nor captions (``not_a_photo``) are listed in
+``skipped.jsonl`` beside the skipped photos.
 
 Resumability: each analysed photo's result (the sample's image-derived fields, or its skip reason) is
 written atomically to ``OUT/_work/<options fingerprint>/<xx>/<key>.npz`` where the key hashes the
@@ -48,12 +52,11 @@ from typing import Any
 import numpy as np
 
 from realisid_jax.data import builder
+from realisid_jax.data.sources import SourceItem, scan_sources
 from realisid_jax.face.errors import FaceTooSmallError, ImageReadError, NoFaceError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-CAPTIONS_FILE = "captions.jsonl"
 WORK_DIR = "_work"
 SUMMARY_FILE = "prepare_summary.json"
 SKIPPED_FILE = "skipped.jsonl"
@@ -103,15 +106,6 @@ class PrepareOptions:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-@dataclasses.dataclass(frozen=True)
-class SourceItem:
-    """One photo of the source folder: ``name`` is its POSIX path relative to that folder."""
-
-    name: str
-    path: Path
-    caption: str | None
-
-
 class SkipSample(Exception):
     """A photo that cannot become a training sample; ``reason`` is one of ``SKIP_REASONS``."""
 
@@ -125,44 +119,14 @@ class SkipSample(Exception):
 
 
 def list_sources(src: str | os.PathLike) -> list[SourceItem]:
-    """All photos under ``src`` (recursive, sorted by relative path) with their captions.
+    """All photos under ``src`` (recursive, sorted by relative path) with their captions; the work folder of a
+    dataset written inside ``src`` is not looked into. See ``realisid_jax.data.sources.scan_sources``.
 
     Raises:
       FileNotFoundError: ``src`` is not a folder.
       ValueError: a ``captions.jsonl`` line is not a JSON object with string "file" and "text".
     """
-    root = Path(src)
-    if not root.is_dir():
-        raise FileNotFoundError(f"source folder {root} not found")
-    jsonl = {}
-    for captions in sorted(root.rglob(CAPTIONS_FILE)):
-        jsonl.update(_read_captions_jsonl(captions))
-    items = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        if not path.is_file() or WORK_DIR in path.relative_to(root).parts:
-            continue
-        sidecar = path.with_suffix(".txt")
-        caption = (sidecar.read_text(encoding="utf-8") if sidecar.is_file()
-                   else jsonl.get(path.resolve()))
-        caption = caption.strip() if caption else None
-        items.append(SourceItem(path.relative_to(root).as_posix(), path, caption or None))
-    return items
-
-
-def _read_captions_jsonl(file: Path) -> dict[Path, str]:
-    out = {}
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            name, text = record["file"], record["text"]
-            if not (isinstance(name, str) and isinstance(text, str)):
-                raise TypeError("'file' and 'text' must be strings")
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{file}:{number}: bad caption line ({err}): {line[:200]}") from err
-        out[(file.parent / name).resolve()] = text
-    return out
+    return scan_sources(src, skip_dirs=(WORK_DIR,)).photos
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,9 +337,12 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
       workers: analysis processes (spawn context); 0 or 1 analyses in this process.
 
     Returns:
-      The summary (also written as JSON): ``sources``, ``written``, ``analysed`` (photos analysed in
-      this run), ``cached`` (results reused from an earlier run), ``skipped`` (reason -> count),
-      ``errors`` (messages of unexpected failures), ``options``, ``dataset``, ``seconds``.
+      The summary (also written as JSON): ``sources`` (photos), ``written``, ``analysed`` (photos
+      analysed in this run), ``cached`` (results reused from an earlier run), ``skipped`` (photos:
+      reason -> count), ``errors`` (messages of unexpected failures), ``files`` (every file of
+      ``src``: ``total`` = ``photos`` + ``captions`` + ``not_photos``; ``photos`` = ``written`` +
+      skipped + errors), ``orphan_captions`` (count), ``caption_encodings`` (caption file -> encoding,
+      for those not UTF-8), ``options``, ``dataset``, ``seconds``.
 
     Raises:
       FileNotFoundError: ``src`` missing. ValueError: a bad ``captions.jsonl``, or no usable photo.
@@ -383,7 +350,10 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
     start = time.monotonic()
     out = Path(out)
     cache = out / WORK_DIR / options.fingerprint()
-    items = list_sources(src)
+    scan = scan_sources(src, skip_dirs=(WORK_DIR,))
+    items = scan.photos
+    for name, encoding in scan.decoded.items():
+        log.warning("caption file %s is not UTF-8: read as %s", name, encoding)
     skipped: dict[str, list[dict[str, str]]] = collections.defaultdict(list)
     errors: list[str] = []
     results: dict[str, Path] = {}
@@ -437,6 +407,10 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
         "cached": len(results) - len(tasks),
         "skipped": _counts(skipped),
         "errors": errors,
+        "files": {"total": len(items) + len(scan.captions) + len(scan.others), "photos": len(items),
+                  "captions": len(scan.captions), "not_photos": len(scan.others)},
+        "orphan_captions": len(scan.orphans),
+        "caption_encodings": scan.decoded,
         "options": dataclasses.asdict(options),
         "dataset": str(dataset),
         "seconds": round(time.monotonic() - start, 2),
@@ -446,6 +420,11 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
         for reason, entries in sorted(skipped.items()):
             for entry in entries:
                 f.write(json.dumps({"reason": reason, **entry}) + "\n")
+        for entry in scan.orphans:
+            f.write(json.dumps({"reason": "orphan_caption", **entry}) + "\n")
+        for name in scan.others:
+            f.write(json.dumps({"reason": "not_a_photo", "file": name,
+                                "message": "neither a photo nor a caption"}) + "\n")
     return summary
 
 
