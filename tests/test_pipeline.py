@@ -1,5 +1,7 @@
 """RealisIDPipeline: diffusers SDXL parity with the branches off, persons, sharding, recompiles, CLI, errors."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from realisid_jax.face.errors import NoFaceError
 from realisid_jax.realisid.branches import RealisID, RealisIDConfig
 from realisid_jax.models.registry import FROZEN
 from realisid_jax.realisid.components import Components
-from realisid_jax.realisid.pipeline import RealisIDPipeline, _denoise, prepare_conditions
+from realisid_jax.realisid.pipeline import RealisIDPipeline, _denoise, person_bucket, prepare_conditions
 from realisid_jax.sharding import data_sharding, make_mesh
 from realisid_jax.loading.pipeline_folder import load_pipeline_folder
 
@@ -111,6 +113,25 @@ def test_no_recompilation_across_seeds_prompts_boxes_and_scales(parts, branches)
     pipe("another prompt", [_astronaut((10, 40, 60, 90))], height=H, width=W, num_inference_steps=STEPS, seed=7,
          text_guidance_scale=3.0, id_guidance_scale=2.0, id_start_fraction=0.5, progress=False)
     assert _denoise._cache_size() == compiled
+
+
+def test_persons_run_in_buckets(parts, branches):
+    """The branches run on 1, 2, 4, ... slots: a bucket compiles once, and padding does not change the images."""
+    assert [person_bucket(n, 4) for n in range(6)] == [1, 1, 2, 4, 4, 4] and person_bucket(3, 3) == 3
+    pipe = _pipeline(parts, branches)
+    kw = dict(height=H, width=W, num_inference_steps=STEPS, progress=False)
+    pipe(PROMPT, [_astronaut((30, 20, 94, 84)), _astronaut((10, 40, 60, 90))], **kw)
+    compiled = _denoise._cache_size()
+    two = pipe("another prompt", [_astronaut((60, 60, 120, 120)), _astronaut((0, 0, 40, 40))], seed=5,
+               id_guidance_scale=2.0, **kw)
+    assert _denoise._cache_size() == compiled and two.conditions.valid.tolist() == [True, True, False, False]
+    one = two.conditions
+    first = dataclasses.replace(one, valid=np.array([True, False, False, False]))  # bucket 1
+    last = dataclasses.replace(one, valid=np.array([False, False, False, True]),  # bucket 4, 3 padded slots
+                               **{f: getattr(one, f)[[3, 2, 1, 0]] for f in
+                                  ("reference_pixels", "boxes", "landmark_images")})
+    np.testing.assert_allclose(pipe(PROMPT, last, **kw).latents, pipe(PROMPT, first, **kw).latents,
+                               atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("persons, size, error", [
