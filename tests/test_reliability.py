@@ -264,6 +264,43 @@ def test_restore_walks_back_past_a_corrupt_newest_checkpoint(tmp_path, capfd):
             ckpt.restore(_abstract(), None, step=7)
 
 
+def test_export_walks_back_past_a_corrupt_newest_checkpoint(tmp_path, capsys, monkeypatch):
+    from flax import nnx
+
+    from realisid_jax.config import load_config
+    from realisid_jax.training import checkpoint_export
+    from realisid_jax.training.optimizer import make_optimizer
+    from realisid_jax.training.state import initial_train_state
+
+    # A one-layer stand-in for the branches (the real ones' 850 arrays take ~30 s to write and read back here;
+    # test_train exports real ones): the walk-back and the CLI are what is tested. Every parameter of step s is s.
+    monkeypatch.setattr(checkpoint_export, "abstract_branches",
+                        lambda config: nnx.eval_shape(lambda: nnx.Linear(2, 3, rngs=nnx.Rngs(0))))
+    exported = []
+    monkeypatch.setattr(checkpoint_export, "export_branches", lambda module, out: exported.append(module))
+    config = load_config(ROOT / "configs/tiny.py")
+    _, params, _ = nnx.split(checkpoint_export.abstract_branches(config), nnx.Param, ...)
+    abstract = jax.eval_shape(lambda p: initial_train_state(make_optimizer(config.train)[0], p, 0),
+                              params.to_pure_dict())
+    with TrainCheckpointer(tmp_path / "checkpoints", async_save=False) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, jax.tree.map(lambda x: jnp.full(x.shape, step, x.dtype), abstract), None,
+                      {"step": step, "config": json.loads(config.to_json_best_effort())})
+        ckpt.wait()
+    _corrupt(tmp_path / "checkpoints" / "2")
+    capsys.readouterr()
+    assert main(["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "checkpoint step 2 (" in warnings[0] and "trying step 1" in warnings[0], err
+    assert out.startswith("exported step 1 of")
+    np.testing.assert_array_equal(exported[0].kernel.get_value(), np.ones((2, 3)))
+    # The corrupt step asked for by name is one error line, exit code 2.
+    _assert_one_line_error(_cli(capsys, "export", "--workdir", str(tmp_path), "--out", str(tmp_path / "o2"),
+                                "--step", "2"), "checkpoint step 2 (")
+    assert len(exported) == 1
+
+
 def test_metrics_keep_one_row_per_step_after_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')

@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, type=Path, help="the run's work directory (holds checkpoints/)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--step", type=non_negative_int, default=None,
-                   help="checkpoint step (default: the newest finished one)")
+                   help="checkpoint step (default: the newest finished one that restores; a newer corrupt "
+                        "one is skipped with a one-line warning, as `realisid train` resumes)")
     p.set_defaults(func=run)
     return p
 
