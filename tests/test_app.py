@@ -71,7 +71,9 @@ def test_face_and_layout_previews(studio):
     none, message = studio.face_preview(data.coffee())
     assert none is None and "no face" in message
     layout, message = studio.layout_preview([ASTRONAUT], SIZE, 2 * SIZE)
-    assert message == "" and layout.shape == (192, 384, 3)
+    assert message == "" and layout.shape == (192, 384, 3) and layout.max() > 200  # the box is drawn
+    empty, _ = studio.layout_preview([PersonRequest(None, (0.5, 0.5, 0.25, 0.25))], SIZE, 2 * SIZE)
+    assert empty.max() < 100  # no photo, no person, no box
     _, message = studio.layout_preview([ASTRONAUT], 100, SIZE)
     assert "multiples of 64" in message
 

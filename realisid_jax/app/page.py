@@ -91,7 +91,7 @@ def build_page(studio: Studio, *, default_prompt: str = "", notice: str = "") ->
         def show_layout(h, w, *values):
             return studio.layout_preview(persons(values), h, w)
 
-        for control in [*boxes, *size]:
+        for control in [*boxes, *size, *(reference for reference, _, _ in person_inputs)]:
             control.change(show_layout, [*size, *slot_values], [layout, layout_message])
         page.load(show_layout, [*size, *slot_values], [layout, layout_message])
 

@@ -122,8 +122,8 @@ class Studio:
         return annotate(np.asarray(photo), [face.box], landmarks=[face.landmarks]), ""
 
     def layout_preview(self, persons: Sequence[PersonRequest], height: int, width: int) -> tuple[np.ndarray, str]:
-        """The output canvas with each person's box as set (thin) and as the pipeline uses it (thick), and a
-        message for the boxes it rejects ("" when all are fine). Every slot is drawn, photo or not."""
+        """The output canvas with the box of each person with a reference photo (the ones generated) as set
+        (thin) and as the pipeline uses it (thick), and a message for the boxes it rejects ("" when all are fine)."""
         try:
             height, width = _size(height, width)
             self.pipeline.prepare([], height, width)  # the pipeline's size check, no photo analysed
@@ -134,6 +134,8 @@ class Studio:
         draw = ImageDraw.Draw(canvas)
         messages = []
         for k, person in enumerate(persons):
+            if person.reference is None:
+                continue
             color = PERSON_COLORS[k % len(PERSON_COLORS)]
             box = person.pixel_box(height, width)
             draw.rectangle([v * scale for v in box], outline=color, width=1)
