@@ -83,6 +83,24 @@ def test_sample_out_is_a_file_or_holds_earlier_images(tmp_path, capsys):
     assert sorted(p.name for p in earlier.iterdir()) == ["image_001.png"]
 
 
+def test_sample_warns_when_a_box_is_made_square(tmp_path, capsys, face_models):
+    from PIL import Image
+    from skimage import data
+
+    face = tmp_path / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(face)
+    args = ["sample", "--out", str(tmp_path / "out"), "--face", str(face), "--height", "256", "--width", "256"]
+    for box, warning in (("10,20,110,60", "warning: --box 10,20,110,60 -> 10,0,110,100: the square of its longer "
+                                          "edge around its centre, inside the 256x256 image, as in training"),
+                         ("10,20,110,120", None)):
+        capsys.readouterr()
+        with pytest.raises(AssertionError, match="reached the model build"):  # warned before any model loads
+            main([*args, "--box", box])
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert warnings == ([warning] if warning else []), warnings
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
     """A prepared dataset of 6 examples at 64 px."""

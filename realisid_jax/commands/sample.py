@@ -92,6 +92,20 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _warn_squared_boxes(persons, boxes, height: int, width: int) -> None:
+    """A warning (stderr, one line) per box that ``check_box`` changed: old -> new, in pixels. ``boxes`` are the
+    used ones, normalised (``PersonConditions.boxes``)."""
+    import numpy as np
+
+    scale = np.array([width, height, width, height])
+    for person, used in zip(persons, boxes):
+        given, new = np.asarray(person.box, np.float64), used * scale
+        if not np.allclose(given, new, atol=0.01):  # float32 round trip of the normalised box: ~1e-4 px
+            old_text, new_text = (",".join(f"{round(float(v), 2):g}" for v in b) for b in (given, new))
+            print(f"warning: --box {old_text} -> {new_text}: the square of its longer edge around its centre, "
+                  f"inside the {width}x{height} image, as in training", file=sys.stderr)
+
+
 def _warn_lost_input(args) -> None:
     """Warnings (stderr) where a run would silently ignore part of what was asked."""
     from realisid_jax.text.tokenizer import CLIP_MAX_LENGTH, offline_clip_tokenizer
@@ -140,6 +154,7 @@ def run(args) -> int:
     out = check_output_folder(args.out)
     check_fresh_folder(out, overwrite=args.overwrite, pattern="image_*.png")
     conditions = prepare_conditions(config, persons, height, width)  # bad input fails before models load
+    _warn_squared_boxes(persons, conditions.boxes, height, width)
     _warn_lost_input(args)
     enable_compilation_cache()
     pipeline = build_pipeline(config, args)
