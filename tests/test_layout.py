@@ -1,6 +1,8 @@
 """The folder tree shows the method, and imports point one way (top to bottom):
 
-    cli, commands/, app/          entry points
+    cli                           `realisid <command>`
+    commands/                     one module per command
+    app/                          the web app's request handler and page
     training/                     trainer, step, state, checkpoints
     eval/, data/                  evaluation protocol; dataset preparation and input pipeline
     realisid/                     the method (Eqs. 3-8)
@@ -26,7 +28,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "realisid_jax"
 LAYERS = [
-    {"cli", "commands", "app"},
+    {"cli"},
+    {"commands"},
+    {"app"},
     {"training"},
     {"eval", "data"},
     {"realisid"},
