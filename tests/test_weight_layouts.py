@@ -17,6 +17,7 @@ from realisid_jax.cli import main
 from realisid_jax.loading.files import find_weights
 from realisid_jax.loading.pretrained import from_pretrained
 from realisid_jax.models.clip_text import CLIPTextModel
+from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
 from realisid_jax.models.unet_2d_condition import UNet2DConditionModel
 
 SHARD = "60KB"  # tiny models are ~0.5 MB: several shards each
@@ -107,3 +108,26 @@ def test_sample_on_an_fp16_variant_only_sdxl_folder(tmp_path, capsys):
                "--width", "128"])
     assert rc == 0, capsys.readouterr().err
     assert (out / "image_000.png").is_file()
+
+
+def test_a_clip_model_folder_gives_its_vision_tower(tmp_path):
+    torch.manual_seed(0)
+    clip = randomised(transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=TINY.text_encoder.to_dict(), vision_config=TINY.image_encoder.to_dict(), projection_dim=24)))
+    clip.save_pretrained(tmp_path / "clip")
+    encoder = from_pretrained(CLIPVisionModelWithProjection, tmp_path / "clip")
+    assert encoder.config.projection_dim == 24  # the CLIPModel's, not its vision_config's default
+    torch_state = clip.state_dict()
+    np.testing.assert_array_equal(np.asarray(encoder.visual_projection.kernel.get_value()),
+                                  torch_state["visual_projection.weight"].numpy().T)
+    pixels = np.random.default_rng(0).standard_normal((1, 224, 224, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = clip.visual_projection(clip.vision_model(torch.from_numpy(pixels).permute(0, 3, 1, 2)).pooler_output)
+    np.testing.assert_allclose(np.asarray(encoder(pixels).image_embeds), want.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_an_image_encoder_of_another_kind_is_refused_by_name(clip_folders):
+    with pytest.raises(ValueError, match="holds a CLIPTextModel; an image encoder must be a transformers "
+                                         "CLIPVisionModelWithProjection or CLIPModel folder"):
+        from_pretrained(CLIPVisionModelWithProjection, clip_folders["plain"])
+

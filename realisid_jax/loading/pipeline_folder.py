@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from realisid_jax.sharding import DEFAULT_RULES, Rules
 from realisid_jax.loading.files import read_json, resolve_folder
-from realisid_jax.loading.pretrained import from_pretrained
+from realisid_jax.loading.pretrained import from_pretrained, read_config
 
 if TYPE_CHECKING:
     import ml_collections
@@ -150,7 +150,7 @@ def load_pipeline_folder(folder: str | os.PathLike, *, dtype=jnp.float32, varian
       dtype: computation and parameter dtype of every model, float32 or bfloat16.
       variant: weights variant of every model (``"fp16"``: ``model.fp16.safetensors``); default the plain
         files, or each folder's only variant (``loading.files.find_weights``).
-      image_encoder: optional separate ``CLIPVisionModelWithProjection`` folder (IP-Adapter's
+      image_encoder: optional separate ``CLIPVisionModelWithProjection`` or ``CLIPModel`` folder (IP-Adapter's
         ``models/image_encoder``); it takes the place of an ``image_encoder`` listed in the index.
       attention_impl: ``jax.nn.dot_product_attention`` implementation for every model.
       mesh, rules: when given, each parameter is placed directly on its logical-axis sharding.
@@ -195,7 +195,7 @@ def load_model_folders(folder: str | os.PathLike | None, config: ml_collections.
         must describe (special-token ids aside); ``dtype`` / ``param_dtype`` / ``attention_impl`` the dtypes.
       components: names to load, each required; default: every component the config describes whose folder
         exists.
-      image_encoder: a separate ``CLIPVisionModelWithProjection`` folder; it takes the place of
+      image_encoder: a separate ``CLIPVisionModelWithProjection`` or ``CLIPModel`` folder; it takes the place of
         ``folder/image_encoder/``.
       variant: weights variant (``"fp16"``), as ``load_pipeline_folder``.
       mesh, rules: when given, each parameter is placed directly on its logical-axis sharding.
@@ -245,13 +245,13 @@ def _load_models(folders: Mapping[str, Path], classes: Mapping[str, str], listed
         raise FileNotFoundError(f"{', '.join(f'{folders.get(n, n)}/' for n in absent)} not found, although "
                                 f"{listed_by} {', '.join(f'{n} ({classes[n]})' for n in absent)}")
     for name, model_config in (expected or {}).items():
-        _check_config(folders[name], name, model_config)
+        _check_config(folders[name], name, model_config, model_class(classes[name]))
     return {name: from_pretrained(model_class(cls), folders[name], **kw)
             for name, cls in classes.items() if name in _MODELS}
 
 
-def _check_config(folder: Path, name: str, expected: ModelConfig) -> None:
-    theirs = type(expected).from_dict(read_json(folder / "config.json")).to_dict()
+def _check_config(folder: Path, name: str, expected: ModelConfig, cls: type) -> None:
+    theirs = type(expected).from_dict(read_config(cls, folder)).to_dict()
     ours = expected.to_dict()
     differ = [k for k in ours if k not in _NOT_ARCHITECTURE and theirs[k] != ours[k]]
     if differ:

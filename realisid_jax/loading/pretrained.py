@@ -8,6 +8,7 @@ sharding. ``from_pretrained(UNet2DConditionModel, folder, subfolder="unet")`` is
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TypeVar
 
 import jax.numpy as jnp
@@ -17,6 +18,8 @@ from jax.sharding import Mesh
 
 from realisid_jax.loading import torch_state
 from realisid_jax.loading.files import find_weights, read_json, read_weights, resolve_folder
+from realisid_jax.loading.image_encoder import vision_config, vision_weights
+from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
 from realisid_jax.models.modeling_utils import ModelConfig, PretrainedMixin
 from realisid_jax.sharding import DEFAULT_RULES, Rules, state_shardings
 
@@ -43,11 +46,21 @@ def from_pretrained(cls: type[M], folder: str | os.PathLike, *, subfolder: str |
     """
     root = resolve_folder(folder)
     path = resolve_folder(root / subfolder) if subfolder else root
-    config = cls.config_class.from_dict(read_json(path / "config.json"))
+    config = cls.config_class.from_dict(read_config(cls, path))
     weights = find_weights(path, cls.weights_names, variant=variant)
     source = str(weights[0]) if len(weights) == 1 else f"{path} ({len(weights)} shards)"
-    return from_state_dict(cls, config, read_weights(weights), source=source, dtype=dtype,
+    state_dict = read_weights(weights)
+    if issubclass(cls, CLIPVisionModelWithProjection):
+        state_dict = vision_weights(state_dict)
+    return from_state_dict(cls, config, state_dict, source=source, dtype=dtype,
                            param_dtype=param_dtype, attention_impl=attention_impl, mesh=mesh, rules=rules)
+
+
+def read_config(cls: type[M], folder: Path) -> dict:
+    """``folder/config.json`` as ``cls.config_class.from_dict`` takes it; for an image encoder, a ``CLIPModel``
+    folder's vision part (``loading.image_encoder.vision_config``, which raises ValueError for other models)."""
+    values = read_json(folder / "config.json")
+    return vision_config(values, folder) if issubclass(cls, CLIPVisionModelWithProjection) else values
 
 
 def from_state_dict(cls: type[M], config: ModelConfig, state_dict: dict[str, np.ndarray], *, source: str,

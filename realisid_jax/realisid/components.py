@@ -19,8 +19,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from realisid_jax.loading.branch_folders import load_branch_parts
-from realisid_jax.loading.orbax_cache import load_converted
+from realisid_jax.loading.orbax_cache import load_converted, read_meta
 from realisid_jax.loading.pipeline_folder import load_model_folders
+from realisid_jax.loading.single_file import load_single_file
 from realisid_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
 from realisid_jax.models.modeling_utils import init_rngs
@@ -69,13 +70,12 @@ def _with_frozen(models: dict[str, nnx.Module], realisid: RealisID) -> Component
 
 
 def build_components(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Components:
-    """Randomly initialised components of ``config``; the branches start from the UNet (ControlNet
-    ``from_unet``: zero Z1/Z2 convs, so fresh branches change nothing). Traceable: call it under
+    """Randomly initialised components of ``config``, branches included (their own random init: shapes and
+    shardings; a run's start copies them from the UNet, see ``random_components``). Traceable: call it under
     ``nnx.eval_shape`` or a jit with ``out_shardings`` to get them abstract or born sharded."""
     kw = dtypes(config)
     models = {name: cls(cfg, rngs=rngs, **kw) for name, (cls, cfg) in frozen_configs(config).items()}
-    realisid = RealisID.from_unet(models["unet"], RealisIDConfig.from_config(config), rngs=rngs)
-    return _with_frozen(models, realisid)
+    return _with_frozen(models, RealisID(RealisIDConfig.from_config(config), rngs=rngs, **kw))
 
 
 def abstract_branches(config: ml_collections.ConfigDict) -> RealisID:
@@ -89,14 +89,69 @@ def abstract_components(config: ml_collections.ConfigDict) -> Components:
 
 
 def random_components(config: ml_collections.ConfigDict, seed: int = 0) -> Components:
-    """Randomly initialised models (tiny configs: full-size models need real weights)."""
-    return build_components(config, nnx.Rngs(seed))
+    """Randomly initialised frozen models with the branches copied from the UNet (ControlNet ``from_unet``: zero
+    Z1/Z2 convs, so fresh branches change nothing). Tiny configs: full-size models need real weights."""
+    rngs = nnx.Rngs(seed)
+    kw = dtypes(config)
+    models = {name: cls(cfg, rngs=rngs, **kw) for name, (cls, cfg) in frozen_configs(config).items()}
+    return _with_frozen(models, RealisID.from_unet(models["unet"], RealisIDConfig.from_config(config), rngs=rngs))
+
+
+def base_kind(base: str | Path) -> str:
+    """What a ``--base`` / ``--pretrained`` path is: ``"single_file"`` (a Stability ``.safetensors``),
+    ``"converted"`` (a ``realisid convert`` orbax cache) or ``"folder"`` (diffusers sub-folders)."""
+    path = Path(base)
+    if path.suffix == ".safetensors":
+        return "single_file"
+    if (path / "meta" / "metadata").is_file():
+        return "converted"
+    return "folder"
+
+
+def load_base(base: str | Path, config: ml_collections.ConfigDict, *, image_encoder: str | Path | None = None,
+              variant: str | None = None, mesh: Mesh | None = None,
+              rules: Rules = DEFAULT_RULES) -> dict[str, nnx.Module]:
+    """The frozen models ``config`` describes, from any accepted base (README, "Weights people download").
+
+    Args:
+      base: a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ...: plain, variant, sharded or
+        ``.bin``), a Stability single ``.safetensors`` file (SDXL / SD 1.5), or a ``realisid convert`` cache.
+      image_encoder: a ``CLIPVisionModelWithProjection`` or ``CLIPModel`` folder; default the base's own.
+      variant: weights variant of a folder base (``"fp16"``).
+      mesh, rules: each parameter is placed straight onto its sharding (the cache restores onto it).
+
+    Returns:
+      name -> model, every model of ``FROZEN`` the config describes.
+
+    Raises:
+      FileNotFoundError / ValueError / CheckpointMismatchError: from the loader of that kind; a single file
+      or cache without an image encoder and no ``image_encoder`` given.
+    """
+    described = [name for name in FROZEN if config.model.get(name) is not None]
+    kind = base_kind(base)
+    if kind == "folder":
+        return load_model_folders(base, config, components=described, image_encoder=image_encoder,
+                                  variant=variant, mesh=mesh, rules=rules)
+    if kind == "single_file":
+        models = load_single_file(base, config, components=[n for n in described if n != "image_encoder"],
+                                  mesh=mesh, rules=rules)
+    else:
+        cached = read_meta(base)["components"]
+        models = load_converted_components(base, config, mesh=mesh, rules=rules, components=[
+            n for n in described if n in cached and (n != "image_encoder" or image_encoder is None)])
+    if "image_encoder" in described and "image_encoder" not in models:
+        if image_encoder is None:
+            raise FileNotFoundError(f"{base} holds no image encoder; pass one (--image-encoder FOLDER)")
+        models.update(load_model_folders(None, config, components=["image_encoder"], image_encoder=image_encoder,
+                                         variant=variant, mesh=mesh, rules=rules))
+    return models
 
 
 def pretrained_components(config: ml_collections.ConfigDict, pretrained: str | Path, image_encoder: str | Path | None,
-                          *, mesh: Mesh | None, rules: Rules, seed: int = 0, fresh_branches: bool = True) -> Components:
-    """The frozen models of ``config`` from the diffusers pipeline folder ``pretrained`` (``unet/``, ``vae/``,
-    ``text_encoder/`` and ``text_encoder_2/``) and the transformers CLIP vision folder ``image_encoder``
+                          *, mesh: Mesh | None, rules: Rules, seed: int = 0, fresh_branches: bool = True,
+                          variant: str | None = None) -> Components:
+    """The frozen models of ``config`` from ``pretrained`` (any base ``load_base`` accepts: a diffusers folder,
+    a single file or a converted cache) and the transformers CLIP vision folder ``image_encoder``
     (default ``pretrained/image_encoder``), each tensor placed straight onto its sharding; fresh branches copied
     from the UNet, or abstract ones (``fresh_branches=False``: the trainer makes them only for a new run).
 
@@ -104,9 +159,7 @@ def pretrained_components(config: ml_collections.ConfigDict, pretrained: str | P
       FileNotFoundError, ValueError, CheckpointMismatchError: as ``load_model_folders`` (a missing sub-folder, a
       ``config.json`` that describes another architecture than ``config.model``, weights that do not fit).
     """
-    described = [name for name in FROZEN if config.model.get(name) is not None]
-    models = load_model_folders(pretrained, config, components=described, image_encoder=image_encoder, mesh=mesh,
-                                rules=rules)
+    models = load_base(pretrained, config, image_encoder=image_encoder, variant=variant, mesh=mesh, rules=rules)
     if fresh_branches:
         realisid = RealisID.from_unet(models["unet"], RealisIDConfig.from_config(config), rngs=nnx.Rngs(seed))
     else:
