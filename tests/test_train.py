@@ -108,7 +108,7 @@ def test_condition_dropout_rates():
 
 
 def test_learns_only_branches_samples_and_exports(trainer, dataset, tmp_path):
-    frozen_before = host(trainer.setup.frozen_inputs[0])
+    frozen_before = host(trainer.setup.frozen_inputs)
     initial = host(trainer.initial_state()["params"])
     trainer.config.sampling.update(height=128, width=128, num_inference_steps=2)
     result = fit(trainer, tmp_path, steps=20, checkpoint_every=10, sample_every=10, data_dir=dataset)
@@ -117,7 +117,7 @@ def test_learns_only_branches_samples_and_exports(trainer, dataset, tmp_path):
     assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
     # The frozen base is bit-identical after training; (almost) every branch tensor moved.
-    frozen_after = jax.tree.leaves(host(trainer.setup.frozen_inputs[0]))
+    frozen_after = jax.tree.leaves(host(trainer.setup.frozen_inputs))
     assert len(frozen_after) > 100
     for a, b in zip(frozen_after, jax.tree.leaves(frozen_before), strict=True):
         np.testing.assert_array_equal(a, b)

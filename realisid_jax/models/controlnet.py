@@ -27,8 +27,7 @@ from realisid_jax.models.modeling_utils import (
     init_rngs,
 )
 from realisid_jax.models.unet_2d_condition import (
-    UNet2DConditionConfig, UNet2DConditionModel, UNetEncoderMixin, freeze_nested, build_embeddings, build_encoder,
-    check_supported)
+    UNet2DConditionConfig, UNet2DConditionModel, UNetEncoderConfig, UNetEncoderMixin, build_embeddings, build_encoder)
 from realisid_jax.models.unet_blocks import FEATURE_MAP
 from realisid_jax.sharding import constrain
 
@@ -46,7 +45,7 @@ def _jit_init(build, key: jax.Array) -> nnx.Module:
 
 
 @dataclasses.dataclass(frozen=True)
-class ControlNetConfig(ModelConfig):
+class ControlNetConfig(UNetEncoderConfig):
     """diffusers ``ControlNetModel`` config (``config.json``), defaults as diffusers.
 
     ``conditioning_channels``: channels of the pixel-space condition (RealisID: 1 for the location mask, 3
@@ -56,41 +55,13 @@ class ControlNetConfig(ModelConfig):
     community ControlNets) raise ``NotImplementedError``.
     """
 
-    in_channels: int = 4
     conditioning_channels: int = 3
-    flip_sin_to_cos: bool = True
-    freq_shift: int = 0
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
-    only_cross_attention: bool | tuple[bool, ...] = False
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    layers_per_block: int | tuple[int, ...] = 2
-    downsample_padding: int = 1
-    mid_block_scale_factor: float = 1.0
-    act_fn: str = "silu"
-    norm_num_groups: int | None = 32
-    norm_eps: float = 1e-5
-    cross_attention_dim: int | tuple[int, ...] = 1280
-    transformer_layers_per_block: int | tuple = 1
-    encoder_hid_dim: int | None = None
-    encoder_hid_dim_type: str | None = None
-    attention_head_dim: int | tuple[int, ...] = 8
-    num_attention_heads: int | tuple[int, ...] | None = None
-    use_linear_projection: bool = False
-    class_embed_type: str | None = None
-    addition_embed_type: str | None = None
-    addition_time_embed_dim: int | None = None
-    num_class_embeds: int | None = None
-    upcast_attention: bool = False
-    resnet_time_scale_shift: str = "default"
-    projection_class_embeddings_input_dim: int | None = None
     controlnet_conditioning_channel_order: str = "rgb"
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
     global_pool_conditions: bool = False
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, freeze_nested(getattr(self, f.name)))
+        super().__post_init__()
         if self.mid_block_type != "UNetMidBlock2DCrossAttn":
             raise NotImplementedError(f"ControlNetConfig.mid_block_type={self.mid_block_type!r} is not supported "
                                       "(supported: 'UNetMidBlock2DCrossAttn')")
@@ -100,14 +71,12 @@ class ControlNetConfig(ModelConfig):
                                       "(supported: 'rgb')")
         if self.global_pool_conditions:
             raise NotImplementedError("ControlNetConfig.global_pool_conditions=True is not supported")
-        check_supported(self)
 
     @classmethod
     def from_unet_config(cls, unet_config: UNet2DConditionConfig, **overrides) -> ControlNetConfig:
         """The ControlNet config of a UNet's encoder, as diffusers ``ControlNetModel.from_unet`` builds it:
         every shared key copied from ``unet_config``, then ``overrides`` (e.g. ``conditioning_channels=1``)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        shared = {k: v for k, v in dataclasses.asdict(unet_config).items() if k in names}
+        shared = {f.name: getattr(unet_config, f.name) for f in dataclasses.fields(UNetEncoderConfig)}
         return cls(**{**shared, **overrides})
 
 

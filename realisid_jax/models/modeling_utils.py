@@ -24,6 +24,11 @@ def torch_key(path: VariablePath) -> str:
     return ".".join(str(p) for p in (*modules, _TORCH_NAME.get(leaf, leaf)))
 
 
+def freeze_nested(value):
+    """Nested lists from ``config.json`` (e.g. per-layer transformer depths) as nested tuples (hashable)."""
+    return tuple(freeze_nested(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Base of the frozen config dataclasses; field names are the diffusers/transformers ``config.json`` keys."""
@@ -33,7 +38,7 @@ class ModelConfig:
         """Builds the config from ``config.json`` contents; keys the model does not use are ignored, lists
         become tuples (configs are hashable, so they can be static jit arguments)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+        return cls(**{k: freeze_nested(v) for k, v in values.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -18,14 +18,9 @@ from flax import nnx
 
 from realisid_jax.models.embeddings import Timesteps, TimestepEmbedding, broadcast_timesteps, text_time_input
 from realisid_jax.models.layers import conv, group_norm
-from realisid_jax.models.modeling_utils import ModelConfig, PretrainedMixin
+from realisid_jax.models.modeling_utils import ModelConfig, PretrainedMixin, freeze_nested
 from realisid_jax.models.unet_blocks import FEATURE_MAP, UNetMidBlock2DCrossAttn, get_down_block, get_up_block
 from realisid_jax.sharding import constrain
-
-
-def freeze_nested(value):
-    """Nested lists from ``config.json`` (e.g. per-layer transformer depths) as nested tuples (hashable)."""
-    return tuple(freeze_nested(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 # Config values this implementation supports, by key: a key absent from a config class is not checked. Each
@@ -85,7 +80,48 @@ def per_block(value, n: int) -> tuple:
 
 
 @dataclasses.dataclass(frozen=True)
-class UNet2DConditionConfig(ModelConfig):
+class UNetEncoderConfig(ModelConfig):
+    """The config keys of a UNet's encoder (embeddings, down path, mid block), shared by
+    ``UNet2DConditionConfig`` and ``ControlNetConfig``; defaults as diffusers. Nested lists from
+    ``config.json`` become nested tuples (hashable: configs are static jit arguments), and the values are
+    checked against what this implementation computes (``check_supported``)."""
+
+    in_channels: int = 4
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    only_cross_attention: bool | tuple[bool, ...] = False
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int | None = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int | tuple[int, ...] = 1280
+    transformer_layers_per_block: int | tuple = 1
+    encoder_hid_dim: int | None = None
+    encoder_hid_dim_type: str | None = None
+    attention_head_dim: int | tuple[int, ...] = 8
+    num_attention_heads: int | tuple[int, ...] | None = None
+    use_linear_projection: bool = False
+    class_embed_type: str | None = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    num_class_embeds: int | None = None
+    upcast_attention: bool = False
+    resnet_time_scale_shift: str = "default"
+    projection_class_embeddings_input_dim: int | None = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, freeze_nested(getattr(self, f.name)))
+        check_supported(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class UNet2DConditionConfig(UNetEncoderConfig):
     """diffusers ``UNet2DConditionModel`` config (``unet/config.json``), defaults as diffusers.
 
     ``attention_head_dim`` is, as in diffusers, the number of heads per block when ``num_attention_heads`` is
@@ -95,38 +131,12 @@ class UNet2DConditionConfig(ModelConfig):
     """
 
     sample_size: int | tuple[int, int] | None = None
-    in_channels: int = 4
     out_channels: int = 4
     center_input_sample: bool = False
-    flip_sin_to_cos: bool = True
-    freq_shift: int = 0
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
     up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-    only_cross_attention: bool | tuple[bool, ...] = False
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    layers_per_block: int | tuple[int, ...] = 2
-    downsample_padding: int = 1
-    mid_block_scale_factor: float = 1.0
     dropout: float = 0.0
-    act_fn: str = "silu"
-    norm_num_groups: int | None = 32
-    norm_eps: float = 1e-5
-    cross_attention_dim: int | tuple[int, ...] = 1280
-    transformer_layers_per_block: int | tuple = 1
     reverse_transformer_layers_per_block: tuple | None = None
-    encoder_hid_dim: int | None = None
-    encoder_hid_dim_type: str | None = None
-    attention_head_dim: int | tuple[int, ...] = 8
-    num_attention_heads: int | tuple[int, ...] | None = None
     dual_cross_attention: bool = False
-    use_linear_projection: bool = False
-    class_embed_type: str | None = None
-    addition_embed_type: str | None = None
-    addition_time_embed_dim: int | None = None
-    num_class_embeds: int | None = None
-    upcast_attention: bool = False
-    resnet_time_scale_shift: str = "default"
     time_embedding_type: str = "positional"
     time_embedding_dim: int | None = None
     time_embedding_act_fn: str | None = None
@@ -134,17 +144,14 @@ class UNet2DConditionConfig(ModelConfig):
     time_cond_proj_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
-    projection_class_embeddings_input_dim: int | None = None
     attention_type: str = "default"
     class_embeddings_concat: bool = False
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, freeze_nested(getattr(self, f.name)))
+        super().__post_init__()
         if len(self.up_block_types) != len(self.down_block_types):
             raise ValueError(f"UNet2DConditionConfig: {len(self.down_block_types)} down blocks but "
                              f"{len(self.up_block_types)} up blocks")
-        check_supported(self)
 
 
 class UNetEncoderMixin:

@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from realisid_jax.realisid.components import abstract_branches
 from realisid_jax.realisid.conditions import Person
 from realisid_jax.realisid.pipeline import RealisIDPipeline
 
@@ -44,6 +45,10 @@ class SampleWriter:
     def __init__(self, setup, tokenizers, config, mesh, folder: Path, every: int):
         self._setup, self._tokenizers, self._config, self._mesh = setup, tuple(tokenizers), config, mesh
         self._folder, self._every = Path(folder), int(every)
+        # The branch parameters' variables (logical axis names included), filled from each train state. Built
+        # here, outside the mesh context: nnx.eval_shape would read the axis names as mesh axes inside one. A
+        # copy: variables created inside eval_shape's trace cannot be assigned outside it.
+        self._param_state = jax.tree.map(lambda x: x, nnx.split(abstract_branches(config), nnx.Param, ...)[1])
         self._pipeline = None
 
     def __call__(self, step: int, state: dict) -> None:
@@ -63,7 +68,7 @@ class SampleWriter:
 
     def _build(self, params: dict) -> RealisIDPipeline:
         # The step's state with the branch parameters of ``params``: a copy, the train state is donated.
-        branch = jax.tree.map(lambda x: x, params)
-        state = nnx.merge_state(self._setup.frozen_inputs, nnx.State({"realisid": branch}))
+        self._param_state.replace_by_pure_dict(jax.tree.map(lambda x: x, params))
+        state = nnx.merge_state(self._setup.frozen_inputs, nnx.State({"realisid": self._param_state}))
         return RealisIDPipeline.from_split(self._setup.graphdef, state, self._tokenizers, self._config,
                                            mesh=self._mesh)
