@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned exactly and first: an open range would pull several GB of CUDA wheels.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[torch,test]'
+	$(PY) -m pip install -q -e '.[torch,test,tpu]'
 	touch $@
 
 # Offline model files taken out of registry wheels (MediaPipe face models, CLIP BPE vocabulary), cached.

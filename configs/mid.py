@@ -48,4 +48,5 @@ def get_config():
     c.train.resolution = 256
     c.train.batch_size = 1
     c.train.warmup_steps = 10
+    c.attention_impl, c.conv_impl = "chunked", "im2col"  # the XLA:CPU kernels (tests, benchmarks)
     return c

@@ -67,3 +67,4 @@ def _mid(c) -> None:
     c.train.resolution = 256
     c.train.batch_size = 1
     c.train.warmup_steps = 10
+    c.attention_impl, c.conv_impl = "chunked", "im2col"  # the XLA:CPU kernels (tests, benchmarks)

@@ -48,6 +48,9 @@ def get_config(variant: str = ""):
         local_branch=dict(conditioning_channels=3, conditioning_embedding_out_channels=(16, 32, 96, 256)),
         global_branch=dict(conditioning_channels=1, conditioning_embedding_out_channels=(16, 32, 96, 256)),
     )
+    # Accelerator defaults: bf16 compute, frozen base stored in bf16; the branches keep fp32 master weights and
+    # AdamW moments (param_dtype). What makes training fit a 16 GiB v5e chip (README, "Training at scale").
+    c.dtype = c.frozen_param_dtype = "bfloat16"
     if variant == "tiny":
         _tiny(c)
     elif variant:
@@ -77,3 +80,5 @@ def _tiny(c) -> None:
     c.train.resolution = 256
     c.train.batch_size = 8
     c.train.warmup_steps = 10
+    c.attention_impl, c.conv_impl = "chunked", "im2col"  # the XLA:CPU kernels (tests, demo)
+    c.dtype = c.frozen_param_dtype = "float32"  # parity with PyTorch in the tests

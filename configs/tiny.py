@@ -46,4 +46,5 @@ def get_config():
     c.train.resolution = 256
     c.train.batch_size = 8
     c.train.warmup_steps = 10
+    c.attention_impl, c.conv_impl = "chunked", "im2col"  # the XLA:CPU kernels (tests, demo)
     return c

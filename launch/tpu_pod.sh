@@ -9,11 +9,14 @@
 #   CONFIG    config file, relative to REPO_DIR (default configs/sdxl.py)
 #   MESH      mesh shape (data, fsdp, tensor) (default "(1,-1,1)": FSDP over every chip)
 #   REPO_DIR  checkout of realisid-jax with its .venv on every worker (default ~/realisid-jax)
+#   TOPOLOGY  the slice's TPU topology (e.g. v5e:2x4 for a v5litepod-8): before launching, the training step
+#             is compiled for it here (`realisid info --train --topology`, the TPU compiler's per-chip plan;
+#             needs this checkout's .venv with the tpu extra) and nothing is launched if it does not fit
 #   DRY_RUN=1 print the gcloud command instead of running it
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
-  sed -n '2,14p' "$0" >&2
+  sed -n '2,17p' "$0" >&2
   exit 2
 fi
 TPU_NAME=$1 ZONE=$2 WORKDIR=$3
@@ -35,6 +38,18 @@ remote+=" $(printf '%q' "--config.mesh.shape=${MESH}")"
 for arg in "$@"; do
   remote+=" $(printf '%q' "$arg")"
 done
+
+if [[ -n ${TOPOLOGY:-} ]]; then
+  plan=("$(dirname "$0")/../.venv/bin/realisid" info --train --topology "$TOPOLOGY" --config "$CONFIG"
+        "--config.mesh.shape=${MESH}" "$@")
+  if [[ ${DRY_RUN:-0} == 1 ]]; then
+    printf '%q ' "${plan[@]}"
+    echo
+  elif ! "${plan[@]}"; then
+    echo "error: the training step does not fit a $TOPOLOGY chip (plan above); nothing launched" >&2
+    exit 1
+  fi
+fi
 
 cmd=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$remote")
 if [[ -n ${PROJECT:-} ]]; then

@@ -20,8 +20,12 @@ def base_config() -> ml_collections.ConfigDict:
     """Fields common to every model size: RealisID defaults (method notes), sampling, training, mesh."""
     c = ml_collections.ConfigDict()
     c.dtype = "float32"  # computation dtype: float32 | bfloat16
-    c.param_dtype = "float32"
-    c.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn | None
+    c.param_dtype = "float32"  # storage of the trainable branches (master weights; AdamW moments follow)
+    c.frozen_param_dtype = "float32"  # storage of the frozen UNet, VAE, text and image encoders
+    # Kernels, chosen here and never by backend: attention xla | cudnn (GPU) | chunked (XLA:CPU) | None (JAX
+    # picks); convolutions xla | im2col (XLA:CPU, small maps as one matmul).
+    c.attention_impl = "xla"
+    c.conv_impl = "xla"
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=DEFAULT_RULES))
     c.realisid = ml_collections.ConfigDict(dict(
         max_persons=4,            # K, static: persons are padded with a validity mask
@@ -42,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
         max_grad_norm=1.0, num_steps=100_000, face_loss_weight=1.0,  # lambda, paper Eq. 7
         drop_id_prob=0.05, drop_text_prob=0.05, drop_both_prob=0.05,
         checkpoint_every=1000, keep_checkpoints=3, log_every=10, seed=0, remat=True,
+        remat_policy="nothing_saveable",  # jax.checkpoint_policies entry for every remat block
         # Sample images (``workdir/samples/``); 0 turns them off. Reference: a photo path, "" = the astronaut.
         sample_every=5000, sample_prompt="a photo of a person, portrait", sample_reference="",
     ))

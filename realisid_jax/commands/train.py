@@ -43,7 +43,11 @@ def run(args: argparse.Namespace) -> int:
     from realisid_jax.training import distributed
 
     distributed.maybe_initialize()
+    from realisid_jax.commands.sample import enable_compilation_cache
     from realisid_jax.config import load_config
+
+    # A restarted or resumed run (preemption) reuses the step's executable instead of compiling it again.
+    enable_compilation_cache()
 
     config = load_config(args.config, args.config_overrides)
     _check_data(args.data, int(config.train.batch_size))

@@ -45,24 +45,40 @@ def conv(in_features: int, out_features: int, kernel_size: int = 3, *, rngs: nnx
         padding = ((padding, padding), (padding, padding))
     return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride, padding=padding,
                     use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=_partitioned(kernel_init, CONV_AXES), conv_general_dilated=conv_general_dilated,
-                    rngs=rngs)
+                    kernel_init=_partitioned(kernel_init, CONV_AXES), rngs=rngs)
 
 
 # XLA:CPU runs k x k convolutions on small maps (the 1280-channel 4x4 / 8x8 levels of the SD UNet) at a third
 # of its matmul speed; as one (pixels, k*k*C_in) x (k*k*C_in, C_out) matmul they ran 2-3x faster here, and no
 # slower up to 16x16 (bench/README.md). The patch matrix is k*k times the input, so larger maps keep the conv.
 _IM2COL_MAX_PIXELS = 16 * 16
+CONV_IMPLS = ("xla", "im2col")
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """``jax.lax.conv_general_dilated``; on CPU, NHWC/HWIO convs of small maps as one im2col matmul (same
-    maths). ``nnx.Conv``'s convolution function in ``conv``."""
+def set_conv_impl(model: nnx.Module, impl: str) -> None:
+    """Selects every ``nnx.Conv`` of ``model``'s convolution: ``"xla"`` (``jax.lax.conv_general_dilated``, TPU
+    and GPU) or ``"im2col"`` (``im2col_conv_general_dilated``, faster on XLA:CPU; same maths). The config's
+    ``conv_impl``; a static attribute, so it is part of the graph definition a jit traces.
+
+    Raises:
+      ValueError: ``impl`` is none of ``CONV_IMPLS``.
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+    function = im2col_conv_general_dilated if impl == "im2col" else jax.lax.conv_general_dilated
+    for _, module in model.iter_modules():
+        if isinstance(module, nnx.Conv):
+            module.conv_general_dilated = function
+
+
+def im2col_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                                dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """``jax.lax.conv_general_dilated`` with NHWC/HWIO convs of small maps as one im2col matmul (same maths);
+    every other convolution unchanged."""
     kh, kw = rhs.shape[:2]
     nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     dilations = (*(lhs_dilation or (1, 1)), *(rhs_dilation or (1, 1)))
-    if (jax.default_backend() != "cpu" or lhs.ndim != 4 or kh * kw == 1 or isinstance(padding, str)
+    if (lhs.ndim != 4 or kh * kw == 1 or isinstance(padding, str)
             or lhs.shape[1] * lhs.shape[2] > _IM2COL_MAX_PIXELS or feature_group_count != 1
             or any(d != 1 for d in dilations) or dimension_numbers != nhwc
             or kwargs.get("out_sharding") is not None):
@@ -105,8 +121,9 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, heads: int, *,
       query: (B, Lq, heads * head_dim).
       key, value: (B, Lk, heads * head_dim).
       heads: number of heads.
-      implementation: ``jax.nn.dot_product_attention``'s: ``"xla"`` (CPU/TPU), ``"cudnn"`` (GPU flash
-        attention, bf16/fp16 only), or ``None`` (JAX picks).
+      implementation: the config's ``attention_impl``: ``jax.nn.dot_product_attention``'s ``"xla"`` (TPU,
+        CPU), ``"cudnn"`` (GPU flash attention, bf16/fp16 only) or ``None`` (JAX picks); or ``"chunked"``,
+        XLA attention over blocks of queries where the logits are large (faster on XLA:CPU; same maths).
       mask: optional boolean, broadcastable to (B, heads, Lq, Lk); True = attend.
       is_causal: causal mask (CLIP text encoder).
 
@@ -119,9 +136,10 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, heads: int, *,
     q = query.reshape(b, lq, heads, head_dim)
     k = key.reshape(b, lk, heads, head_dim)
     v = value.reshape(b, lk, heads, head_dim)
-    if (implementation == "xla" and mask is None and not is_causal and lq * lk >= _CHUNK_MIN_LOGITS
-            and jax.default_backend() == "cpu"):
-        return _query_chunked_attention(q, k, v).reshape(b, lq, inner)
+    if implementation == "chunked":
+        if mask is None and not is_causal and lq * lk >= _CHUNK_MIN_LOGITS:
+            return _query_chunked_attention(q, k, v).reshape(b, lq, inner)
+        implementation = "xla"
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
     return out.reshape(b, lq, inner)
 

@@ -22,10 +22,12 @@ FROZEN = {
 }
 
 
-def dtypes(config) -> dict[str, Any]:
-    """Model constructor keywords from the config's ``dtype``, ``param_dtype`` and ``attention_impl``."""
+def dtypes(config, *, trainable: bool = False) -> dict[str, Any]:
+    """Model constructor keywords from the config's ``dtype``, ``attention_impl`` and storage dtype: the
+    trainable branches' ``param_dtype``, the frozen models' ``frozen_param_dtype``."""
     impl = config.attention_impl
-    return dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
+    storage = config.param_dtype if trainable else config.frozen_param_dtype
+    return dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(storage),
                 attention_impl=None if impl in (None, "None", "auto") else impl)
 
 

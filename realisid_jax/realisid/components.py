@@ -75,12 +75,13 @@ def build_components(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Compo
     ``nnx.eval_shape`` or a jit with ``out_shardings`` to get them abstract or born sharded."""
     kw = dtypes(config)
     models = {name: cls(cfg, rngs=rngs, **kw) for name, (cls, cfg) in frozen_configs(config).items()}
-    return _with_frozen(models, RealisID(RealisIDConfig.from_config(config), rngs=rngs, **kw))
+    return _with_frozen(models, RealisID(RealisIDConfig.from_config(config), rngs=rngs,
+                                         **dtypes(config, trainable=True)))
 
 
 def abstract_branches(config: ml_collections.ConfigDict) -> RealisID:
     """The ``RealisID`` branches of ``config`` with ``ShapeDtypeStruct`` parameters."""
-    return RealisID.abstract(RealisIDConfig.from_config(config), **dtypes(config))
+    return RealisID.abstract(RealisIDConfig.from_config(config), **dtypes(config, trainable=True))
 
 
 def abstract_components(config: ml_collections.ConfigDict) -> Components:

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from realisid_jax.loading.pipeline_folder import load_pipeline_folder
+from realisid_jax.models.layers import set_conv_impl
 from realisid_jax.models.registry import dtypes
 from realisid_jax.realisid.branches import RealisID, RealisIDConfig
 from realisid_jax.realisid.components import Components, load_branches, random_components
@@ -86,6 +87,7 @@ class RealisIDPipeline:
 
     def __init__(self, components: Components, tokenizers: Sequence, config, *, scheduler_config: dict | None = None,
                  mesh: Mesh | None = None, analyzer: FaceAnalyzer | None = None):
+        set_conv_impl(components, config.conv_impl)
         graphdef, state = nnx.split(components)
         self._init(graphdef, state, tokenizers, config, scheduler_config=scheduler_config, mesh=mesh,
                    analyzer=analyzer)

@@ -1,16 +1,18 @@
 """Memory plan of a training run: XLA's per-device figures for the compiled step, without running it.
 
 The step is lowered and compiled on abstract inputs (``ShapeDtypeStruct`` with shardings): no parameter is
-materialised, so the full SDXL step can be planned on a CPU host with simulated devices
-(``jax.config.update("jax_num_cpu_devices", N)`` before any JAX use). The figures are XLA:CPU's buffer
-assignment for the same SPMD program; an accelerator backend fuses and schedules differently, so treat them
-as an estimate of the order of magnitude (parameters and optimiser state are exact).
+materialised. On simulated CPU devices (``jax.config.update("jax_num_cpu_devices", N)`` before any JAX use)
+the figures are XLA:CPU's buffer assignment, an estimate of the order of magnitude; on the devices of a TPU
+topology (``training.aot.topology_devices``) they are the TPU compiler's own figures for that chip
+(parameters and optimiser state are exact either way).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -47,6 +49,9 @@ class MemoryPlan:
       alias_bytes: outputs written in place of donated inputs (counted in both figures above).
       temp_bytes: XLA temporaries (activations kept for the backward pass, gradients, workspace).
       peak_bytes: ``argument + output - alias + temp``, the step's resident total.
+      flops: the compiler's floating-point operations per step and device (``cost_analysis``; -1 if absent).
+      optimal_seconds: the TPU compiler's roofline estimate of one step (``cost_analysis``; -1 on CPU).
+      compile_seconds: wall time of lowering and compiling here.
     """
 
     num_devices: int
@@ -60,6 +65,9 @@ class MemoryPlan:
     alias_bytes: int
     temp_bytes: int
     peak_bytes: int
+    flops: float = -1.0
+    optimal_seconds: float = -1.0
+    compile_seconds: float = 0.0
 
 
 def shard_bytes(tree) -> int:
@@ -67,20 +75,44 @@ def shard_bytes(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def compile_options(devices: Sequence[jax.Device]) -> dict:
+    """Compiler options of a plan: on CPU no LLVM optimisation (buffer assignment precedes code generation, so
+    the figures do not change); none on TPU (the figures must be the production compiler's)."""
+    return fast_compile_options() if devices[0].platform == "cpu" else {}
+
+
+def compiled_figures(lowered, devices: Sequence[jax.Device]) -> dict:
+    """``argument/output/alias/temp/peak_bytes``, ``flops``, ``optimal_seconds`` and ``compile_seconds`` of a
+    lowered program compiled for ``devices``' platform."""
+    start = time.perf_counter()
+    compiled = lowered.compile(compiler_options=compile_options(devices))
+    seconds = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
+    argument, output = int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes)
+    alias, temp = int(stats.alias_size_in_bytes), int(stats.temp_size_in_bytes)
+    return dict(argument_bytes=argument, output_bytes=output, alias_bytes=alias, temp_bytes=temp,
+                peak_bytes=argument + output - alias + temp, flops=float(cost.get("flops", -1.0)),
+                optimal_seconds=float(cost.get("optimal_seconds", -1.0)), compile_seconds=seconds)
+
+
 def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, per_device_batch: int = 1,
-                      resolution: int | None = None) -> MemoryPlan:
+                      resolution: int | None = None, devices: Sequence[jax.Device] | None = None) -> MemoryPlan:
     """Compiles ``config``'s training step with FSDP over ``num_devices`` devices and returns its memory plan.
 
     Args:
       config: a project config (e.g. ``configs/sdxl.py``); its dtypes and ``train.remat`` apply.
-      num_devices: devices of the ``(1, num_devices, 1)`` mesh; the first ones of ``jax.devices()``.
+      num_devices: devices of the ``(1, num_devices, 1)`` mesh; the first ones of ``devices``.
       per_device_batch: examples per device (global batch ``num_devices * per_device_batch``).
       resolution: image side in pixels (default ``config.train.resolution``).
+      devices: where to compile for (default ``jax.devices()``); e.g. a TPU topology's devices.
 
     Raises:
       ValueError: fewer than ``num_devices`` devices are available.
     """
-    devices = jax.devices()
+    start = time.perf_counter()
+    devices = list(jax.devices() if devices is None else devices)
     if len(devices) < num_devices:
         raise ValueError(f"{num_devices} devices requested, {len(devices)} available (on CPU set "
                          f"jax_num_cpu_devices before any JAX use)")
@@ -91,7 +123,7 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, pe
     rules = tuple(tuple(r) for r in config.mesh.rules)
     # Built outside the mesh context (nnx.eval_shape would read logical axis names as mesh axes there).
     graphdef, abstract_params, frozen_inputs = nnx.eval_shape(
-        lambda: split_components(build_components(config, init_rngs(0)), bool(config.train.remat)))
+        lambda: split_components(build_components(config, init_rngs(0)), config))
     params = abstract_params["realisid"]
     frozen_sh = state_shardings(frozen_inputs, mesh, rules)
     setup = ModelSetup(graphdef=graphdef, frozen_inputs=frozen_inputs, frozen_shardings=frozen_sh,
@@ -108,14 +140,9 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, pe
                           batch_shardings={k: v.sharding for k, v in batch.items()})
     with use_mesh(mesh, rules):
         lowered = step.lower(state, with_shardings(frozen_inputs, frozen_sh), batch)
-    # Buffer assignment happens before code generation: LLVM's optimisation (most of an XLA:CPU compile)
-    # does not change the figures, so it is skipped on CPU.
-    stats = lowered.compile(compiler_options=fast_compile_options()).memory_analysis()
-    argument, output = int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes)
-    alias, temp = int(stats.alias_size_in_bytes), int(stats.temp_size_in_bytes)
+    figures = compiled_figures(lowered, devices)
+    figures["compile_seconds"] = time.perf_counter() - start
     return MemoryPlan(num_devices=num_devices, per_device_batch=per_device_batch,
                       resolution=int(config.train.resolution), trainable_params=count_params(params),
                       frozen_params=count_params(frozen_inputs),
-                      state_bytes=shard_bytes((state, with_shardings(frozen_inputs, frozen_sh))),
-                      argument_bytes=argument, output_bytes=output,
-                      alias_bytes=alias, temp_bytes=temp, peak_bytes=argument + output - alias + temp)
+                      state_bytes=shard_bytes((state, with_shardings(frozen_inputs, frozen_sh))), **figures)

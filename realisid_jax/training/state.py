@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from realisid_jax.models.layers import set_conv_impl
 from realisid_jax.models.modeling_utils import fast_compile_options, init_rngs
 from realisid_jax.realisid.branches import RealisID, RealisIDConfig
 from realisid_jax.realisid.components import (
@@ -62,17 +63,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def enable_remat(components: Components) -> None:
-    """Rematerialises every block of the networks the backward pass goes through: the frozen UNet (gradients
-    reach the branches through its skips) and both ControlNets."""
+def remat_policy(name: str) -> Callable | None:
+    """The ``jax.checkpoint_policies`` entry ``config.train.remat_policy`` names (e.g. ``"nothing_saveable"``:
+    recompute the whole block; ``"dots_with_no_batch_dims_saveable"``: keep the matmul outputs).
+
+    Raises:
+      ValueError: no such policy.
+    """
+    policy = getattr(jax.checkpoint_policies, name, None)
+    if policy is None or name.startswith("_"):
+        raise ValueError(f"train.remat_policy: jax.checkpoint_policies has no {name!r}")
+    return policy
+
+
+def enable_remat(components: Components, policy: Callable | None = None) -> None:
+    """Rematerialises every block of the networks the backward pass goes through under ``policy``: the frozen
+    UNet (gradients reach the branches through its skips) and both ControlNets."""
     for net in (components.unet, components.realisid.local_branch, components.realisid.global_branch):
-        net.enable_gradient_checkpointing()
+        net.enable_gradient_checkpointing(policy)
 
 
-def split_components(components: Components, remat: bool) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """``(graphdef, branch params, the rest)`` of (abstract or concrete) components."""
-    if remat:
-        enable_remat(components)
+def split_components(components: Components, config: ml_collections.ConfigDict
+                     ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``(graphdef, branch params, the rest)`` of (abstract or concrete) components, with the config's
+    ``conv_impl`` and, with ``train.remat``, every block rematerialised under ``train.remat_policy``."""
+    set_conv_impl(components, config.conv_impl)
+    if config.train.remat:
+        enable_remat(components, remat_policy(config.train.remat_policy))
     return nnx.split(components, BRANCH_PARAMS, ...)
 
 
@@ -93,10 +110,9 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
     if (pretrained is None) != (image_encoder is None):
         raise ValueError("pass both --pretrained and --image-encoder, or neither (random weights)")
     seed = int(config.train.seed)
-    remat = bool(config.train.remat)
     if pretrained is None:
         def random_split():
-            return split_components(build_components(config, init_rngs(seed)), remat)
+            return split_components(build_components(config, init_rngs(seed)), config)
 
         graphdef, abstract_params, abstract_rest = nnx.eval_shape(random_split)
         frozen_shardings = state_shardings(abstract_rest, mesh, rules)
@@ -106,7 +122,7 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
     else:
         components = pretrained_components(config, pretrained, image_encoder, mesh=mesh, rules=rules,
                                            fresh_branches=False)
-        graphdef, abstract_params, rest = split_components(components, remat)
+        graphdef, abstract_params, rest = split_components(components, config)
         frozen_shardings = state_shardings(rest, mesh, rules)
         unet = components.unet
     branch_params = abstract_params["realisid"]
@@ -115,7 +131,10 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
 
     def make_params() -> dict:
         branches = RealisID.from_unet(unet, branch_config, rngs=nnx.Rngs(seed + 1))
-        return jax.tree.map(_onto, nnx.state(branches, nnx.Param).to_pure_dict(), param_shardings.to_pure_dict())
+        # Copies of a UNet stored in frozen_param_dtype (bf16) become the branches' param_dtype (fp32 masters).
+        return jax.tree.map(lambda x, a, sharding: _onto(x.astype(a.dtype), sharding),
+                            nnx.state(branches, nnx.Param).to_pure_dict(), branch_params.to_pure_dict(),
+                            param_shardings.to_pure_dict())
 
     setup = ModelSetup(graphdef=graphdef, frozen_inputs=rest, frozen_shardings=frozen_shardings,
                        param_shardings=param_shardings.to_pure_dict())
