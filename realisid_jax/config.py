@@ -32,6 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
         local_scale=1.0,          # conditioning_scale of the local branch
         global_scale=1.0,         # conditioning_scale of the global branch
         local_latent_size=64,     # crop up-sampled to this many latent cells (local branch input)
+        # "No text", one definition for training's text dropout and sampling's ε_none (paper Eq. 8) when the
+        # negative prompt is empty: "empty_prompt" encodes "" (what the trained branches saw); "zeros" is
+        # all-zero context and pooled embeds, diffusers' SDXL default (force_zeros_for_empty_prompt), kept for
+        # parity with diffusers' pipelines; branches trained with "empty_prompt" never saw zeros.
+        no_text="empty_prompt",
     ))
     c.sampling = ml_collections.ConfigDict(dict(
         height=1024, width=1024, num_inference_steps=30, scheduler="ddim",

@@ -38,9 +38,9 @@ def parts(sdxl):
     return load_pipeline_folder(folder, image_encoder=encoder)
 
 
-def _pipeline(parts, realisid, mesh=None):
+def _pipeline(parts, realisid, mesh=None, config=CONFIG):
     components = Components(**{name: getattr(parts, name) for name in FROZEN}, realisid=realisid)
-    return RealisIDPipeline(components, parts.tokenizers, CONFIG, scheduler_config=parts.scheduler_config, mesh=mesh)
+    return RealisIDPipeline(components, parts.tokenizers, config, scheduler_config=parts.scheduler_config, mesh=mesh)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,9 @@ def _astronaut(box):
 
 def test_branches_off_reproduces_diffusers_sdxl(sdxl, parts):
     _, _, torch_pipe, _ = sdxl
-    plain = _pipeline(parts, RealisID.from_unet(parts.unet, RealisIDConfig.from_config(CONFIG)))
+    # diffusers' SDXL pipeline zeros the empty negative prompt (force_zeros_for_empty_prompt)
+    zeros = load_config("configs/tiny.py", ["realisid.no_text=zeros"])
+    plain = _pipeline(parts, RealisID.from_unet(parts.unet, RealisIDConfig.from_config(zeros)), config=zeros)
     latents = _latents()
     ours = plain(PROMPT, [], latents=latents, height=H, width=W, num_inference_steps=STEPS,
                  text_guidance_scale=5.0, progress=False)

@@ -2,8 +2,11 @@
 
 Per step (paper Eq. 8) three noise predictions share one batch: ε_none (negative prompt, no ID), ε_t
 (text, no ID) and ε_t&i (text and ID); ``ε = ε_none + λ_t (ε_t − ε_none) + λ_i (ε_t&i − ε_t)``. "No ID" is
-zero image features through the ID projection. Delayed subject conditioning turns the ID off (ε_t&i = ε_t)
-for the first ``id_start_fraction`` of the steps. The whole denoising loop is one ``jax.jit``
+zero image features through the ID projection. "No text" (an empty negative prompt) is what training's text
+dropout used, ``config.realisid.no_text``: by default the encoded empty prompt, since the trained branches never
+saw anything else; ``"zeros"`` gives diffusers' SDXL default instead (all-zero prompt and pooled embeddings,
+``force_zeros_for_empty_prompt``), for parity with diffusers' pipelines. Delayed subject conditioning turns the
+ID off (ε_t&i = ε_t) for the first ``id_start_fraction`` of the steps. The whole denoising loop is one ``jax.jit``
 (``lax.fori_loop``); seeds, prompts, boxes and guidance scales are data, so none of them recompiles; the
 persons are cut to a bucket of 1, 2, 4, ... slots (``person_bucket``), one executable per bucket.
 Mirrors diffusers' ``StableDiffusionXLPipeline.__call__`` (timesteps, latents, added time ids).
@@ -31,7 +34,7 @@ from realisid_jax.realisid.components import Components, load_branches, random_c
 from realisid_jax.realisid.conditions import Person, PersonConditions, SizeError, prepare_persons
 from realisid_jax.face.analysis import FaceAnalyzer
 from realisid_jax.models.vae import VAE_SCALE_FACTOR
-from realisid_jax.text.prompt_encoding import encode_prompt_sd15, encode_prompt_sdxl
+from realisid_jax.text.prompt_encoding import encode_prompt_sd15, encode_prompt_sdxl, no_text_setting
 from realisid_jax.text.tokenizer import offline_clip_tokenizer
 from realisid_jax.schedulers import get_scheduler
 from realisid_jax.sharding import DEFAULT_RULES, data_sharding, state_shardings, use_mesh
@@ -187,15 +190,17 @@ class RealisIDPipeline:
 
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | None, num_images: int):
         """(text, negative text, pooled, negative pooled): each repeated to the ``num_images`` batch; the
-        pooled pair is ``None`` for SD 1.5."""
+        pooled pair is ``None`` for SD 1.5. An empty or ``None`` negative prompt is "no text" as
+        ``config.realisid.no_text`` defines it (the encoded ``""``, or zeros)."""
         text_encoders = self.components.text_encoders
+        zeros = no_text_setting(self.config) == "zeros"
         if self.is_sdxl:
             e = encode_prompt_sdxl(prompt, self.tokenizers, text_encoders, negative_prompt=negative_prompt or None,
-                                   num_images_per_prompt=num_images)
+                                   force_zeros_for_empty_prompt=zeros, num_images_per_prompt=num_images)
             return e.prompt_embeds, e.negative_prompt_embeds, e.pooled_prompt_embeds, e.negative_pooled_prompt_embeds
         text, negative = encode_prompt_sd15(prompt, self.tokenizers[0], text_encoders[0],
                                             negative_prompt=negative_prompt, num_images_per_prompt=num_images)
-        return text, negative, None, None
+        return text, jnp.zeros_like(negative) if zeros and not negative_prompt else negative, None, None
 
     # --------------------------------------------------------------------------------------------- device
     def __call__(self, prompt: str, persons: Sequence[Person] | PersonConditions, *, negative_prompt: str | None = None,

@@ -17,11 +17,27 @@ import jax.numpy as jnp
 from flax import nnx
 from transformers import CLIPTokenizer
 
+from realisid_jax.config import ConfigError
 from realisid_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from realisid_jax.text.tokenizer import tokenize
 
 TextEncoder = CLIPTextModel | CLIPTextModelWithProjection
 Prompts = str | Sequence[str]
+NO_TEXT = ("empty_prompt", "zeros")
+
+
+def no_text_setting(config) -> str:
+    """``config.realisid.no_text``: what "no text" is, for training's text dropout and for sampling's ε_none
+    when the negative prompt is empty. ``"empty_prompt"``: the encoded empty prompt ``""``; ``"zeros"``: all-zero
+    prompt (and pooled) embeddings, diffusers' SDXL ``force_zeros_for_empty_prompt``.
+
+    Raises:
+      ConfigError: any other value.
+    """
+    value = config.realisid.no_text
+    if value not in NO_TEXT:
+        raise ConfigError(f"--config.realisid.no_text={value}: expected one of {', '.join(NO_TEXT)}")
+    return value
 
 
 class SDXLPromptEmbeds(NamedTuple):

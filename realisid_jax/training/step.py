@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from realisid_jax.text.prompt_encoding import sd15_text_embeddings, sdxl_text_embeddings
+from realisid_jax.text.prompt_encoding import no_text_setting, sd15_text_embeddings, sdxl_text_embeddings
 from realisid_jax.schedulers import DDPMScheduler
 from realisid_jax.realisid.objective import condition_dropout, face_masks, face_weighted_loss
 from realisid_jax.training.state import TrainState
@@ -29,7 +29,8 @@ Batch = dict[str, jax.Array]
 class StepSettings:
     """Static (hashable) inputs of the step, from ``config.train``.
 
-    ``empty_ids``: per text encoder, the (77,) token ids of the empty prompt (text dropout).
+    ``empty_ids``: per text encoder, the (77,) token ids of the empty prompt; ``no_text``: what a text-dropped
+    row gets, ``config.realisid.no_text`` (``"empty_prompt"`` encodes them, ``"zeros"`` zeros the embeddings).
     """
 
     face_loss_weight: float
@@ -38,22 +39,31 @@ class StepSettings:
     drop_both_prob: float
     resolution: int
     empty_ids: tuple[tuple[int, ...], ...]
+    no_text: str
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, empty_ids) -> StepSettings:
         t = config.train
         return cls(float(t.face_loss_weight), float(t.drop_id_prob), float(t.drop_text_prob),
-                   float(t.drop_both_prob), int(t.resolution), tuple(tuple(int(i) for i in ids) for ids in empty_ids))
+                   float(t.drop_both_prob), int(t.resolution), tuple(tuple(int(i) for i in ids) for ids in empty_ids),
+                   no_text_setting(config))
 
 
 def text_conditioning(models, input_ids: list[jax.Array], no_text: jax.Array, settings: StepSettings):
     """Prompt embeddings (B, 77, D) and, for SDXL, the pooled embedding (B, P) (``None`` for SD 1.5); rows with
-    ``no_text`` encode the empty prompt (the paper's text dropout)."""
-    ids = [jnp.where(no_text[:, None], jnp.asarray(empty, jnp.int32)[None, :], batch_ids)
-           for batch_ids, empty in zip(input_ids, settings.empty_ids, strict=True)]
+    ``no_text`` (B,) bool get "no text" as ``settings.no_text`` defines it (the paper's text dropout), the same
+    arrays as sampling's ε_none with an empty negative prompt (``RealisIDPipeline.encode_prompt``)."""
+    if settings.no_text == "empty_prompt":
+        input_ids = [jnp.where(no_text[:, None], jnp.asarray(empty, jnp.int32)[None, :], batch_ids)
+                     for batch_ids, empty in zip(input_ids, settings.empty_ids, strict=True)]
     if models.text_encoder_2 is None:
-        return sd15_text_embeddings(models.text_encoder, ids[0]), None
-    return sdxl_text_embeddings([models.text_encoder, models.text_encoder_2], ids)
+        embeds, pooled = sd15_text_embeddings(models.text_encoder, input_ids[0]), None
+    else:
+        embeds, pooled = sdxl_text_embeddings([models.text_encoder, models.text_encoder_2], input_ids)
+    if settings.no_text == "zeros":
+        embeds = jnp.where(no_text[:, None, None], 0, embeds)
+        pooled = None if pooled is None else jnp.where(no_text[:, None], 0, pooled)
+    return embeds, pooled
 
 
 def sdxl_time_ids(batch: int, resolution: int) -> jax.Array:
