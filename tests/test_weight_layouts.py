@@ -14,11 +14,16 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from tiny_sdxl import TINY, build_tiny_sdxl, randomised
 
 from realisid_jax.cli import main
+from realisid_jax.commands.convert import convert
+from realisid_jax.config import load_config
+from realisid_jax.loading.orbax_cache import read_meta
 from realisid_jax.loading.files import find_weights
 from realisid_jax.loading.pretrained import from_pretrained
 from realisid_jax.models.clip_text import CLIPTextModel
 from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
 from realisid_jax.models.unet_2d_condition import UNet2DConditionModel
+from realisid_jax.realisid.pipeline import RealisIDPipeline
+from realisid_jax.text.tokenizer import standard_tokenizers, tokenize
 
 SHARD = "60KB"  # tiny models are ~0.5 MB: several shards each
 
@@ -131,3 +136,33 @@ def test_an_image_encoder_of_another_kind_is_refused_by_name(clip_folders):
                                          "CLIPVisionModelWithProjection or CLIPModel folder"):
         from_pretrained(CLIPVisionModelWithProjection, clip_folders["plain"])
 
+
+
+def test_a_converted_cache_gives_its_folders_images(tmp_path):
+    """``realisid convert`` records the folder's tokenizer pad tokens and scheduler config (the tiny folder's differ
+    from SDXL's: pad ``<|endoftext|>``, no ``set_alpha_to_one``), so a pipeline from the cache equals the folder's
+    in everything its images depend on: weights, scheduler, tokens."""
+    folder, encoder, _, _ = build_tiny_sdxl(tmp_path)
+    config = load_config("configs/tiny.py")
+    convert(config, str(folder), str(tmp_path / "cache"), image_encoder=str(encoder), log=lambda _: None)
+    meta = read_meta(tmp_path / "cache")
+    assert meta["pad_tokens"] == ["<|endoftext|>"] * 2 and "set_alpha_to_one" not in meta["scheduler_config"]
+    pipes = [RealisIDPipeline.from_pretrained(config, str(base), image_encoder=str(encoder))
+             for base in (folder, tmp_path / "cache")]
+    assert pipes[1].scheduler == pipes[0].scheduler
+    assert [tokenize(t, "a")[0].tolist() for t in pipes[1].tokenizers] == \
+        [tokenize(t, "a")[0].tolist() for t in pipes[0].tokenizers]
+    want = nnx.to_flat_state(nnx.state(pipes[0].components))
+    got = dict(nnx.to_flat_state(nnx.state(pipes[1].components)))
+    assert set(got) == {path for path, _ in want}
+    for path, value in want:
+        assert got[path].dtype == value.dtype, path
+        np.testing.assert_array_equal(np.asarray(got[path].get_value()), np.asarray(value.get_value()), err_msg=path)
+
+
+def test_a_base_without_tokenizers_gets_sdxls():
+    first, second = standard_tokenizers(2)
+    assert tokenize(first, "a photo")[0, -1] == first.eos_token_id and tokenize(second, "a photo")[0, -1] == 0  # "!"
+    assert [t.pad_token for t in standard_tokenizers(2, ["!", "!"])] == ["!", "!"]
+    with pytest.raises(ValueError, match="not in the CLIP vocabulary"):
+        standard_tokenizers(1, ["<pad>"])

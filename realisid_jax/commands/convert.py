@@ -6,7 +6,8 @@
 ``--base`` is a diffusers pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, ...) or an original-layout
 single ``.safetensors`` file. The branches come from ``--branches`` (an ``export_branches`` folder), or are
 initialised from the UNet (ControlNet ``from_unet``) with a fresh ID projection. Load the result with
-``realisid_jax.loading.orbax_cache.load_converted``.
+``realisid_jax.loading.orbax_cache.load_converted``, or pass it as ``--base`` to ``sample`` / ``train``: it
+records the source's tokenizer pad tokens and scheduler config, so it gives the source's images.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def convert(config, base: str, out: str, *, branches: str | None = None, image_e
     """
     from realisid_jax.models.registry import dtypes
     from realisid_jax.realisid.branches import RealisID, RealisIDConfig
-    from realisid_jax.realisid.components import abstract_branches, load_branches
+    from realisid_jax.realisid.components import (abstract_branches, base_scheduler_config, base_tokenizers,
+                                                  load_branches)
     from realisid_jax.loading.orbax_cache import save_converted
 
     start = time.perf_counter()
@@ -78,7 +80,8 @@ def convert(config, base: str, out: str, *, branches: str | None = None, image_e
     if absent:
         log(f"not in the sources (load them separately): {', '.join(absent)}")
     start = time.perf_counter()
-    path = save_converted(out, models, config)
+    path = save_converted(out, models, config, pad_tokens=[t.pad_token for t in base_tokenizers(base, config)],
+                          scheduler_config=base_scheduler_config(base))
     log(f"wrote {path} in {time.perf_counter() - start:.1f} s")
     return {name: count_params(model) for name, model in models.items()}
 

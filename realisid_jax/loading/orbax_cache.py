@@ -6,14 +6,16 @@ every device reads only its own shard, with no full host copy per device. Layout
 
     DIR/unet/  DIR/vae/  DIR/text_encoder/  DIR/text_encoder_2/  DIR/image_encoder/  DIR/realisid/  DIR/meta/
 
-``meta`` (JSON) holds the component names and each one's ``c.model`` section, checked on load.
+``meta`` (JSON) holds the component names and each one's ``c.model`` section, checked on load, and what the
+source carried besides weights: its tokenizers' pad tokens and its ``scheduler_config.json``, so that sampling
+from the cache gives the source's images.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -68,13 +70,16 @@ def _absolute(directory: str | os.PathLike) -> Path:
     return Path(directory).expanduser().absolute()  # orbax requires absolute paths
 
 
-def save_converted(directory: str | os.PathLike, models: Mapping[str, nnx.Module], config) -> Path:
+def save_converted(directory: str | os.PathLike, models: Mapping[str, nnx.Module], config, *,
+                   pad_tokens: Sequence[str] | None = None, scheduler_config: Mapping | None = None) -> Path:
     """Writes ``models`` (name -> NNX module, e.g. ``unet``, ``vae``, ``realisid``) as one orbax checkpoint.
 
     Args:
       directory: must not exist yet (orbax refuses to overwrite a checkpoint).
       models: concrete models (any sharding); every variable of each is stored in its own dtype.
       config: the project config the models were built from; its model sections go into ``meta``.
+      pad_tokens: the source's tokenizers' pad tokens, one per text encoder (None: the standard ones).
+      scheduler_config: the source's ``scheduler/scheduler_config.json`` (None: SDXL's).
 
     Returns:
       The checkpoint directory (absolute).
@@ -87,13 +92,16 @@ def save_converted(directory: str | os.PathLike, models: Mapping[str, nnx.Module
         raise ValueError(f"{path} exists; choose a new directory for the converted checkpoint")
     items = {name: ocp.args.PyTreeSave(nnx.state(model).to_pure_dict()) for name, model in models.items()}
     meta = {"format": FORMAT_VERSION, "components": list(models),
-            "config": {name: _describe(config, name) for name in models}}
+            "config": {name: _describe(config, name) for name in models},
+            "pad_tokens": None if pad_tokens is None else list(pad_tokens),
+            "scheduler_config": None if scheduler_config is None else dict(scheduler_config)}
     _checkpointer().save(path, ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)))
     return path
 
 
 def read_meta(directory: str | os.PathLike) -> dict:
-    """The cache's ``meta`` item: ``format``, ``components``, ``config``.
+    """The cache's ``meta`` item: ``format``, ``components``, ``config``, ``pad_tokens`` and
+    ``scheduler_config`` (None, or absent in older caches: the standard ones).
 
     Raises:
       FileNotFoundError: ``directory`` is no converted-weights checkpoint.

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from realisid_jax.loading.branch_folders import load_branch_parts
+from realisid_jax.loading.files import read_json
 from realisid_jax.loading.orbax_cache import load_converted, read_meta
 from realisid_jax.loading.pipeline_folder import load_model_folders
 from realisid_jax.loading.single_file import load_single_file
@@ -30,6 +31,7 @@ from realisid_jax.models.unet_2d_condition import UNet2DConditionModel
 from realisid_jax.models.vae import AutoencoderKL
 from realisid_jax.realisid.branches import RealisID, RealisIDConfig
 from realisid_jax.sharding import DEFAULT_RULES, Rules
+from realisid_jax.text.tokenizer import load_tokenizer, standard_tokenizers
 
 # The trainable part: the branch parameters (both ControlNets and the ID projection).
 BRANCH_PARAMS = nnx.All(nnx.Param, nnx.PathContains("realisid"))
@@ -146,6 +148,34 @@ def load_base(base: str | Path, config: ml_collections.ConfigDict, *, image_enco
         models.update(load_model_folders(None, config, components=["image_encoder"], image_encoder=image_encoder,
                                          variant=variant, mesh=mesh, rules=rules))
     return models
+
+
+def base_tokenizers(base: str | Path, config: ml_collections.ConfigDict) -> tuple:
+    """One CLIP tokenizer per text encoder ``config`` describes, as ``base`` (see ``load_base``) comes with them:
+    a folder's ``tokenizer/`` and ``tokenizer_2/`` (the standard one for a sub-folder it lacks), the pad tokens
+    a converted cache recorded, the standard ones for a single file (``text.tokenizer.standard_tokenizers``:
+    SDXL's second pads with ``!``).
+
+    Raises:
+      TokenizerError: a folder's tokenizer sub-folder does not hold the CLIP tokenizer.
+    """
+    names = ("tokenizer", "tokenizer_2")[:1 if config.model.get("text_encoder_2") is None else 2]
+    kind = base_kind(base)
+    if kind == "folder":
+        standard = standard_tokenizers(len(names))
+        return tuple(load_tokenizer(base, subfolder=name) if (Path(base) / name).is_dir() else standard[i]
+                     for i, name in enumerate(names))
+    return standard_tokenizers(len(names), read_meta(base).get("pad_tokens") if kind == "converted" else None)
+
+
+def base_scheduler_config(base: str | Path) -> dict | None:
+    """``base``'s noise-schedule config: a folder's ``scheduler/scheduler_config.json``, the one a converted cache
+    recorded; None (the schedulers' default, SDXL's) for a single file or when there is none."""
+    kind = base_kind(base)
+    if kind == "folder":
+        path = Path(base) / "scheduler" / "scheduler_config.json"
+        return read_json(path) if path.is_file() else None
+    return read_meta(base).get("scheduler_config") if kind == "converted" else None
 
 
 def pretrained_components(config: ml_collections.ConfigDict, pretrained: str | Path, image_encoder: str | Path | None,

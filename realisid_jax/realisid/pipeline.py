@@ -28,9 +28,17 @@ from tqdm.auto import tqdm
 
 from realisid_jax.loading.pipeline_folder import load_pipeline_folder
 from realisid_jax.models.layers import set_conv_impl
-from realisid_jax.models.registry import dtypes
+from realisid_jax.models.registry import FROZEN, dtypes
 from realisid_jax.realisid.branches import RealisID, RealisIDConfig
-from realisid_jax.realisid.components import Components, load_branches, random_components
+from realisid_jax.realisid.components import (
+    Components,
+    base_kind,
+    base_scheduler_config,
+    base_tokenizers,
+    load_base,
+    load_branches,
+    random_components,
+)
 from realisid_jax.realisid.conditions import Person, PersonConditions, SizeError, prepare_persons
 from realisid_jax.face.analysis import FaceAnalyzer
 from realisid_jax.models.vae import VAE_SCALE_FACTOR
@@ -138,7 +146,9 @@ class RealisIDPipeline:
         """Real weights from local folders.
 
         Args:
-          base: a diffusers SDXL / SD 1.5 pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ...).
+          base: a diffusers SDXL / SD 1.5 pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ...), a
+            Stability single ``.safetensors`` file (the standard tokenizers and scheduler) or a ``realisid
+            convert`` cache (its source's; ``components.load_base``).
           branches: trained RealisID weights (``local_branch/``, ``global_branch/``, ``id_projection/``, as
             ``realisid export`` writes them); default: fresh branches from the UNet (zero residuals).
           image_encoder: a transformers ``CLIPVisionModelWithProjection`` folder; default the base folder's
@@ -151,18 +161,21 @@ class RealisIDPipeline:
         """
         kw = dtypes(config)
         rules = tuple(config.mesh.rules)
-        parts = load_pipeline_folder(base, dtype=kw["dtype"], mesh=mesh, rules=rules, image_encoder=image_encoder,
-                                     variant=variant, attention_impl=kw["attention_impl"])
-        if parts.image_encoder is None:
-            raise FileNotFoundError(f"no image encoder: {base} has no image_encoder/ and --image-encoder was not given")
-        realisid = RealisID.from_unet(parts.unet, RealisIDConfig.from_config(config))
+        if base_kind(base) == "folder":  # the classes follow model_index.json, as in diffusers
+            parts = load_pipeline_folder(base, dtype=kw["dtype"], mesh=mesh, rules=rules, image_encoder=image_encoder,
+                                         variant=variant, attention_impl=kw["attention_impl"])
+            if parts.image_encoder is None:
+                raise FileNotFoundError(f"no image encoder: {base} has no image_encoder/ and --image-encoder was not "
+                                        f"given")
+            models, tokenizers, scheduler_config = parts.models(), parts.tokenizers, parts.scheduler_config
+        else:
+            models = load_base(base, config, image_encoder=image_encoder, mesh=mesh, rules=rules)
+            tokenizers, scheduler_config = base_tokenizers(base, config), base_scheduler_config(base)
+        realisid = RealisID.from_unet(models["unet"], RealisIDConfig.from_config(config))
         if branches is not None:
             realisid = load_branches(branches, realisid=realisid, mesh=mesh, rules=rules, **kw)
-        components = Components(unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder,
-                                text_encoder_2=parts.text_encoder_2, image_encoder=parts.image_encoder,
-                                realisid=realisid)
-        return cls(components, parts.tokenizers, config, scheduler_config=parts.scheduler_config, mesh=mesh,
-                   analyzer=analyzer)
+        components = Components(**{name: models.get(name) for name in FROZEN}, realisid=realisid)
+        return cls(components, tokenizers, config, scheduler_config=scheduler_config, mesh=mesh, analyzer=analyzer)
 
     def set_branch_params(self, params: dict) -> None:
         """Replaces the branches' weights with ``params``, a pure dict of the ``realisid`` module's parameters

@@ -25,6 +25,9 @@ from realisid_jax.folders import resolve_folder
 CLIP_VOCAB_SIZE = 49408
 CLIP_MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# Pad token of each text encoder's tokenizer in stabilityai/stable-diffusion-xl-base-1.0 (``tokenizer/`` pads
+# with the end token, ``tokenizer_2/`` with "!"); SD 1.5 has only the first.
+STANDARD_PAD_TOKENS = (EOS, "!")
 # OpenAI's SimpleTokenizer keeps lines 1 .. 49152-256-2 of the BPE file (line 0 is a version header): 48,894
 # merges, so that 256 bytes + 256 word-final bytes + merges + 2 specials = 49,408 entries.
 _NUM_MERGES = 49152 - 256 - 2
@@ -88,6 +91,27 @@ def offline_clip_tokenizer() -> CLIPTokenizer:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return load_tokenizer(folder)
+
+
+def standard_tokenizers(count: int, pad_tokens: Sequence[str] | None = None) -> tuple[CLIPTokenizer, ...]:
+    """The tokenizers of a base that carries none (a Stability single file; a ``realisid convert`` cache records
+    its source's pad tokens): ``offline_clip_tokenizer`` once per text encoder, each padding with its entry of
+    ``pad_tokens``, default ``STANDARD_PAD_TOKENS`` (SD 1.5's, SDXL's two).
+
+    Raises:
+      ValueError: ``pad_tokens`` has another length than ``count``, or a token the vocabulary lacks.
+    """
+    pad_tokens = STANDARD_PAD_TOKENS[:count] if pad_tokens is None else tuple(pad_tokens)
+    if len(pad_tokens) != count:
+        raise ValueError(f"{len(pad_tokens)} pad tokens {pad_tokens} for {count} text encoders")
+    tokenizers = []
+    for pad in pad_tokens:
+        tokenizer = offline_clip_tokenizer()
+        if tokenizer.convert_tokens_to_ids(pad) == tokenizer.unk_token_id and pad != tokenizer.unk_token:
+            raise ValueError(f"pad token {pad!r} is not in the CLIP vocabulary")
+        tokenizer.pad_token = pad
+        tokenizers.append(tokenizer)
+    return tuple(tokenizers)
 
 
 def write_clip_tokenizer_files(bpe_file: str | os.PathLike, folder: str | os.PathLike) -> None:
