@@ -21,7 +21,7 @@ from realisid_jax.loading.pretrained import from_pretrained
 
 def _parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/tiny.py")
+    p.add_argument("--config", default="configs/sdxl.py:tiny")
     p.add_argument("--component", default="unet", choices=["unet", "vae"])
     p.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. 2,4,1")
     p.add_argument("--devices", type=int, default=None, help="simulated CPU devices")

@@ -5,7 +5,7 @@ whatever ``max_persons`` is. Prints XLA's cost-analysis FLOPs of one step (``_de
 lowered with the arguments the pipeline passed) and the wall time per step, for 1 person at K = 4,
 1 person at K = 1 and 4 persons at K = 4 (what every request cost before the buckets).
 
-    HF_HUB_OFFLINE=1 python -m bench.persons --config configs/tiny.py [--steps 4]
+    HF_HUB_OFFLINE=1 python -m bench.persons --config configs/sdxl.py:tiny [--steps 4]
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def measure(config_path: str, persons: int, max_persons: int, steps: int) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/tiny.py")
+    parser.add_argument("--config", default="configs/sdxl.py:tiny")
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     rows = [(1, 4), (1, 1), (4, 4)]

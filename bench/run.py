@@ -36,12 +36,15 @@ PERSONS = (1, 4)
 MATMUL = 2048
 
 
+# Short names of the benchmark configs: variants of the model families' config files.
+SHORT_NAMES = {"tiny": "sdxl.py:tiny", "mid": "sd15.py:mid"}
+
+
 def load(name: str):
-    """A config by short name (``configs/<name>.py``) or path."""
+    """A config by short name (``tiny``, ``mid``) or path (``FILE.py[:variant]``)."""
     from realisid_jax.config import load_config
 
-    path = Path(name)
-    return load_config(path if path.suffix == ".py" else ROOT / "configs" / f"{name}.py")
+    return load_config(ROOT / "configs" / SHORT_NAMES[name] if name in SHORT_NAMES else name)
 
 
 def set_threads() -> int:

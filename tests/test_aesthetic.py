@@ -23,7 +23,7 @@ from realisid_jax.eval.manifest import ManifestEntry, ManifestPerson, write_mani
 from realisid_jax.face.preprocess import normalize
 from realisid_jax.loading.errors import CheckpointMismatchError
 
-TINY_CLIP = load_config("configs/tiny.py").model["image_encoder"]
+TINY_CLIP = load_config("configs/sdxl.py:tiny").model["image_encoder"]
 WIDTH = TINY_CLIP["projection_dim"]  # 32: the tiny CLIP's image_embeds
 
 

@@ -14,7 +14,7 @@ from realisid_jax.cli import main
 from realisid_jax.commands.sample import build_pipeline
 from realisid_jax.config import load_config
 
-CONFIG_FILE = "configs/tiny.py"
+CONFIG_FILE = "configs/sdxl.py:tiny"
 SIZE = 128
 ASTRONAUT = PersonRequest(data.astronaut(), (0.5, 0.3, 0.25, 0.375))  # a 32x48 px box: squared by the pipeline
 

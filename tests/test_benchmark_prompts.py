@@ -21,7 +21,7 @@ from realisid_jax.realisid.pipeline import RealisIDPipeline
 
 pytestmark = pytest.mark.usefixtures("face_models")
 
-TINY = load_config("configs/tiny.py").model
+TINY = load_config("configs/sdxl.py:tiny").model
 MESH = "--config.mesh.shape=(2,1,4)"  # data=2: a batch of 2 would be split in two
 SIZE = ["--height", "128", "--width", "128"]
 
@@ -47,7 +47,7 @@ def test_bad_input_fails_before_the_model_build(tmp_path, capsys, no_model_build
     grey = tmp_path / "grey.png"
     Image.fromarray(np.full((256, 256, 3), 128, np.uint8)).save(grey)
     out = tmp_path / "grid"
-    args = ["benchmark-prompts", "--config", "configs/tiny.py", "--out", str(out), *SIZE]
+    args = ["benchmark-prompts", "--config", "configs/sdxl.py:tiny", "--out", str(out), *SIZE]
     rc = main(args + [str(grey) if a == "GREY" else a for a in extra])
     err = capsys.readouterr().err
     assert rc == 2 and message in err, err
@@ -81,7 +81,7 @@ def test_grid_on_the_sharded_pipeline_then_evaluate(tmp_path, capsys, monkeypatc
     prompts.write_text("a photo of a person in a garden\n")
     out = tmp_path / "grid"
     # The default mesh (-1, 1, 1): data=8, so 8 images, one per device (a tensor axis costs compile time).
-    rc = main(["benchmark-prompts", "--config", "configs/tiny.py", "--out", str(out), *SIZE, "--steps", "2",
+    rc = main(["benchmark-prompts", "--config", "configs/sdxl.py:tiny", "--out", str(out), *SIZE, "--steps", "2",
                "--num-images", "8", "--face-sizes", "4", "--seeds", "0", "--prompts", str(prompts),
                "--base", str(base), "--image-encoder", str(clip_vision)])
     printed = capsys.readouterr()

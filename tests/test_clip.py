@@ -17,7 +17,7 @@ from realisid_jax.sharding import make_mesh, use_mesh
 from realisid_jax.loading.errors import CheckpointMismatchError
 from realisid_jax.loading.pretrained import from_pretrained
 
-TINY = load_config("configs/tiny.py").model
+TINY = load_config("configs/sdxl.py:tiny").model
 SDXL = load_config("configs/sdxl.py").model
 BOS, EOS, PAD_BANG = 49406, 49407, 0
 TEXT_CLASSES = {"CLIPTextModel": (CLIPTextModel, transformers.CLIPTextModel, "text_encoder"),

@@ -23,7 +23,7 @@ from realisid_jax.loading.pretrained import from_pretrained
 # One thread: on a shared 2-core machine torch's thread pool spins (2 s instead of 20 ms per tiny forward).
 torch.set_num_threads(1)
 
-TINY = load_config("configs/tiny.py")
+TINY = load_config("configs/sdxl.py:tiny")
 TINY_SDXL = TINY.model.unet.to_dict()
 TINY_SD15 = dict(
     in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,

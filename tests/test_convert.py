@@ -22,7 +22,7 @@ from realisid_jax.loading.orbax_cache import read_meta, save_converted
 from realisid_jax.realisid.components import load_converted_components as load_converted
 from realisid_jax.loading.pretrained import from_pretrained
 
-CONFIG = load_config("configs/tiny.py")
+CONFIG = load_config("configs/sdxl.py:tiny")
 
 
 def _leaves(model):
@@ -77,7 +77,7 @@ def test_sharded_restore_on_2x4x1_mesh(cache):
 
 def test_restore_casts_to_config_param_dtype(cache):
     path, models = cache
-    config = load_config("configs/tiny.py", ["param_dtype=bfloat16", "dtype=bfloat16"])
+    config = load_config("configs/sdxl.py:tiny", ["param_dtype=bfloat16", "dtype=bfloat16"])
     unet = load_converted(path, config, components=["unet"])["unet"]
     kernel = unet.conv_in.kernel.get_value()
     assert kernel.dtype == jnp.bfloat16
@@ -87,7 +87,7 @@ def test_restore_casts_to_config_param_dtype(cache):
 
 def test_other_architecture_is_refused(cache):
     path, _ = cache
-    config = load_config("configs/tiny.py", ["model.unet.layers_per_block=1"])
+    config = load_config("configs/sdxl.py:tiny", ["model.unet.layers_per_block=1"])
     with pytest.raises(ValueError, match="differently"):
         load_converted(path, config, components=["unet"])
     with pytest.raises(KeyError, match="text_encoder_3"):
@@ -108,7 +108,7 @@ def test_convert_command_from_pipeline_folder(tmp_path, capsys):
         base / "text_encoder_2")
     parser = argparse.ArgumentParser()
     convert_command.register(parser.add_subparsers())
-    args = parser.parse_args(["convert", "--config", "configs/tiny.py", "--base", str(base),
+    args = parser.parse_args(["convert", "--config", "configs/sdxl.py:tiny", "--base", str(base),
                               "--out", str(tmp_path / "out")])
     args.config_overrides = []
     assert args.func(args) == 0

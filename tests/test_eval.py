@@ -32,7 +32,7 @@ from realisid_jax.eval.report import face_size_bucket, is_small_face, summarize
 from realisid_jax.face.analysis import FaceAnalyzer
 from realisid_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-TINY = load_config("configs/tiny.py").model
+TINY = load_config("configs/sdxl.py:tiny").model
 ROLL_DEG = 15.0
 
 

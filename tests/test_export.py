@@ -20,7 +20,7 @@ from realisid_jax.loading.torch_state import export_torch_state
 from realisid_jax.loading.branch_folders import export_branches, init_branch_from_controlnet
 from realisid_jax.realisid.components import load_branches
 
-CONFIG = load_config("configs/tiny.py")
+CONFIG = load_config("configs/sdxl.py:tiny")
 RID = CONFIG.model.id_projection
 
 

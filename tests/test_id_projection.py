@@ -34,7 +34,7 @@ def _load(config: IDProjectionConfig, state_dict) -> IDProjection:
 
 @pytest.mark.parametrize("overrides", [{}, dict(depth=2, ffn_ratio=1.5, dim_head=16, heads=2, num_queries=4)])
 def test_parity_with_diffusers(overrides):
-    section = dict(load_config("configs/tiny.py").model.id_projection)
+    section = dict(load_config("configs/sdxl.py:tiny").model.id_projection)
     config = IDProjectionConfig.from_dict({**section, **overrides})
     reference = _torch_reference(config)
     model = _load(config, reference.state_dict())
@@ -50,7 +50,7 @@ def test_parity_with_diffusers(overrides):
 
 
 def test_state_dict_mismatch_is_reported():
-    config = IDProjectionConfig.from_dict(dict(load_config("configs/tiny.py").model.id_projection))
+    config = IDProjectionConfig.from_dict(dict(load_config("configs/sdxl.py:tiny").model.id_projection))
     state = _torch_reference(config).state_dict()
     del state["layers.0.ff.1.net.2.weight"]
     with pytest.raises(CheckpointMismatchError, match="layers.0.ff.1.net.2.weight"):

@@ -10,7 +10,7 @@ from realisid_jax.realisid.components import abstract_components
 from realisid_jax.models.modeling_utils import count_params
 from realisid_jax.training.memory import train_step_memory
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+CONFIG = f"{Path(__file__).resolve().parents[1] / 'configs' / 'sdxl.py'}:tiny"
 # The trainer tests' reduced tiny model (tests/test_train.py): every code path, half the compile time.
 MICRO = ["model.unet.layers_per_block=1", "model.unet.transformer_layers_per_block=(1,1)",
          "model.text_encoder.num_hidden_layers=1", "model.text_encoder_2.num_hidden_layers=1",

@@ -19,7 +19,7 @@ CLOSE = dict(rtol=1e-5, atol=1e-6)
 
 
 def _config(family, no_text):
-    config = load_config("configs/tiny.py", [f"realisid.no_text={no_text}"])
+    config = load_config("configs/sdxl.py:tiny", [f"realisid.no_text={no_text}"])
     if family == "sd15":  # only the text encoders run here
         config.model.text_encoder_2 = None
     return config

@@ -23,7 +23,7 @@ from realisid_jax.sharding import data_sharding, make_mesh
 from realisid_jax.loading.pipeline_folder import load_pipeline_folder
 
 H, W, STEPS = 128, 128, 3
-CONFIG = load_config("configs/tiny.py")
+CONFIG = load_config("configs/sdxl.py:tiny")
 PROMPT = "a photo of an astronaut"
 
 
@@ -64,7 +64,7 @@ def _astronaut(box):
 def test_branches_off_reproduces_diffusers_sdxl(sdxl, parts):
     _, _, torch_pipe, _ = sdxl
     # diffusers' SDXL pipeline zeros the empty negative prompt (force_zeros_for_empty_prompt)
-    zeros = load_config("configs/tiny.py", ["realisid.no_text=zeros"])
+    zeros = load_config("configs/sdxl.py:tiny", ["realisid.no_text=zeros"])
     plain = _pipeline(parts, RealisID.from_unet(parts.unet, RealisIDConfig.from_config(zeros)), config=zeros)
     latents = _latents()
     ours = plain(PROMPT, [], latents=latents, height=H, width=W, num_inference_steps=STEPS,
@@ -150,7 +150,7 @@ def test_bad_input_is_a_clear_error(persons, size, error):
 
 def test_cli_end_to_end_on_the_astronaut(tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["sample", "--config", "configs/tiny.py", "--out", str(out), "--steps", "2", "--height", str(H),
+    rc = main(["sample", "--config", "configs/sdxl.py:tiny", "--out", str(out), "--steps", "2", "--height", str(H),
                "--width", str(W), "--num-images", "2"])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["conditioning_sheet.png", "image_000.png", "image_001.png"]
@@ -168,7 +168,7 @@ def test_cli_errors_leave_out_untouched(tmp_path, capsys, extra, message):
 
     Image.fromarray(data.astronaut()).save(photo)
     out = tmp_path / "out"
-    args = ["sample", "--config", "configs/tiny.py", "--out", str(out), "--height", str(H), "--width", str(W)]
+    args = ["sample", "--config", "configs/sdxl.py:tiny", "--out", str(out), "--height", str(H), "--width", str(W)]
     rc = main(args + [str(photo) if a == "PHOTO" else a for a in extra])
     assert rc == 2
     assert message in capsys.readouterr().err

@@ -27,7 +27,7 @@ from realisid_jax.realisid.components import pretrained_components
 from realisid_jax.loading.pipeline_folder import (PipelineComponents, UnsupportedComponentError,
                                                   load_model_folders, load_pipeline_folder)
 
-CONFIG = load_config("configs/tiny.py")
+CONFIG = load_config("configs/sdxl.py:tiny")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_bfloat16_on_a_mesh(sdxl):
 def test_trainer_loads_every_model_of_the_config_on_a_mesh(sdxl, loaded):
     folder, encoder_folder, _, _ = sdxl
     mesh = make_mesh((2, 2, 2))
-    config = load_config("configs/tiny.py", ["param_dtype=bfloat16"])
+    config = load_config("configs/sdxl.py:tiny", ["param_dtype=bfloat16"])
     frozen = pretrained_components(config, folder, encoder_folder, mesh=mesh, rules=DEFAULT_RULES)
     models = {name: getattr(frozen, name) for name in loaded.models()}
     assert {name: type(m) for name, m in models.items()} == {n: type(m) for n, m in loaded.models().items()}
@@ -174,10 +174,10 @@ def test_config_decides_what_is_loaded_and_checks_it(sdxl, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"unet/ not found, although the config describes unet "
                                                 r"\(UNet2DConditionModel\)"):
         load_model_folders(copy, CONFIG, components=["vae", "unet"])
-    sd15 = load_config("configs/tiny.py")
+    sd15 = load_config("configs/sdxl.py:tiny")
     sd15.model.text_encoder_2 = None
     with pytest.raises(ValueError, match=r"describes no \['text_encoder_2'\]"):
         load_model_folders(copy, sd15, components=["text_encoder_2"])
-    other = load_config("configs/tiny.py", ["model.vae.norm_num_groups=4"])
+    other = load_config("configs/sdxl.py:tiny", ["model.vae.norm_num_groups=4"])
     with pytest.raises(ValueError, match="vae: norm_num_groups: folder 8, config 4"):
         load_model_folders(copy, other)

@@ -14,7 +14,7 @@ from realisid_jax.text.prompt_encoding import encode_prompt_sd15, encode_prompt_
 from realisid_jax.text.tokenizer import offline_clip_tokenizer, tokenizer_cache_dir
 from realisid_jax.loading.pretrained import from_pretrained
 
-TINY = load_config("configs/tiny.py").model
+TINY = load_config("configs/sdxl.py:tiny").model
 PROMPTS = ["a photo of a cat wearing a red hat", "portrait of an astronaut, " * 12]  # the second is truncated
 NEGATIVES = ["blurry, low quality", "cartoon"]
 

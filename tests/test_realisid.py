@@ -46,7 +46,7 @@ def _random(abstract_module, seed: int):
 
 @pytest.fixture(scope="module")
 def tiny():
-    config = load_config("configs/tiny.py")
+    config = load_config("configs/sdxl.py:tiny")
     config.realisid.local_latent_size = LATENT
     unet = _random(UNet2DConditionModel.abstract(UNet2DConditionConfig.from_dict(dict(config.model.unet))), 0)
     model = _random(RealisID.abstract(RealisIDConfig.from_config(config)), 1)

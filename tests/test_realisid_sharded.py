@@ -32,7 +32,7 @@ _jit_step = jax.jit(_step, static_argnums=(0, 2))
 
 @pytest.fixture(scope="module")
 def single_device():
-    config = load_config("configs/tiny.py")
+    config = load_config("configs/sdxl.py:tiny")
     config.realisid.local_latent_size = LATENT
     config.model.unet.layers_per_block = 1
     config.model.unet.transformer_layers_per_block = (1, 1)

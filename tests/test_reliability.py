@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _in_repo_without_models(monkeypatch):
-    monkeypatch.chdir(ROOT)  # config paths (configs/tiny.py) are relative to the repository, as in the README
+    monkeypatch.chdir(ROOT)  # config paths (configs/sdxl.py:tiny) are relative to the repository, as in the README
 
     def no_models(*_args, **_kwargs):
         raise AssertionError("a bad input reached the model build")
@@ -122,7 +122,7 @@ def small_dataset(tmp_path_factory):
 def test_train_checks_data_before_building_models(tmp_path, capsys, small_dataset, case, message):
     data = {"missing": tmp_path / "nope", "empty": tmp_path, "small": small_dataset}[case]
     work = tmp_path / "work"
-    result = _cli(capsys, "train", "--config", "configs/tiny.py", "--workdir", str(work), "--data", str(data),
+    result = _cli(capsys, "train", "--config", "configs/sdxl.py:tiny", "--workdir", str(work), "--data", str(data),
                   "--config.train.batch_size=8")
     _assert_one_line_error(result, message)
     assert not work.exists()
@@ -296,7 +296,7 @@ def test_export_walks_back_past_a_corrupt_newest_checkpoint(tmp_path, capsys, mo
                         lambda config: nnx.eval_shape(lambda: nnx.Linear(2, 3, rngs=nnx.Rngs(0))))
     exported = []
     monkeypatch.setattr(checkpoint_export, "export_branches", lambda module, out: exported.append(module))
-    config = load_config(ROOT / "configs/tiny.py")
+    config = load_config(ROOT / "configs/sdxl.py:tiny")
     _, params, _ = nnx.split(checkpoint_export.abstract_branches(config), nnx.Param, ...)
     abstract = jax.eval_shape(lambda p: initial_train_state(make_optimizer(config.train)[0], p, 0),
                               params.to_pure_dict())

@@ -23,8 +23,8 @@ from realisid_jax.loading.torch_state import export_torch_state
 from realisid_jax.loading.errors import CheckpointMismatchError
 from realisid_jax.loading.single_file import detect_components, load_single_file
 
-SDXL = load_config("configs/tiny.py")
-SD15 = load_config("configs/tiny.py")
+SDXL = load_config("configs/sdxl.py:tiny")
+SD15 = load_config("configs/sdxl.py:tiny")
 SD15.model.unet = dict(
     in_channels=4, out_channels=4, block_out_channels=(32, 32, 64), layers_per_block=2,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),

@@ -21,7 +21,7 @@ from realisid_jax.models.layers import attention  # noqa: E402
 from realisid_jax.training.aot import chip_hbm_bytes, sample_plan, topology_devices  # noqa: E402
 from realisid_jax.training.memory import train_step_memory  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+CONFIG = f"{Path(__file__).resolve().parents[1] / 'configs' / 'sdxl.py'}:tiny"
 # The trainer tests' reduced tiny model (tests/test_train.py), with the TPU kernels: XLA attention and convs.
 MICRO = ["model.unet.layers_per_block=1", "model.unet.transformer_layers_per_block=(1,1)",
          "model.text_encoder.num_hidden_layers=1", "model.text_encoder_2.num_hidden_layers=1",

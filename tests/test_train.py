@@ -37,9 +37,9 @@ from realisid_jax.realisid.components import load_branches
 from test_memory_plan import MICRO
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "tiny.py"
+CONFIG = f"{ROOT / 'configs' / 'sdxl.py'}:tiny"
 RESOLUTION = 64
-# Small enough for 2 shared CPU cores; every code path of the SDXL step is still there (one layer where tiny.py
+# Small enough for 2 shared CPU cores; every code path of the SDXL step is still there (one layer where the tiny variant
 # has two: half the compile time). The learning rate makes learning visible within a few dozen steps.
 OVERRIDES = [f"train.resolution={RESOLUTION}", "train.batch_size=8", "train.log_every=1", "train.warmup_steps=2",
              "train.learning_rate=1e-3", "train.sample_every=0", "mesh.shape=(8,1,1)", *MICRO]

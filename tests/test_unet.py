@@ -22,7 +22,7 @@ from realisid_jax.loading.pretrained import from_pretrained
 # One thread: on a shared 2-core machine torch's thread pool spins (2 s instead of 20 ms per tiny forward).
 torch.set_num_threads(1)
 
-TINY_SDXL = load_config("configs/tiny.py").model.unet.to_dict()
+TINY_SDXL = load_config("configs/sdxl.py:tiny").model.unet.to_dict()
 # SD1.5 layout at tiny widths: cross-attention blocks first, 1x1-conv proj_in, int attention_head_dim (= heads).
 TINY_SD15 = dict(
     in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,

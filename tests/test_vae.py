@@ -14,7 +14,7 @@ from realisid_jax.models.vae import AutoencoderKL, AutoencoderKLConfig, Diagonal
 from realisid_jax.sharding import make_mesh, state_shardings, use_mesh
 from realisid_jax.loading.pretrained import from_pretrained
 
-TINY = dict(load_config("configs/tiny.py").model.vae)
+TINY = dict(load_config("configs/sdxl.py:tiny").model.vae)
 VARIANTS = {
     "tiny": TINY,
     "two_layers": {**TINY, "layers_per_block": 2},

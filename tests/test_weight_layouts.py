@@ -108,7 +108,7 @@ def test_sample_on_an_fp16_variant_only_sdxl_folder(tmp_path, capsys):
     names = {p.name for p in (tmp_path / "fp16" / "unet").iterdir()}
     assert "diffusion_pytorch_model.fp16.safetensors" in names and "diffusion_pytorch_model.safetensors" not in names
     out = tmp_path / "out"
-    rc = main(["sample", "--config", "configs/tiny.py", "--base", str(tmp_path / "fp16"), "--image-encoder",
+    rc = main(["sample", "--config", "configs/sdxl.py:tiny", "--base", str(tmp_path / "fp16"), "--image-encoder",
                str(encoder), "--variant", "fp16", "--out", str(out), "--steps", "2", "--height", "128",
                "--width", "128"])
     assert rc == 0, capsys.readouterr().err
@@ -143,7 +143,7 @@ def test_a_converted_cache_gives_its_folders_images(tmp_path):
     from SDXL's: pad ``<|endoftext|>``, no ``set_alpha_to_one``), so a pipeline from the cache equals the folder's
     in everything its images depend on: weights, scheduler, tokens."""
     folder, encoder, _, _ = build_tiny_sdxl(tmp_path)
-    config = load_config("configs/tiny.py")
+    config = load_config("configs/sdxl.py:tiny")
     convert(config, str(folder), str(tmp_path / "cache"), image_encoder=str(encoder), log=lambda _: None)
     meta = read_meta(tmp_path / "cache")
     assert meta["pad_tokens"] == ["<|endoftext|>"] * 2 and "set_alpha_to_one" not in meta["scheduler_config"]

@@ -1,4 +1,4 @@
-"""A tiny random diffusers SDXL pipeline (the architectures of ``configs/tiny.py``) saved in diffusers format,
+"""A tiny random diffusers SDXL pipeline (the architectures of ``configs/sdxl.py:tiny``) saved in diffusers format,
 with the real 49,408-entry CLIP tokenizer and a separate CLIP vision folder. Shared by the loader and the
 pipeline tests."""
 
@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPi
 from realisid_jax.config import load_config
 from realisid_jax.text.tokenizer import offline_clip_tokenizer
 
-TINY = load_config("configs/tiny.py").model
+TINY = load_config("configs/sdxl.py:tiny").model
 
 
 def randomised(module: torch.nn.Module) -> torch.nn.Module:

@@ -116,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``benchmark-prompts`` subcommand; its handler is ``args.func(args) -> int``."""
     p = subparsers.add_parser("benchmark-prompts", help="generate the evaluation grid and its manifest",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/tiny.py", help="config file (default: configs/tiny.py)")
+    p.add_argument("--config", default="configs/sdxl.py:tiny", help="config file (default: configs/sdxl.py:tiny)")
     p.add_argument("--out", required=True, type=Path, help="output folder (images/, refs/, manifest.json)")
     p.add_argument("--identities", nargs="+", type=Path, default=[],
                    help="identity photos, or folders of them (default: the scikit-image astronaut)")
