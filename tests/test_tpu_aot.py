@@ -18,7 +18,7 @@ from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 from realisid_jax.config import load_config  # noqa: E402
 from realisid_jax.models.layers import attention  # noqa: E402
-from realisid_jax.training.aot import chip_hbm_bytes, sample_plan, topology_devices  # noqa: E402
+from realisid_jax.training.aot import device_hbm_bytes, sample_plan, topology_devices  # noqa: E402
 from realisid_jax.training.memory import train_step_memory  # noqa: E402
 
 CONFIG = f"{Path(__file__).resolve().parents[1] / 'configs' / 'sdxl.py'}:tiny"
@@ -33,24 +33,36 @@ def config():
     return load_config(CONFIG, MICRO)
 
 
-@pytest.mark.parametrize("topology, chips, kind", [("v5e:2x4", 8, "TPU v5 lite"), ("v4:2x2x1", 4, "TPU v4")])
-def test_training_step_compiles_for_the_tpu_slice(topology, chips, kind):
-    devices = topology_devices(topology)
-    assert len(devices) == chips and {d.device_kind for d in devices} == {kind}
-    plan = train_step_memory(config(), chips, resolution=64, devices=devices)
+@pytest.fixture(scope="module")
+def v5e_8_plan():
+    devices = topology_devices("v5e:2x4")
+    assert len(devices) == 8 and {d.device_kind for d in devices} == {"TPU v5 lite"}
+    return train_step_memory(config(), 8, resolution=64, devices=devices)
+
+
+def check_tpu_plan(plan, hbm: int):
     # Only the TPU compiler gives a roofline time (XLA:CPU's cost analysis has none): compiled for the chip,
     # not for this host.
     assert plan.optimal_seconds > 0 and plan.flops > 0, plan
     assert plan.alias_bytes > 0, "the train state is not donated"
-    assert 0 < plan.peak_bytes < chip_hbm_bytes(devices[0])
+    assert 0 < plan.peak_bytes < hbm, plan
 
 
-def test_fsdp_lowers_the_peak_per_chip():
-    devices = topology_devices("v5e:2x4")
-    sharded = train_step_memory(config(), 8, resolution=64, devices=devices)
-    whole = train_step_memory(config(), 1, resolution=64, devices=devices)
-    assert sharded.state_bytes < 0.5 * whole.state_bytes
-    assert sharded.peak_bytes < whole.peak_bytes, (sharded, whole)
+def test_training_step_compiles_for_a_v5e_8(v5e_8_plan):
+    check_tpu_plan(v5e_8_plan, 16 * 2**30)
+
+
+def test_training_step_compiles_for_a_v4_8():
+    devices = topology_devices("v4:2x2x1")  # 4 chips, one device per TensorCore: 16 of a chip's 32 GiB each
+    assert len(devices) == 8 and {d.device_kind for d in devices} == {"TPU v4"}
+    assert device_hbm_bytes(devices) == 16 * 2**30
+    check_tpu_plan(train_step_memory(config(), 8, resolution=64, devices=devices), device_hbm_bytes(devices))
+
+
+def test_fsdp_lowers_the_peak_per_chip(v5e_8_plan):
+    whole = train_step_memory(config(), 1, resolution=64, devices=topology_devices("v5e:2x4"))
+    assert v5e_8_plan.state_bytes < 0.5 * whole.state_bytes
+    assert v5e_8_plan.peak_bytes < whole.peak_bytes, (v5e_8_plan, whole)
 
 
 def test_sampling_loop_compiles_for_one_chip():
@@ -58,7 +70,7 @@ def test_sampling_loop_compiles_for_one_chip():
     plan = sample_plan(config(), devices[:1])
     for figures in (plan.denoise, plan.decode):
         assert figures["optimal_seconds"] > 0 and figures["peak_bytes"] > 0, figures
-    assert plan.peak_bytes < chip_hbm_bytes(devices[0])
+    assert plan.peak_bytes < device_hbm_bytes(devices)
 
 
 def test_unknown_topology_is_one_clear_error():

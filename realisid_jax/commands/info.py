@@ -94,22 +94,22 @@ def print_tpu_train_plans(config, topologies: list[str]) -> bool:
     """Per-chip figures of the training step on each TPU topology (FSDP over all its chips, batch 1 per chip):
     the TPU compiler's memory analysis against the chip's HBM, its FLOPs and roofline time. Returns whether
     the step fits every topology."""
-    from realisid_jax.training.aot import chip_hbm_bytes, host_peak_rss_bytes
+    from realisid_jax.training.aot import device_hbm_bytes, host_peak_rss_bytes
     from realisid_jax.training.memory import train_step_memory
 
-    print(f"\ntraining step, {config.train.resolution}px, per-chip batch 1, FSDP over the slice "
-          f"(TPU compiler's figures per chip):")
-    print(f"{'topology':>10} {'chips':>5} {'weights+state':>13} {'arguments':>9} {'temporaries':>11} "
+    print(f"\ntraining step, {config.train.resolution}px, batch 1 per device, FSDP over the slice "
+          f"(TPU compiler's figures per device: a chip, or a TensorCore of a v4 chip):")
+    print(f"{'topology':>10} {'devices':>7} {'weights+state':>13} {'arguments':>9} {'temporaries':>11} "
           f"{'peak':>7} {'HBM':>5}  {'fits':<12} {'TFLOP/step':>10} {'est. s/step':>11} {'compile s':>9} "
           f"{'host GiB':>8}")
     fits_all = True
     for topology in topologies:
         devices = _tpu_devices(topology)
         p = train_step_memory(config, len(devices), devices=devices)
-        hbm = chip_hbm_bytes(devices[0])
+        hbm = device_hbm_bytes(devices)
         fits = "fits" if p.peak_bytes <= hbm else "does not fit"
         fits_all &= p.peak_bytes <= hbm
-        print(f"{topology:>10} {len(devices):>5} {p.state_bytes / GIB:>13.2f} {p.argument_bytes / GIB:>9.2f} "
+        print(f"{topology:>10} {len(devices):>7} {p.state_bytes / GIB:>13.2f} {p.argument_bytes / GIB:>9.2f} "
               f"{p.temp_bytes / GIB:>11.2f} {p.peak_bytes / GIB:>7.2f} {hbm / GIB:>5.0f}  {fits:<12} "
               f"{p.flops / 1e12:>10.2f} {p.optimal_seconds:>11.3f} {p.compile_seconds:>9.0f} "
               f"{host_peak_rss_bytes() / GIB:>8.1f}", flush=True)
@@ -123,10 +123,10 @@ def print_sample_plan(config, topology: str | None, cpu_devices: int) -> int:
     it fits a chip's HBM; without a topology on ``cpu_devices`` simulated CPU devices (no HBM to compare)."""
     import jax
 
-    from realisid_jax.training.aot import chip_hbm_bytes, host_peak_rss_bytes, sample_plan
+    from realisid_jax.training.aot import device_hbm_bytes, host_peak_rss_bytes, sample_plan
 
     devices = _tpu_devices(topology) if topology else jax.devices()[:cpu_devices]
-    hbm = chip_hbm_bytes(devices[0]) if topology else None
+    hbm = device_hbm_bytes(devices) if topology else None
     s = config.sampling
     print(f"\nsampling {s.height}x{s.width}, 1 image, 1 person, {s.num_inference_steps} steps "
           f"({topology or 'simulated CPU devices'}; GiB per chip):")

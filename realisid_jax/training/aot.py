@@ -51,12 +51,16 @@ def topology_devices(name: str) -> list[jax.Device]:
                          f"pip install 'realisid-jax[tpu]'): {str(error).splitlines()[0]}") from error
 
 
-def chip_hbm_bytes(device: jax.Device) -> int:
-    """HBM bytes of one chip of ``device``'s kind (``device.device_kind``, e.g. ``"TPU v5 lite"``)."""
+def device_hbm_bytes(devices: list[jax.Device]) -> int:
+    """HBM bytes of one device of a topology: its chip's (by ``device_kind``, e.g. ``"TPU v5 lite"``) divided
+    among the devices on that chip (libtpu's ``v4`` topologies give each of a chip's two TensorCores its own
+    device, 16 of the chip's 32 GiB)."""
+    first = devices[0]
     try:
-        return CHIP_HBM_BYTES[device.device_kind]
+        chip = CHIP_HBM_BYTES[first.device_kind]
     except KeyError:
-        raise ValueError(f"unknown TPU chip {device.device_kind!r} (known: {', '.join(CHIP_HBM_BYTES)})") from None
+        raise ValueError(f"unknown TPU chip {first.device_kind!r} (known: {', '.join(CHIP_HBM_BYTES)})") from None
+    return chip // sum(1 for d in devices if tuple(d.coords) == tuple(first.coords))
 
 
 def host_peak_rss_bytes() -> int:
