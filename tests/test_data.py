@@ -4,6 +4,7 @@ import hashlib
 import json
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -11,7 +12,10 @@ import tensorflow_datasets as tfds
 from realisid_jax.commands import prepare_data as prepare_command
 from realisid_jax.data import builder, prepare, sample_data
 from realisid_jax.data.input_pipeline import make_train_iterator
+from realisid_jax.face.image import load_image
 from realisid_jax.face.preprocess import CLIP_MEAN, CLIP_STD
+from realisid_jax.text.tokenizer import offline_clip_tokenizer
+from realisid_jax.training.batches import host_batch
 
 RESOLUTION = 128
 N_FACES = 9  # astronaut + 8 LFW faces
@@ -153,7 +157,8 @@ def _iterator(out, **kwargs):
 def test_batch_shapes_dtypes_ranges(prepared):
     out = prepared[1]
     batch = next(_iterator(out, batch_size=4))
-    assert set(batch) == {"pixel_values", "input_text", "face_box", "landmarks", "reference"}
+    assert set(batch) == {"pixel_values", "input_text", "face_box", "landmarks", "reference", "original_size",
+                          "crops_coords_top_left"}
     px = batch["pixel_values"]
     assert px.shape == (4, RESOLUTION, RESOLUTION, 3) and px.dtype == np.float32
     assert -1 <= px.min() < -0.5 and 0.5 < px.max() <= 1
@@ -174,6 +179,50 @@ def test_batch_shapes_dtypes_ranges(prepared):
     small = next(_iterator(out, batch_size=4, resolution=64))
     assert small["pixel_values"].shape == (4, 64, 64, 3)
     np.testing.assert_array_equal(small["face_box"], box)
+
+
+def _time_ids(batch):
+    return host_batch(batch, [offline_clip_tokenizer()], 16)["time_ids"]
+
+
+def test_photo_sizes_and_crop_offsets_become_the_time_ids(prepared):
+    """SDXL micro-conditioning: each record carries its photo's (h, w) and the crop's (top, left) in the photo
+    resized to R, the offset the stored frame was cut at; the batch's time ids are (h, w, top, left, R, R)."""
+    src, out, _, _ = prepared
+    records = _records(out)
+    rows = set()
+    for r in records:
+        photo = load_image(src / r["source"].decode())
+        (h, w), (top, left) = r["original_size"], r["crops_coords_top_left"]
+        assert (h, w) == photo.shape[:2] and r["original_size"].dtype == np.int32
+        scale = RESOLUTION / min(h, w)
+        resized = cv2.resize(photo, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+        offsets = [(y, x) for y in range(resized.shape[0] - RESOLUTION + 1)
+                   for x in range(resized.shape[1] - RESOLUTION + 1)]
+        error = [np.abs(resized[y:y + RESOLUTION, x:x + RESOLUTION] - r["image"].astype(np.float32)).mean()
+                 for y, x in offsets]
+        assert offsets[int(np.argmin(error))] == (top, left), r["source"]
+        rows.add((h, w, top, left, RESOLUTION, RESOLUTION))
+    assert {row[:2] for row in rows} == {(512, 512), (300, 240)} and len({row[2] for row in rows}) > 1
+    batch = next(_iterator(out, batch_size=N_FACES, num_epochs=1))
+    assert set(map(tuple, _time_ids(batch).astype(int).tolist())) == rows
+    half = _time_ids(next(_iterator(out, batch_size=N_FACES, num_epochs=1, resolution=RESOLUTION // 2)))
+    assert {tuple(row) for row in half.tolist()} == {(h, w, top / 2, left / 2, 64, 64) for h, w, top, left, *_ in rows}
+
+
+def test_dataset_without_sizes_gives_the_fixed_time_ids(prepared, tmp_path, capsys):
+    """A dataset prepared before the fields: (R, R, 0, 0, R, R) with one note."""
+    old = tmp_path / "old"
+    shutil.copytree(prepared[1], old)
+    spec = builder.dataset_dir(old) / "features.json"
+    features = json.loads(spec.read_text())
+    for name in ("original_size", "crops_coords_top_left"):
+        del features["featuresDict"]["features"][name]
+    spec.write_text(json.dumps(features))
+    time_ids = _time_ids(next(_iterator(old, batch_size=2)))
+    np.testing.assert_array_equal(time_ids, [[RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION]] * 2)
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and note[0].startswith("note:") and "(R, R, 0, 0, R, R)" in note[0]
 
 
 def test_seeded_order_epochs_and_state(prepared):

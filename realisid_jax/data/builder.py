@@ -16,6 +16,10 @@ to ``resolution`` x ``resolution``; pixel (i, j) covers ``[j, j+1) x [i, i+1)``)
   reference:  (S, S, 3) uint8 RGB, the masked square reference crop for the CLIP image encoder,
               not yet normalised, stored as PNG.
   source:     text, the image's path relative to the source folder.
+  original_size:          (2,) int32 ``(height, width)`` of the source photo, pixels.
+  crops_coords_top_left:  (2,) int32 ``(top, left)`` of the crop in the photo resized by its shorter side to
+              ``R``, pixels. With ``original_size`` and ``(R, R)`` these are SDXL's micro-conditioning (the
+              UNet's ``time_ids``, diffusers' names); datasets written before them lack both fields.
 """
 from __future__ import annotations
 
@@ -58,6 +62,8 @@ def features(resolution: int, reference_size: int,
         "reference": tfds.features.Image(shape=(reference_size, reference_size, 3),
                                          encoding_format="png"),
         "source": tfds.features.Text(),
+        "original_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+        "crops_coords_top_left": tfds.features.Tensor(shape=(2,), dtype=np.int32),
     })
 
 

@@ -17,6 +17,7 @@ equal those of the uninterrupted run. Store it next to the model in the trainer'
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,9 @@ class DecodeExample(grain.transforms.Map):
       landmarks: (468, 2) float32 in the square face-box frame: (0, 0) top-left, (1, 1)
         bottom-right corner of ``face_box``.
       reference: (S, S, 3) float32 ``(rgb / 255 - mean) / std``, the masked CLIP reference crop.
+      original_size: (2,) float32 ``(h, w)`` of the source photo, pixels; crops_coords_top_left: (2,) float32
+        ``(top, left)`` of the crop, pixels at ``R`` (SDXL micro-conditioning). A dataset prepared without them
+        gives ``(R, R)`` and ``(0, 0)``: the image taken as it is.
     """
 
     def __init__(self, resolution: int | None = None, mean: Sequence[float] = CLIP_MEAN,
@@ -57,14 +61,19 @@ class DecodeExample(grain.transforms.Map):
             interpolation = cv2.INTER_AREA if self.resolution < stored else cv2.INTER_LINEAR
             image = cv2.resize(image, (self.resolution, self.resolution),
                                interpolation=interpolation)
+        r = image.shape[0]
         box = example["face_box"].astype(np.float32)
         caption = example["caption"]
+        size = example.get("original_size", np.array([r, r]))
+        crop = example.get("crops_coords_top_left", np.zeros(2)) * (r / stored)
         return {
             "pixel_values": image.astype(np.float32) / 127.5 - 1.0,
             "input_text": caption.decode("utf-8") if isinstance(caption, bytes) else caption,
             "face_box": box / np.float32(stored),
             "landmarks": to_box_frame(example["landmarks"], box),
             "reference": normalize(example["reference"], self.mean, self.std),
+            "original_size": np.asarray(size, np.float32),
+            "crops_coords_top_left": np.asarray(crop, np.float32),
         }
 
 
@@ -99,7 +108,9 @@ def make_train_dataset(data_dir: str | os.PathLike, *, batch_size: int, seed: in
       An ``IterDataset`` whose elements are dicts (``L`` = local batch): ``pixel_values`` (L, R, R,
       3) float32 in [-1, 1]; ``input_text`` list of L str; ``face_box`` (L, 4) float32 in [0, 1];
       ``landmarks`` (L, 468, 2) float32 in the face-box frame; ``reference`` (L, S, S, 3) float32
-      CLIP-normalised. The last incomplete batch of a finite stream is dropped.
+      CLIP-normalised; ``original_size`` and ``crops_coords_top_left`` (L, 2) float32 (``DecodeExample``).
+      The last incomplete batch of a finite stream is dropped. A dataset prepared without the photos' sizes
+      and crop offsets is read with a one-line note on stderr.
 
     Raises:
       ValueError: ``batch_size`` not divisible by ``shard_count``, bad shard index, or a shard
@@ -116,6 +127,9 @@ def make_train_dataset(data_dir: str | os.PathLike, *, batch_size: int, seed: in
         raise ValueError(f"global batch_size {batch_size} not divisible by {shard_count} shards")
     local_batch = batch_size // shard_count
     source = builder.open_split(data_dir, skip_decoding=("face_mask",))
+    if "original_size" not in source.dataset_info.features:
+        print(f"note: {data_dir} was prepared without the photos' sizes and crop offsets (re-run prepare-data "
+              f"for them): SDXL time ids are (R, R, 0, 0, R, R)", file=sys.stderr, flush=True)
     ds = grain.MapDataset.source(source)[shard_index::shard_count]
     if len(ds) < local_batch:
         raise ValueError(f"shard {shard_index} of {data_dir} has {len(ds)} examples, fewer than "

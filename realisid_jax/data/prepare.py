@@ -10,7 +10,8 @@ sample. Each photo is
    (the largest face is the subject, smaller background faces are tolerated);
 3. resized by its shorter side to ``resolution`` and cropped to a square. The crop is centred, then
    moved along the longer axis by the least amount that keeps the subject's square face box inside
-   it (a plain centre crop would cut off faces near the edge of landscape/portrait photos);
+   it (a plain centre crop would cut off faces near the edge of landscape/portrait photos); the photo's
+   size and the crop's offset are stored for SDXL's micro-conditioning;
 4. the subject's box is made square by its longer edge (paper), mapped to the crop and moved inside
    ``[0, resolution]`` if it sticks out (clipped to the whole frame when larger than it); a side below
    ``min_face_px`` training pixels -> ``face_too_small``;
@@ -62,8 +63,9 @@ SUMMARY_FILE = "prepare_summary.json"
 SKIPPED_FILE = "skipped.jsonl"
 SKIP_REASONS = ("corrupt_image", "no_caption", "no_face", "face_too_small", "multiple_faces")
 # Bump when the content of a cached result changes meaning, so old caches are not reused.
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: original_size, crops_coords_top_left
 _ARRAY_FIELDS = ("face_box", "landmarks")
+_INT_FIELDS = ("original_size", "crops_coords_top_left")
 _BYTES_FIELDS = ("image", "face_mask", "reference")
 
 
@@ -176,7 +178,8 @@ def prepare_sample(path: str | os.PathLike, analyzer, options: PrepareOptions) -
 
     Returns:
       dict with ``image``, ``face_mask``, ``reference`` (encoded bytes), ``face_box`` (4,) float32
-      and ``landmarks`` (468, 2) float32 (training-frame pixels; see ``builder``).
+      and ``landmarks`` (468, 2) float32 (training-frame pixels), ``original_size`` (2,) int32 ``(h, w)``
+      of the photo and ``crops_coords_top_left`` (2,) int32 ``(top, left)`` (see ``builder``).
 
     Raises:
       SkipSample: the photo is unusable; ``reason`` says why.
@@ -218,6 +221,8 @@ def prepare_sample(path: str | os.PathLike, analyzer, options: PrepareOptions) -
         "landmarks": (subject.landmarks * scale - np.array([ox, oy])).astype(np.float32),
         "face_mask": _encode(mask.astype(np.uint8) * 255, "png"),
         "reference": _encode(reference, "png"),
+        "original_size": np.array([h, w], np.int32),
+        "crops_coords_top_left": np.array([oy, ox], np.int32),
     }
 
 
@@ -271,6 +276,7 @@ def _load_result(file: Path) -> dict[str, Any]:
     with np.load(file, allow_pickle=False) as data:
         out = {k: data[k].tobytes() for k in _BYTES_FIELDS}
         out.update({k: data[k].astype(np.float32) for k in _ARRAY_FIELDS})
+        out.update({k: data[k].astype(np.int32) for k in _INT_FIELDS})
         return out
 
 

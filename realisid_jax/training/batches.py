@@ -27,7 +27,8 @@ def landmark_pixels(config: ml_collections.ConfigDict) -> int:
 
 
 def batch_shapes(config: ml_collections.ConfigDict, num_text_encoders: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Global ``(shape, dtype)`` of every device batch field for ``config``."""
+    """Global ``(shape, dtype)`` of every device batch field for ``config`` (SDXL: ``input_ids_2`` and the
+    micro-conditioning ``time_ids``)."""
     b, r = int(config.train.batch_size), int(config.train.resolution)
     ref = int(config.model.image_encoder.image_size)
     px = landmark_pixels(config)
@@ -40,6 +41,7 @@ def batch_shapes(config: ml_collections.ConfigDict, num_text_encoders: int) -> d
     }
     if num_text_encoders == 2:
         shapes["input_ids_2"] = ((b, CLIP_MAX_LENGTH), np.int32)
+        shapes["time_ids"] = ((b, 6), np.float32)
     return shapes
 
 
@@ -63,9 +65,13 @@ def host_batch(example_batch: dict[str, Any], tokenizers: Sequence[CLIPTokenizer
     Args:
       example_batch: the input pipeline's batch (``realisid_jax.data.input_pipeline``): ``pixel_values``
         (b, R, R, 3) in [-1, 1], ``input_text`` b captions, ``face_box`` (b, 4) normalised, ``landmarks``
-        (b, 468, 2) in the square face crop's unit frame, ``reference`` (b, S, S, 3) CLIP-normalised.
+        (b, 468, 2) in the square face crop's unit frame, ``reference`` (b, S, S, 3) CLIP-normalised,
+        ``original_size`` and ``crops_coords_top_left`` (b, 2) pixels.
       tokenizers: one per text encoder (SDXL: two).
       landmark_px: c_pe side in pixels.
+
+    ``time_ids`` (b, 6) float32 is SDXL's micro-conditioning, diffusers' ``_get_add_time_ids`` order:
+    ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``, the target being the R x R image.
     """
     captions = [c.decode() if isinstance(c, bytes) else str(c) for c in example_batch["input_text"]]
     out = {
@@ -75,6 +81,10 @@ def host_batch(example_batch: dict[str, Any], tokenizers: Sequence[CLIPTokenizer
         "landmark_image": np.stack([draw_landmark_image(np.asarray(points), landmark_px)
                                     for points in example_batch["landmarks"]]).astype(np.float32) / 255.0,
     }
+    b, r = out["pixel_values"].shape[:2]
+    out["time_ids"] = np.concatenate([np.asarray(example_batch["original_size"], np.float32).reshape(b, 2),
+                                      np.asarray(example_batch["crops_coords_top_left"], np.float32).reshape(b, 2),
+                                      np.full((b, 2), r, np.float32)], axis=1)
     for i, tokenizer in enumerate(tokenizers):
         out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = tokenize(tokenizer, captions)
     return out

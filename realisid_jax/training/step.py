@@ -37,7 +37,6 @@ class StepSettings:
     drop_id_prob: float
     drop_text_prob: float
     drop_both_prob: float
-    resolution: int
     empty_ids: tuple[tuple[int, ...], ...]
     no_text: str
 
@@ -45,7 +44,7 @@ class StepSettings:
     def from_config(cls, config: ml_collections.ConfigDict, empty_ids) -> StepSettings:
         t = config.train
         return cls(float(t.face_loss_weight), float(t.drop_id_prob), float(t.drop_text_prob),
-                   float(t.drop_both_prob), int(t.resolution), tuple(tuple(int(i) for i in ids) for ids in empty_ids),
+                   float(t.drop_both_prob), tuple(tuple(int(i) for i in ids) for ids in empty_ids),
                    no_text_setting(config))
 
 
@@ -66,13 +65,6 @@ def text_conditioning(models, input_ids: list[jax.Array], no_text: jax.Array, se
     return embeds, pooled
 
 
-def sdxl_time_ids(batch: int, resolution: int) -> jax.Array:
-    """``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` of square training images (B, 6) float32:
-    the prepared images are already at the training resolution, uncropped relative to themselves."""
-    row = jnp.array([resolution, resolution, 0, 0, resolution, resolution], jnp.float32)
-    return jnp.broadcast_to(row, (batch, 6))
-
-
 def compute_loss(params: dict, frozen_state: nnx.State, batch: Batch, key: jax.Array, *, graphdef: nnx.GraphDef,
                  scheduler: DDPMScheduler, settings: StepSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Eq. 7 on one batch: returns ``(loss, {"mse", "face_loss"})``.
@@ -81,7 +73,8 @@ def compute_loss(params: dict, frozen_state: nnx.State, batch: Batch, key: jax.A
     container ``graphdef`` describes (merged once, here). ``batch``: ``pixel_values`` (B, R, R, 3) in [-1, 1];
     ``input_ids`` (and ``input_ids_2`` for SDXL) (B, 77) int32; ``face_box`` (B, 4) normalised;
     ``landmark_image`` (B, P, P, 3) in [0, 1] (P = the local branch's pixel size); ``reference`` (B, S, S, 3)
-    CLIP-normalised.
+    CLIP-normalised; for SDXL ``time_ids`` (B, 6) float32, each photo's micro-conditioning
+    ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` (``training.batches.host_batch``).
     """
     models = nnx.merge(graphdef, {"realisid": params}, frozen_state)
     realisid = models.realisid
@@ -95,7 +88,7 @@ def compute_loss(params: dict, frozen_state: nnx.State, batch: Batch, key: jax.A
                                        settings.drop_both_prob)
     ids = [batch["input_ids"]] + ([batch["input_ids_2"]] if models.text_encoder_2 is not None else [])
     prompt_embeds, pooled = text_conditioning(models, ids, no_text, settings)
-    added = None if pooled is None else {"text_embeds": pooled, "time_ids": sdxl_time_ids(b, settings.resolution)}
+    added = None if pooled is None else {"text_embeds": pooled, "time_ids": batch["time_ids"]}
     image_features = models.image_encoder(batch["reference"]).hidden_states[-2]
     image_features = jnp.where(no_id[:, None, None], jnp.zeros_like(image_features), image_features)
     p_id = realisid.encode_id(image_features)
