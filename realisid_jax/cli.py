@@ -55,13 +55,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from realisid_jax.app.metadata import MetadataError
     from realisid_jax.face.errors import FaceError
     from realisid_jax.text.tokenizer import TokenizerError
-    from realisid_jax.loading.errors import CheckpointMismatchError
+    from realisid_jax.loading.errors import CheckpointMismatchError, LoraError
     from realisid_jax.training.checkpoint import CheckpointError
     from realisid_jax.training.workdir_lock import WorkdirLockedError
 
     return (FileNotFoundError, NotADirectoryError, UsageError, ConfigError, AssetError, BoxError, SizeError,
             TooManyPersonsError, FaceError, TokenizerError, CheckpointMismatchError, CheckpointError,
-            WorkdirLockedError, MetadataError)
+            WorkdirLockedError, MetadataError, LoraError)
 
 
 if __name__ == "__main__":

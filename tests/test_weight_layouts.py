@@ -3,6 +3,7 @@ and sharded ``.bin`` folders (diffusers' and transformers' names), written by ``
 
 import json
 import shutil
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -23,7 +24,9 @@ from realisid_jax.models.clip_text import CLIPTextModel
 from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
 from realisid_jax.models.unet_2d_condition import UNet2DConditionModel
 from realisid_jax.realisid.pipeline import RealisIDPipeline
+from realisid_jax.schedulers import SDXL_SCHEDULER_CONFIG, DDPMScheduler
 from realisid_jax.text.tokenizer import standard_tokenizers, tokenize
+from realisid_jax.training.trainer import noise_schedule, tokenizers
 
 SHARD = "60KB"  # tiny models are ~0.5 MB: several shards each
 
@@ -147,6 +150,8 @@ def test_a_converted_cache_gives_its_folders_images(tmp_path):
     convert(config, str(folder), str(tmp_path / "cache"), image_encoder=str(encoder), log=lambda _: None)
     meta = read_meta(tmp_path / "cache")
     assert meta["pad_tokens"] == ["<|endoftext|>"] * 2 and "set_alpha_to_one" not in meta["scheduler_config"]
+    assert [t.pad_token for t in tokenizers(config, tmp_path / "cache")] == meta["pad_tokens"]  # train --pretrained
+    assert noise_schedule(tmp_path / "cache") == noise_schedule(folder)
     pipes = [RealisIDPipeline.from_pretrained(config, str(base), image_encoder=str(encoder))
              for base in (folder, tmp_path / "cache")]
     assert pipes[1].scheduler == pipes[0].scheduler
@@ -161,6 +166,9 @@ def test_a_converted_cache_gives_its_folders_images(tmp_path):
 
 
 def test_a_base_without_tokenizers_gets_sdxls():
+    single_file = Path("model.safetensors")  # read by neither: a single file carries no tokenizer or scheduler
+    assert [t.pad_token for t in tokenizers(load_config("configs/sdxl.py:tiny"), single_file)] == ["<|endoftext|>", "!"]
+    assert noise_schedule(single_file) == DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG)
     first, second = standard_tokenizers(2)
     assert tokenize(first, "a photo")[0, -1] == first.eos_token_id and tokenize(second, "a photo")[0, -1] == 0  # "!"
     assert [t.pad_token for t in standard_tokenizers(2, ["!", "!"])] == ["!", "!"]

@@ -20,7 +20,7 @@ from PIL import Image, PngImagePlugin
 
 _PREFIX = "realisid:"
 #: Command-line weight flags recorded with each image (``argparse`` attribute names).
-WEIGHT_FLAGS = ("base", "branches", "image_encoder", "variant")
+WEIGHT_FLAGS = ("base", "branches", "image_encoder", "variant", "lora")
 # A photo chunk holds a whole PNG (base64): far above Pillow's 1 MiB decompression guard for text chunks.
 _MAX_PHOTO_CHUNK = 256 * 1024 * 1024
 
@@ -42,7 +42,8 @@ class Generation:
       id_start_fraction: delayed ID conditioning, fraction of the steps without ID.
       height, width: output size, pixels.
       config: config file as given; config_overrides: ``a.b=value`` strings applied to it.
-      weights: ``base`` / ``branches`` / ``image_encoder`` folders (None = the config's random weights).
+      weights: ``base`` / ``branches`` / ``image_encoder`` folders (None = the config's random weights),
+        ``variant``, ``lora`` (``[file, scale]`` pairs, in merge order).
       references: per person (H, W, 3) uint8 RGB reference photo; poses: per person pose photo or None.
     """
 

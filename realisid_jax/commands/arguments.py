@@ -54,6 +54,18 @@ def finite_float(text: str) -> float:
     return value
 
 
+def lora_spec(text: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:SCALE`` (``--lora``): a LoRA file and its strength (diffusers' ``lora_scale``,
+    default 1.0). A tail after the last ``:`` that is not a number is part of the file name."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, finite_float(scale)
+        except argparse.ArgumentTypeError:
+            pass
+    return text, 1.0
+
+
 def non_negative_float(text: str) -> float:
     """A finite float >= 0 (pixel sizes)."""
     value = finite_float(text)

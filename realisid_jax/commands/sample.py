@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from realisid_jax.commands.arguments import (UsageError, check_fresh_folder, check_output_folder, image_size,
-                                             non_negative_int, positive_int)
+                                             lora_spec, non_negative_int, positive_int)
 from realisid_jax.config import load_config
 
 DEFAULT_PROMPT = "a photo of an astronaut smiling, portrait, studio light"
@@ -47,11 +47,15 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: config)")
     p.add_argument("--height", type=image_size, default=None, help="pixels, a multiple of 64 (default: config)")
     p.add_argument("--width", type=image_size, default=None, help="pixels, a multiple of 64 (default: config)")
-    p.add_argument("--base", default=None, help="diffusers SDXL / SD1.5 pipeline folder (real weights)")
+    p.add_argument("--base", default=None, help="real weights: a diffusers SDXL / SD1.5 pipeline folder, a Stability "
+                                                "single .safetensors file or a `realisid convert` cache")
     p.add_argument("--branches", default=None, help="trained RealisID branches folder (realisid export)")
     p.add_argument("--image-encoder", default=None, help="CLIP vision model folder (transformers format)")
     p.add_argument("--variant", default=None,
                    help="weights variant, e.g. fp16 (model.fp16.safetensors); default: plain files, or the only one")
+    p.add_argument("--lora", action="append", type=lora_spec, default=None, metavar="FILE[:SCALE]",
+                   help="LoRA merged into the UNet / text encoders once at load (diffusers/peft or kohya "
+                        ".safetensors), strength SCALE (default 1); repeatable")
     p.set_defaults(func=run)
 
 
@@ -130,13 +134,18 @@ def build_pipeline(config, args):
     # Weights sharded and the batch split over the config's mesh (all devices; --config.mesh.shape).
     mesh = make_mesh(tuple(config.mesh.shape))
     if args.base is None:
+        if args.lora:
+            raise UsageError("--lora needs --base: a LoRA is made for real weights")
         if parameter_counts(config)["unet"] > _MAX_RANDOM_UNET:
             raise SystemExit("error: this config is full size; random weights would only make noise slowly. "
                              "Pass --base DIFFUSERS_FOLDER (and --branches, --image-encoder).")
         print(f"note: {RANDOM_WEIGHTS_NOTE}")
         return RealisIDPipeline.from_config(config, seed=config.sampling.seed, mesh=mesh)
-    return RealisIDPipeline.from_pretrained(config, args.base, branches=args.branches,
-                                            image_encoder=args.image_encoder, variant=args.variant, mesh=mesh)
+    pipeline = RealisIDPipeline.from_pretrained(config, args.base, branches=args.branches,
+                                                image_encoder=args.image_encoder, variant=args.variant, mesh=mesh)
+    for path, scale in args.lora or ():
+        pipeline.load_lora(path, scale)
+    return pipeline
 
 
 def run(args) -> int:

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from realisid_jax.commands.arguments import UsageError, check_output_folder, non_negative_int
+from realisid_jax.commands.arguments import UsageError, check_output_folder, lora_spec, non_negative_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -29,8 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, type=Path,
                         help="dataset folder written by `realisid prepare-data`")
     parser.add_argument("--pretrained", type=Path, default=None,
-                        help="diffusers SDXL/SD1.5 folder (unet/, vae/, text_encoder/, ...) for the frozen base; "
-                             "default: random weights (smoke tests)")
+                        help="the frozen base: a diffusers SDXL/SD1.5 folder (unet/, vae/, text_encoder/, ...), a "
+                             "Stability single .safetensors file or a `realisid convert` cache; default: random "
+                             "weights (smoke tests)")
+    parser.add_argument("--variant", default=None,
+                        help="weights variant of a folder base, e.g. fp16; default: plain files, or the only one")
+    parser.add_argument("--lora", action="append", type=lora_spec, default=None, metavar="FILE[:SCALE]",
+                        help="LoRA merged into the frozen UNet / text encoders before the branches are copied from "
+                             "the UNet (as realisid sample); repeatable")
     parser.add_argument("--image-encoder", type=Path, default=None,
                         help="transformers CLIPVisionModelWithProjection folder; default: random weights")
     parser.set_defaults(func=run)
@@ -51,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.config_overrides)
     _check_data(args.data, int(config.train.batch_size))
+    if args.lora and args.pretrained is None:
+        raise UsageError("--lora needs --pretrained: a LoRA is made for real weights")
     if "://" not in args.workdir:
         check_output_folder(args.workdir, flag="--workdir")
     from realisid_jax.training.loop import NonFiniteLossError
@@ -58,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = train(config, args.workdir, data_dir=args.data, pretrained=args.pretrained,
-                       image_encoder=args.image_encoder, resume_step=args.resume_step)
+                       image_encoder=args.image_encoder, variant=args.variant, loras=args.lora or (),
+                       resume_step=args.resume_step)
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -2,5 +2,6 @@
 
 Depends on ``models/`` only, never the reverse: diffusers / transformers folders (``pretrained``,
 ``pipeline_folder``), Stability single files (``single_file``), the converted orbax cache (``orbax_cache``),
-branch folders (``branch_folders``); ``torch_state`` is the PyTorch <-> NNX rename + transpose.
+branch folders (``branch_folders``), LoRAs merged into loaded models (``lora``); ``torch_state`` is the
+PyTorch <-> NNX rename + transpose.
 """

@@ -23,3 +23,8 @@ class CheckpointMismatchError(ValueError):
         for key, got, want in wrong_shape:
             lines.append(f"  wrong shape: {key}: checkpoint {tuple(got)}, model expects {tuple(want)}")
         super().__init__("\n".join(lines))
+
+
+class LoraError(ValueError):
+    """A LoRA file does not fit the models: its unknown or unmatched keys, incomplete pairs and misfit shapes,
+    all in one line; nothing was merged."""

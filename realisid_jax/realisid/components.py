@@ -11,6 +11,7 @@ loads the frozen models from diffusers / transformers folders straight onto thei
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from jax.sharding import Mesh
 
 from realisid_jax.loading.branch_folders import load_branch_parts
 from realisid_jax.loading.files import read_json
+from realisid_jax.loading.lora import merge_loras
 from realisid_jax.loading.orbax_cache import load_converted, read_meta
 from realisid_jax.loading.pipeline_folder import load_model_folders
 from realisid_jax.loading.single_file import load_single_file
@@ -180,17 +182,20 @@ def base_scheduler_config(base: str | Path) -> dict | None:
 
 def pretrained_components(config: ml_collections.ConfigDict, pretrained: str | Path, image_encoder: str | Path | None,
                           *, mesh: Mesh | None, rules: Rules, seed: int = 0, fresh_branches: bool = True,
-                          variant: str | None = None) -> Components:
+                          variant: str | None = None, loras: Sequence[tuple[str | Path, float]] = ()) -> Components:
     """The frozen models of ``config`` from ``pretrained`` (any base ``load_base`` accepts: a diffusers folder,
     a single file or a converted cache) and the transformers CLIP vision folder ``image_encoder``
-    (default ``pretrained/image_encoder``), each tensor placed straight onto its sharding; fresh branches copied
-    from the UNet, or abstract ones (``fresh_branches=False``: the trainer makes them only for a new run).
+    (default ``pretrained/image_encoder``), each tensor placed straight onto its sharding; the ``loras``
+    (``(file, scale)``) merged into the UNet and text encoders (``loading.lora.merge_loras``); fresh branches
+    copied from that UNet, or abstract ones (``fresh_branches=False``: the trainer makes them only for a new run).
 
     Raises:
       FileNotFoundError, ValueError, CheckpointMismatchError: as ``load_model_folders`` (a missing sub-folder, a
       ``config.json`` that describes another architecture than ``config.model``, weights that do not fit).
+      LoraError: a LoRA that does not fit (nothing merged).
     """
     models = load_base(pretrained, config, image_encoder=image_encoder, variant=variant, mesh=mesh, rules=rules)
+    merge_loras(models, loras)
     if fresh_branches:
         realisid = RealisID.from_unet(models["unet"], RealisIDConfig.from_config(config), rngs=nnx.Rngs(seed))
     else:

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from realisid_jax.loading.lora import merge_loras
 from realisid_jax.loading.pipeline_folder import load_pipeline_folder
 from realisid_jax.models.layers import set_conv_impl
 from realisid_jax.models.registry import FROZEN, dtypes
@@ -176,6 +177,23 @@ class RealisIDPipeline:
             realisid = load_branches(branches, realisid=realisid, mesh=mesh, rules=rules, **kw)
         components = Components(**{name: models.get(name) for name in FROZEN}, realisid=realisid)
         return cls(components, tokenizers, config, scheduler_config=scheduler_config, mesh=mesh, analyzer=analyzer)
+
+    def load_lora(self, path, scale: float = 1.0) -> dict[str, int]:
+        """Merges a LoRA file into the frozen UNet and text encoders once (diffusers' ``load_lora_weights`` then
+        ``fuse_lora(lora_scale=scale)``; ``loading.lora``): no per-step cost, the compiled loop is reused; the
+        RealisID branches are left as they are. Call it again to stack LoRAs.
+
+        Returns:
+          component -> number of modules updated.
+
+        Raises:
+          FileNotFoundError, ValueError, LoraError: an unreadable file, or keys / shapes that do not fit (all
+          listed); nothing is merged then.
+        """
+        components = self.components
+        counts = merge_loras(components.named(), [(path, scale)])[0]
+        self._state = nnx.state(components)
+        return dict(counts)
 
     def set_branch_params(self, params: dict) -> None:
         """Replaces the branches' weights with ``params``, a pure dict of the ``realisid`` module's parameters

@@ -14,7 +14,7 @@ state is initialised by a jit with ``out_shardings``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +94,11 @@ def split_components(components: Components, config: ml_collections.ConfigDict
 
 
 def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *, pretrained: Path | None = None,
-                 image_encoder: Path | None = None) -> tuple[ModelSetup, dict, Callable[[], dict]]:
+                 image_encoder: Path | None = None, variant: str | None = None,
+                 loras: Sequence[tuple[str | Path, float]] = ()) -> tuple[ModelSetup, dict, Callable[[], dict]]:
     """Frozen models, born sharded on ``mesh`` (random: a jit with ``out_shardings``; or loaded from
-    ``pretrained`` / ``image_encoder`` straight onto their shardings), and the branches' shapes.
+    ``pretrained`` / ``image_encoder`` straight onto their shardings, with ``variant`` and the ``loras`` merged:
+    ``realisid.components.pretrained_components``), and the branches' shapes.
 
     Returns:
       ``(setup, abstract_params, make_params)``: the branch parameters' shapes (pure dict of
@@ -105,11 +107,13 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
       parts are then moved onto theirs). A resumed run does not call it.
 
     Raises:
-      ValueError: only one of ``pretrained`` / ``image_encoder`` given.
+      ValueError: only one of ``pretrained`` / ``image_encoder`` given, or ``loras`` without them.
     """
     if (pretrained is None) != (image_encoder is None):
         raise ValueError("pass both --pretrained and --image-encoder, or neither (random weights)")
     seed = int(config.train.seed)
+    if pretrained is None and loras:
+        raise ValueError("--lora needs --pretrained: a LoRA is made for real weights")
     if pretrained is None:
         def random_split():
             return split_components(build_components(config, init_rngs(seed)), config)
@@ -121,7 +125,7 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
         unet = nnx.merge(graphdef, abstract_params, rest).unet
     else:
         components = pretrained_components(config, pretrained, image_encoder, mesh=mesh, rules=rules,
-                                           fresh_branches=False)
+                                           fresh_branches=False, variant=variant, loras=loras)
         graphdef, abstract_params, rest = split_components(components, config)
         frozen_shardings = state_shardings(rest, mesh, rules)
         unet = components.unet

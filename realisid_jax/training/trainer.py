@@ -31,9 +31,10 @@ import ml_collections
 from jax.sharding import Mesh
 
 from realisid_jax.data.input_pipeline import make_train_iterator
+from realisid_jax.realisid.components import base_scheduler_config, base_tokenizers
 from realisid_jax.schedulers import SDXL_SCHEDULER_CONFIG, DDPMScheduler
 from realisid_jax.sharding import make_mesh, use_mesh
-from realisid_jax.text.tokenizer import load_tokenizer, offline_clip_tokenizer, tokenize
+from realisid_jax.text.tokenizer import offline_clip_tokenizer, tokenize
 from realisid_jax.training import loop
 from realisid_jax.training.batches import DeviceBatches, batch_spec
 from realisid_jax.training.checkpoint import StatefulIterator, TrainCheckpointer
@@ -52,21 +53,19 @@ from realisid_jax.training.workdir_lock import WorkdirLock
 
 
 def tokenizers(config: ml_collections.ConfigDict, pretrained: Path | None) -> list:
-    """One CLIP tokenizer per text encoder: the checkpoint's ``tokenizer/`` (and ``tokenizer_2/``), or the
+    """One CLIP tokenizer per text encoder: the base's (``realisid.components.base_tokenizers``: a folder's
+    ``tokenizer/`` and ``tokenizer_2/``, a cache's recorded ones, the standard ones for a single file), or the
     offline standard CLIP tokenizer for random-weight runs."""
-    count = 1 if config.model.get("text_encoder_2") is None else 2
     if pretrained is None:
-        return [offline_clip_tokenizer()] * count
-    return [load_tokenizer(pretrained, subfolder="tokenizer" if i == 0 else f"tokenizer_{i + 1}")
-            for i in range(count)]
+        return [offline_clip_tokenizer()] * (1 if config.model.get("text_encoder_2") is None else 2)
+    return list(base_tokenizers(pretrained, config))
 
 
 def noise_schedule(pretrained: Path | None) -> DDPMScheduler:
-    """The training noise schedule: the checkpoint's ``scheduler/`` config, else SDXL's (scaled_linear,
-    1000 steps; SD 1.5 uses the same betas)."""
-    if pretrained is not None and (pretrained / "scheduler").is_dir():
-        return DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
-    return DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG)
+    """The training noise schedule: the base's scheduler config (a folder's ``scheduler/``, a cache's recorded
+    one), else SDXL's (scaled_linear, 1000 steps; SD 1.5 uses the same betas)."""
+    config = base_scheduler_config(pretrained) if pretrained is not None else None
+    return DDPMScheduler.from_config(config or SDXL_SCHEDULER_CONFIG)
 
 
 @dataclasses.dataclass
@@ -87,8 +86,11 @@ class Trainer:
       config: a project config (``configs/*.py`` plus overrides). ``fit`` reads ``config.train``'s
         ``num_steps``, ``checkpoint_every``, ``keep_checkpoints``, ``log_every`` and ``sample_every`` at each
         call; everything else is fixed here.
-      pretrained, image_encoder: diffusers pipeline folder and CLIP vision folder of the frozen models
-        (both or neither; neither = random weights).
+      pretrained, image_encoder: the frozen models' base (a diffusers folder, a Stability single file or a
+        ``realisid convert`` cache) and CLIP vision folder (both or neither; neither = random weights).
+      variant: weights variant of a folder base (``"fp16"``).
+      loras: ``(file, scale)`` LoRAs merged into the frozen UNet / text encoders before the branches are copied
+        from the UNet (``loading.lora``).
       mesh: default ``make_mesh(config.mesh.shape)`` over all devices.
       compiler_options: XLA options for compiling the step (see ``compile_train_step``).
 
@@ -97,18 +99,22 @@ class Trainer:
 
     Raises:
       ValueError: only one of ``pretrained`` / ``image_encoder``.
-      FileNotFoundError, CheckpointMismatchError: unusable pretrained folders.
+      FileNotFoundError, CheckpointMismatchError: unusable pretrained folders. LoraError: a LoRA that does not
+        fit.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, *, pretrained: Path | None = None,
-                 image_encoder: Path | None = None, mesh: Mesh | None = None, compiler_options: dict | None = None):
+                 image_encoder: Path | None = None, variant: str | None = None,
+                 loras: Sequence[tuple[str | Path, float]] = (), mesh: Mesh | None = None,
+                 compiler_options: dict | None = None):
         self.config = config
         self.mesh = make_mesh(tuple(config.mesh.shape)) if mesh is None else mesh
         self.rules = tuple(tuple(r) for r in config.mesh.rules)
         # Models are built outside the mesh context: nnx.eval_shape would read their logical axis names as mesh
         # axes there. Explicit out_shardings place everything.
         self.setup, self._abstract_params, self._make_params = build_models(
-            config, self.mesh, self.rules, pretrained=pretrained, image_encoder=image_encoder)
+            config, self.mesh, self.rules, pretrained=pretrained, image_encoder=image_encoder, variant=variant,
+            loras=loras)
         self.optimizer, self.schedule = make_optimizer(config.train)
         self.shardings = train_state_shardings(self.optimizer, self._abstract_params, self.setup, self.mesh)
         self.tokenizers = tokenizers(config, pretrained)
@@ -197,13 +203,14 @@ class Trainer:
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
           data_iterator: StatefulIterator | None = None, pretrained: Path | None = None,
-          image_encoder: Path | None = None, hooks: Sequence[loop.Hook] = (), mesh: Mesh | None = None,
+          image_encoder: Path | None = None, variant: str | None = None,
+          loras: Sequence[tuple[str | Path, float]] = (), hooks: Sequence[loop.Hook] = (), mesh: Mesh | None = None,
           compiler_options: dict | None = None, resume_step: int | None = None) -> TrainResult:
     """``Trainer(config, ...).fit(workdir, ...)``: one run (see both for the arguments and errors). The work
     directory is locked before the models are built, so a second run on it stops at once."""
     with WorkdirLock(workdir, enabled=jax.process_index() == 0):
-        trainer = Trainer(config, pretrained=pretrained, image_encoder=image_encoder, mesh=mesh,
-                          compiler_options=compiler_options)
+        trainer = Trainer(config, pretrained=pretrained, image_encoder=image_encoder, variant=variant, loras=loras,
+                          mesh=mesh, compiler_options=compiler_options)
         return trainer.fit(workdir, data_dir=data_dir, data_iterator=data_iterator, hooks=hooks,
                            resume_step=resume_step)
 
