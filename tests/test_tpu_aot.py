@@ -8,6 +8,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 import functools  # noqa: E402
+import math  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -33,6 +34,10 @@ def config():
     return load_config(CONFIG, MICRO)
 
 
+# The TPU compile of the reduced tiny training step took 18 minutes on 2 shared cores: make test-slow.
+slow = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def v5e_8_plan():
     devices = topology_devices("v5e:2x4")
@@ -42,16 +47,18 @@ def v5e_8_plan():
 
 def check_tpu_plan(plan, hbm: int):
     # Only the TPU compiler gives a roofline time (XLA:CPU's cost analysis has none): compiled for the chip,
-    # not for this host.
-    assert plan.optimal_seconds > 0 and plan.flops > 0, plan
+    # not for this host. (Its value for such a small program is not meaningful: -6 s was seen.)
+    assert not math.isnan(plan.optimal_seconds) and plan.flops > 0, plan
     assert plan.alias_bytes > 0, "the train state is not donated"
     assert 0 < plan.peak_bytes < hbm, plan
 
 
+@slow
 def test_training_step_compiles_for_a_v5e_8(v5e_8_plan):
     check_tpu_plan(v5e_8_plan, 16 * 2**30)
 
 
+@slow
 def test_training_step_compiles_for_a_v4_8():
     devices = topology_devices("v4:2x2x1")  # 4 chips, one device per TensorCore: 16 of a chip's 32 GiB each
     assert len(devices) == 8 and {d.device_kind for d in devices} == {"TPU v4"}
@@ -59,6 +66,7 @@ def test_training_step_compiles_for_a_v4_8():
     check_tpu_plan(train_step_memory(config(), 8, resolution=64, devices=devices), device_hbm_bytes(devices))
 
 
+@slow
 def test_fsdp_lowers_the_peak_per_chip(v5e_8_plan):
     whole = train_step_memory(config(), 1, resolution=64, devices=topology_devices("v5e:2x4"))
     assert v5e_8_plan.state_bytes < 0.5 * whole.state_bytes
@@ -69,7 +77,7 @@ def test_sampling_loop_compiles_for_one_chip():
     devices = topology_devices("v5e:2x2")
     plan = sample_plan(config(), devices[:1])
     for figures in (plan.denoise, plan.decode):
-        assert figures["optimal_seconds"] > 0 and figures["peak_bytes"] > 0, figures
+        assert not math.isnan(figures["optimal_seconds"]) and figures["peak_bytes"] > 0, figures
     assert plan.peak_bytes < device_hbm_bytes(devices)
 
 

@@ -81,6 +81,11 @@ def print_memory_plan(config, devices: list[int]) -> None:
 GIB = 2.0**30
 
 
+def _estimate(seconds: float) -> str:
+    # The compiler's roofline time is meaningless for tiny programs (negative values were seen): not shown.
+    return f"{seconds:.3f}" if seconds > 0 else "n/a"
+
+
 def _tpu_devices(topology: str) -> list:
     from realisid_jax.training.aot import topology_devices
 
@@ -111,7 +116,7 @@ def print_tpu_train_plans(config, topologies: list[str]) -> bool:
         fits_all &= p.peak_bytes <= hbm
         print(f"{topology:>10} {len(devices):>7} {p.state_bytes / GIB:>13.2f} {p.argument_bytes / GIB:>9.2f} "
               f"{p.temp_bytes / GIB:>11.2f} {p.peak_bytes / GIB:>7.2f} {hbm / GIB:>5.0f}  {fits:<12} "
-              f"{p.flops / 1e12:>10.2f} {p.optimal_seconds:>11.3f} {p.compile_seconds:>9.0f} "
+              f"{p.flops / 1e12:>10.2f} {_estimate(p.optimal_seconds):>11} {p.compile_seconds:>9.0f} "
               f"{host_peak_rss_bytes() / GIB:>8.1f}", flush=True)
     print("(GiB per chip; TFLOP and s/step are the compiler's per-chip cost analysis, s/step its roofline "
           "estimate, not a measurement)")
@@ -139,7 +144,7 @@ def print_sample_plan(config, topology: str | None, cpu_devices: int) -> int:
         fits = "-" if hbm is None else ("fits" if plan.peak_bytes <= hbm else "does not fit")
         # The loop's cost analysis counts its body once: one guided step (3 predictions).
         print(f"{n:>5} {d['peak_bytes'] / GIB:>12.2f} {plan.decode['peak_bytes'] / GIB:>11.2f} "
-              f"{(hbm or 0) / GIB:>5.0f}  {fits:<12} {d['flops'] / 1e12:>10.2f} {d['optimal_seconds']:>11.3f} "
+              f"{(hbm or 0) / GIB:>5.0f}  {fits:<12} {d['flops'] / 1e12:>10.2f} {_estimate(d['optimal_seconds']):>11} "
               f"{d['compile_seconds'] + plan.decode['compile_seconds']:>9.0f} {host_peak_rss_bytes() / GIB:>8.1f}",
               flush=True)
         if hbm is not None and plan.peak_bytes <= hbm:

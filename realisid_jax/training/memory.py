@@ -49,8 +49,8 @@ class MemoryPlan:
       alias_bytes: outputs written in place of donated inputs (counted in both figures above).
       temp_bytes: XLA temporaries (activations kept for the backward pass, gradients, workspace).
       peak_bytes: ``argument + output - alias + temp``, the step's resident total.
-      flops: the compiler's floating-point operations per step and device (``cost_analysis``; -1 if absent).
-      optimal_seconds: the TPU compiler's roofline estimate of one step (``cost_analysis``; -1 on CPU).
+      flops: the compiler's floating-point operations per step and device (``cost_analysis``; NaN if absent).
+      optimal_seconds: the TPU compiler's roofline estimate of one step (``cost_analysis``; NaN on CPU).
       compile_seconds: wall time of lowering and compiling here.
     """
 
@@ -65,8 +65,8 @@ class MemoryPlan:
     alias_bytes: int
     temp_bytes: int
     peak_bytes: int
-    flops: float = -1.0
-    optimal_seconds: float = -1.0
+    flops: float = math.nan
+    optimal_seconds: float = math.nan
     compile_seconds: float = 0.0
 
 
@@ -93,8 +93,8 @@ def compiled_figures(lowered, devices: Sequence[jax.Device]) -> dict:
     argument, output = int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes)
     alias, temp = int(stats.alias_size_in_bytes), int(stats.temp_size_in_bytes)
     return dict(argument_bytes=argument, output_bytes=output, alias_bytes=alias, temp_bytes=temp,
-                peak_bytes=argument + output - alias + temp, flops=float(cost.get("flops", -1.0)),
-                optimal_seconds=float(cost.get("optimal_seconds", -1.0)), compile_seconds=seconds)
+                peak_bytes=argument + output - alias + temp, flops=float(cost.get("flops", math.nan)),
+                optimal_seconds=float(cost.get("optimal_seconds", math.nan)), compile_seconds=seconds)
 
 
 def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, per_device_batch: int = 1,
