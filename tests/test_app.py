@@ -11,7 +11,7 @@ from skimage import data
 from realisid_jax.app.metadata import MetadataError, read_generation
 from realisid_jax.app.request import PersonRequest, Request, RequestError, Studio
 from realisid_jax.cli import main
-from realisid_jax.commands.sample import build_pipeline
+from realisid_jax.commands.weights import build_pipeline
 from realisid_jax.config import load_config
 
 CONFIG_FILE = "configs/sdxl.py:tiny"

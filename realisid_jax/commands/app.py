@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import tempfile
 
-from realisid_jax.commands.arguments import lora_spec
+from realisid_jax.commands.weights import (RANDOM_WEIGHTS_NOTE, add_weight_arguments, build_pipeline,
+                                           enable_compilation_cache)
 from realisid_jax.config import load_config
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("app", help="the main job as a local web page (upload photos, place faces, generate)")
     p.add_argument("--config", default="configs/sdxl.py:tiny", help="config file (default: configs/sdxl.py:tiny)")
-    p.add_argument("--base", default=None, help="real weights: a diffusers SDXL / SD1.5 pipeline folder, a Stability "
-                                                "single .safetensors file or a `realisid convert` cache")
-    p.add_argument("--branches", default=None, help="trained RealisID branches folder (realisid export)")
-    p.add_argument("--image-encoder", default=None, help="CLIP vision model folder (transformers format)")
-    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (as realisid sample)")
-    p.add_argument("--lora", action="append", type=lora_spec, default=None, metavar="FILE[:SCALE]",
-                   help="LoRA merged into the base at load (as realisid sample); repeatable")
+    add_weight_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--out", default=None, help="folder for the generated PNGs (default: a temporary folder)")
@@ -32,8 +27,7 @@ def run(args) -> int:
     from realisid_jax.app.metadata import WEIGHT_FLAGS
     from realisid_jax.app.page import build_page
     from realisid_jax.app.request import Studio
-    from realisid_jax.commands.sample import (DEFAULT_PROMPT, RANDOM_WEIGHTS_NOTE, build_pipeline,
-                                              enable_compilation_cache)
+    from realisid_jax.commands.sample import DEFAULT_PROMPT
 
     config = load_config(args.config, args.config_overrides)
     enable_compilation_cache()

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from realisid_jax.commands.weights import add_weight_arguments, build_pipeline, enable_compilation_cache
+
 DEFAULT_PROMPTS = (
     "a photo of a person, portrait, natural light",
     "a photo of a person standing on a beach at sunset",
@@ -129,9 +131,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: config)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--base", default=None, help="diffusers SDXL / SD1.5 pipeline folder (real weights)")
-    p.add_argument("--branches", default=None, help="trained RealisID branches folder")
-    p.add_argument("--image-encoder", default=None, help="CLIP vision model folder (transformers format)")
+    add_weight_arguments(p)
     p.set_defaults(func=run)
     return p
 
@@ -200,17 +200,6 @@ def _prompts(path: Path | None) -> list[str]:
     return prompts
 
 
-def _build_pipeline(config, args, mesh):
-    from realisid_jax.realisid.pipeline import RealisIDPipeline
-
-    if args.base is None:
-        print("note: no --base: the config's RANDOM weights make noise, not faces (plumbing runs only)",
-              file=sys.stderr)
-        return RealisIDPipeline.from_config(config, seed=config.sampling.seed, mesh=mesh)
-    return RealisIDPipeline.from_pretrained(config, args.base, branches=args.branches,
-                                            image_encoder=args.image_encoder, mesh=mesh)
-
-
 def generate(pipeline, cells: Sequence[GridCell], photos: dict[str, Path], out: Path, *, num_images: int,
              height: int, width: int, steps: int | None, progress: bool = True) -> Path:
     """Runs every cell through ``pipeline`` (a ``RealisIDPipeline``), writes the images and the manifest;
@@ -262,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
           f"({len(photos)} identities, {len(prompts)} prompts, face sizes {sizes}, seeds {args.seeds}; "
           f"batch split {batch_shards(mesh, config.mesh.rules)} ways)")
     out = args.out.resolve()
-    pipeline = _build_pipeline(config, args, mesh)
+    enable_compilation_cache()
+    pipeline = build_pipeline(config, args)
     manifest = generate(pipeline, cells, _write_refs(photos, out / "refs"), out, num_images=args.num_images,
                         height=height, width=width, steps=args.steps)
     print(f"wrote {manifest}; next: realisid evaluate --generated {out} --out REPORT_DIR")

@@ -9,17 +9,13 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 from realisid_jax.commands.arguments import (UsageError, check_fresh_folder, check_output_folder, image_size,
-                                             lora_spec, non_negative_int, positive_int)
+                                             non_negative_int, positive_int)
+from realisid_jax.commands.weights import add_weight_arguments, build_pipeline, enable_compilation_cache
 from realisid_jax.config import load_config
 
 DEFAULT_PROMPT = "a photo of an astronaut smiling, portrait, studio light"
-RANDOM_WEIGHTS_NOTE = ("no --base given: using the config's RANDOM weights, which make noise, not faces. For real "
-                       "images pass --base (a diffusers SDXL folder), --branches (trained RealisID weights, "
-                       "`realisid train`) and --image-encoder (a CLIP ViT-H/14 vision folder).")
-_MAX_RANDOM_UNET = 100_000_000  # above this, random weights are surely a mistake: ask for --base
 
 
 def register(subparsers) -> None:
@@ -47,31 +43,18 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: config)")
     p.add_argument("--height", type=image_size, default=None, help="pixels, a multiple of 64 (default: config)")
     p.add_argument("--width", type=image_size, default=None, help="pixels, a multiple of 64 (default: config)")
-    p.add_argument("--base", default=None, help="real weights: a diffusers SDXL / SD1.5 pipeline folder, a Stability "
-                                                "single .safetensors file or a `realisid convert` cache")
-    p.add_argument("--branches", default=None, help="trained RealisID branches folder (realisid export)")
-    p.add_argument("--image-encoder", default=None, help="CLIP vision model folder (transformers format)")
-    p.add_argument("--variant", default=None,
-                   help="weights variant, e.g. fp16 (model.fp16.safetensors); default: plain files, or the only one")
-    p.add_argument("--lora", action="append", type=lora_spec, default=None, metavar="FILE[:SCALE]",
-                   help="LoRA merged into the UNet / text encoders once at load (diffusers/peft or kohya "
-                        ".safetensors), strength SCALE (default 1); repeatable")
+    add_weight_arguments(p)
     p.set_defaults(func=run)
 
 
 def _persons(args, height: int, width: int, recorded=None):
-    from skimage import data
-
     from realisid_jax.app.metadata import recorded_persons
-    from realisid_jax.realisid.conditions import Person
+    from realisid_jax.realisid.conditions import Person, default_person
 
     if recorded is not None:
         return recorded_persons(recorded), f"the photos recorded in {args.from_png}"
     if not args.face:
-        # Embedded default: the astronaut's face, placed at 1/4 of the image edge, upper middle.
-        side = min(height, width) / 4
-        box = (width / 2 - side / 2, height / 5, width / 2 + side / 2, height / 5 + side)
-        return [Person(data.astronaut(), box)], "skimage.data.astronaut()"
+        return [default_person(height, width)], "skimage.data.astronaut()"
     if len(args.box) != len(args.face):
         raise UsageError(f"{len(args.face)} --face but {len(args.box)} --box; give one box per face")
     if args.pose and len(args.pose) != len(args.face):
@@ -85,15 +68,6 @@ def _persons(args, height: int, width: int, recorded=None):
             raise UsageError(f"--box {box!r} is not x0,y0,x1,y1 (four numbers)") from None
         persons.append(Person(face, coords, None if pose == "-" else pose))
     return persons, ", ".join(args.face)
-
-
-def enable_compilation_cache() -> None:
-    import jax
-
-    from realisid_jax.assets import cache_dir
-
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_compilation_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _warn_squared_boxes(persons, boxes, height: int, width: int) -> None:
@@ -124,28 +98,6 @@ def _warn_lost_input(args) -> None:
         print("warning: --base without --branches: the RealisID branches are fresh copies of the UNet with "
               "zero-initialised outputs, so they add nothing; pass --branches (realisid export) for identity "
               "control", file=sys.stderr)
-
-
-def build_pipeline(config, args):
-    from realisid_jax.commands.info import parameter_counts
-    from realisid_jax.realisid.pipeline import RealisIDPipeline
-    from realisid_jax.sharding import make_mesh
-
-    # Weights sharded and the batch split over the config's mesh (all devices; --config.mesh.shape).
-    mesh = make_mesh(tuple(config.mesh.shape))
-    if args.base is None:
-        if args.lora:
-            raise UsageError("--lora needs --base: a LoRA is made for real weights")
-        if parameter_counts(config)["unet"] > _MAX_RANDOM_UNET:
-            raise SystemExit("error: this config is full size; random weights would only make noise slowly. "
-                             "Pass --base DIFFUSERS_FOLDER (and --branches, --image-encoder).")
-        print(f"note: {RANDOM_WEIGHTS_NOTE}")
-        return RealisIDPipeline.from_config(config, seed=config.sampling.seed, mesh=mesh)
-    pipeline = RealisIDPipeline.from_pretrained(config, args.base, branches=args.branches,
-                                                image_encoder=args.image_encoder, variant=args.variant, mesh=mesh)
-    for path, scale in args.lora or ():
-        pipeline.load_lora(path, scale)
-    return pipeline
 
 
 def run(args) -> int:

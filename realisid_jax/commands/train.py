@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from realisid_jax.training import distributed
 
     distributed.maybe_initialize()
-    from realisid_jax.commands.sample import enable_compilation_cache
+    from realisid_jax.commands.weights import enable_compilation_cache
     from realisid_jax.config import load_config
 
     # A restarted or resumed run (preemption) reuses the step's executable instead of compiling it again.

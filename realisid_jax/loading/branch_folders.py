@@ -31,7 +31,8 @@ from realisid_jax.models.controlnet import ControlNetModel
 from realisid_jax.models.id_projection import IDProjection
 from realisid_jax.sharding import DEFAULT_RULES, Rules
 from realisid_jax.loading import torch_state
-from realisid_jax.loading.files import find_weights, read_json, read_weights, resolve_folder
+from realisid_jax.folders import resolve_folder
+from realisid_jax.loading.files import find_weights, read_json, read_weights
 from realisid_jax.loading.pretrained import from_pretrained
 
 BRANCHES = ("local_branch", "global_branch")

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from realisid_jax.folders import resolve_folder
 
 def read_json(path: Path) -> dict:
     """Reads a ``config.json``-style file. Raises FileNotFoundError naming the folder and file."""

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from realisid_jax.sharding import DEFAULT_RULES, Rules
-from realisid_jax.loading.files import read_json, resolve_folder
+from realisid_jax.folders import resolve_folder
+from realisid_jax.loading.files import read_json
 from realisid_jax.loading.pretrained import from_pretrained, read_config
 
 if TYPE_CHECKING:

@@ -17,7 +17,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from realisid_jax.loading import torch_state
-from realisid_jax.loading.files import find_weights, read_json, read_weights, resolve_folder
+from realisid_jax.folders import resolve_folder
+from realisid_jax.loading.files import find_weights, read_json, read_weights
 from realisid_jax.loading.image_encoder import vision_config, vision_weights
 from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
 from realisid_jax.models.modeling_utils import ModelConfig, PretrainedMixin

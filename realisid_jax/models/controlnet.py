@@ -20,7 +20,6 @@ from flax import nnx
 
 from realisid_jax.models.layers import conv, zero_conv
 from realisid_jax.models.modeling_utils import (
-    ModelConfig,
     PretrainedMixin,
     abstract_module,
     fast_compile_options,

@@ -70,6 +70,19 @@ class PersonConditions:
     references: tuple[ReferenceFace, ...]
 
 
+def default_person(height: int, width: int, reference: ImageInput | None = None) -> Person:
+    """The embedded default person (``realisid sample`` without ``--face``, training's sample images):
+    ``reference`` (default scikit-image's astronaut, a public-domain NASA portrait) with a square face box a
+    quarter of the shorter image side, centred horizontally, its centre at 2/5 of the height (pixels)."""
+    if reference is None:
+        from skimage import data
+
+        reference = data.astronaut()
+    side = min(height, width) / 4
+    cx, cy = width / 2, 0.4 * height
+    return Person(reference, (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+
+
 def _as_image(image: ImageInput) -> tuple[np.ndarray, str]:
     if isinstance(image, np.ndarray):
         return as_rgb8(image), "<array>"

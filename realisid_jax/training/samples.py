@@ -12,22 +12,9 @@ from flax import nnx
 from PIL import Image
 
 from realisid_jax.realisid.components import abstract_branches
-from realisid_jax.realisid.conditions import Person
+from realisid_jax.realisid.conditions import default_person
 from realisid_jax.realisid.pipeline import RealisIDPipeline
 
-
-
-def sample_person(config, height: int, width: int):
-    """The ``Person`` of the samples: ``config.train.sample_reference`` (a photo path; empty: scikit-image's
-    astronaut) with a square box of a quarter of the shorter side, centred horizontally, at 2/5 of the height."""
-    reference = config.train.sample_reference
-    if not reference:
-        from skimage import data
-
-        reference = data.astronaut()
-    side = min(height, width) / 4
-    cx, cy = width / 2, 0.4 * height
-    return Person(reference, (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
 
 
 class SampleWriter:
@@ -59,7 +46,7 @@ class SampleWriter:
         else:
             self._pipeline.set_branch_params(state["params"])
         s = self._config.sampling
-        person = sample_person(self._config, s.height, s.width)
+        person = default_person(s.height, s.width, self._config.train.sample_reference or None)
         image = np.asarray(self._pipeline(self._config.train.sample_prompt, [person], seed=s.seed,
                                           progress=False).images[0])
         if jax.process_index() == 0:

@@ -32,7 +32,6 @@ from realisid_jax.realisid.branches import RealisID, RealisIDConfig
 from realisid_jax.realisid.components import (
     BRANCH_PARAMS,
     Components,
-    abstract_branches,
     build_components,
     pretrained_components,
 )
