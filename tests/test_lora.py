@@ -22,10 +22,11 @@ from realisid_jax.cli import main
 from realisid_jax.config import load_config
 from realisid_jax.loading.errors import LoraError
 from realisid_jax.loading.lora import merge_loras
-from realisid_jax.loading.torch_state import export_torch_state
 from realisid_jax.loading.pipeline_folder import load_model_folders
+from realisid_jax.loading.single_file import load_single_file
+from realisid_jax.loading.torch_state import export_torch_state
 from realisid_jax.realisid.components import pretrained_components
-from realisid_jax.sharding import DEFAULT_RULES
+from realisid_jax.sharding import DEFAULT_RULES, make_mesh
 
 SCALE = 0.7
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv_shortcut"]
@@ -190,6 +191,25 @@ def test_training_branches_start_from_the_merged_unet(single_file, capsys):
         assert not np.allclose(kernels[1], kernels[0]), module
         np.testing.assert_array_equal(kernels[2], kernels[1], err_msg=module)
         np.testing.assert_array_equal(kernels[3], kernels[1], err_msg=module)
+    capsys.readouterr()
+
+
+def test_merging_keeps_each_kernels_sharding(single_file, capsys):
+    """On a (2, 4, 1) mesh each merged kernel keeps its sharding and gets the values of the unsharded merge."""
+    base, _, lora = single_file
+    config = load_config("configs/sdxl.py:tiny")
+    sharded = load_single_file(base, config, components=["unet"], mesh=make_mesh((2, 4, 1)), rules=DEFAULT_RULES)
+    plain = load_single_file(base, config, components=["unet"])
+    before = {path: v.get_value().sharding for path, v in nnx.to_flat_state(nnx.state(sharded["unet"]))}
+    for models in (sharded, plain):
+        merge_loras(models, [(lora, 0.5)])
+    want = dict(nnx.to_flat_state(nnx.state(plain["unet"])))
+    merged = [(".".join(map(str, path)), v.get_value()) for path, v in nnx.to_flat_state(nnx.state(sharded["unet"]))
+              if path[-1] == "kernel" and ".".join(map(str, path)).removesuffix(".kernel") in LORA_MODULES]
+    assert len(merged) == 2 and not all(value.sharding.is_fully_replicated for _, value in merged)
+    for path, v in nnx.to_flat_state(nnx.state(sharded["unet"])):
+        assert v.get_value().sharding == before[path], path
+        np.testing.assert_array_equal(np.asarray(v.get_value()), np.asarray(want[path].get_value()), err_msg=path)
     capsys.readouterr()
 
 
