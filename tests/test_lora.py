@@ -47,8 +47,8 @@ def tiny(tmp_path_factory):
     unet_lora, unet_meta = _peft_lora(UNet2DConditionModel(**TINY.unet.to_dict()), UNET_TARGETS, 4, 8)
     te = type(pipe.text_encoder)(pipe.text_encoder.config)
     te_lora, te_meta = _peft_lora(te, ["q_proj", "v_proj"], 2, 2)
-    StableDiffusionXLPipeline.save_lora_weights(root / "peft", unet_lora_layers=unet_lora, text_encoder_lora_layers=te_lora,
-                                                unet_lora_adapter_metadata=unet_meta,
+    StableDiffusionXLPipeline.save_lora_weights(root / "peft", unet_lora_layers=unet_lora,
+                                                text_encoder_lora_layers=te_lora, unet_lora_adapter_metadata=unet_meta,
                                                 text_encoder_lora_adapter_metadata=te_meta)
     config = load_config("configs/sdxl.py:tiny")
     models = load_model_folders(folder, config, components=["unet", "text_encoder", "text_encoder_2"])
