@@ -40,7 +40,8 @@ def _save_bin_shards(model: torch.nn.Module, folder, weights_name: str) -> None:
                                                max_shard_size=SHARD)
     for file, keys in split.filename_to_tensors.items():
         torch.save({k: state[k].contiguous() for k in keys}, folder / file)
-    (folder / f"{weights_name}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": split.tensor_to_filename}))
+    index = {"metadata": {}, "weight_map": split.tensor_to_filename}
+    (folder / f"{weights_name}.index.json").write_text(json.dumps(index))
 
 
 def _layouts(model, root, weights_name, *, diffusers_bin: bool):

@@ -198,7 +198,7 @@ def read_lora(path: str | os.PathLike, models: Mapping[str, nnx.Module], scale: 
         factors.setdefault((component, name, module), {})[part] = value
     problems = []
     if unknown:
-        problems.append(f"{len(unknown)} keys of no LoRA format: {_listing(unknown)}")
+        problems.append(f"{len(unknown)} keys of no SD / SDXL LoRA format: {_listing(unknown)}")
     if unmatched:
         problems.append(f"{len(unmatched)} keys name no module of {sorted(targets)}: {_listing(unmatched)}")
     updates = []
