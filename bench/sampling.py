@@ -10,8 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from flax import nnx
+
 from bench.models import Models, torch_residuals
-from realisid_jax import pipeline
+from realisid_jax.realisid import pipeline
+from realisid_jax.realisid.components import Components
 from realisid_jax.schedulers import get_scheduler
 
 TEXT_SCALE, ID_SCALE, ID_START_FRACTION = 7.5, 5.0, 0.2
@@ -54,8 +57,13 @@ def jax_sampler(models: Models, inputs: SamplingInputs):
     """A no-argument callable running ``pipeline._denoise`` to the final latents (blocks), and the callable's
     jitted function (for ``_cache_size``)."""
     scheduler = get_scheduler("ddim", None)
-    state = scheduler.set_timesteps(inputs.steps)
+    sched_state = scheduler.set_timesteps(inputs.steps)
     start = int(np.floor(ID_START_FRACTION * inputs.steps))
+    # ``_denoise`` reads the UNet and the branches of a ``Components`` container; nothing else runs in the loop.
+    components = Components(unet=nnx.merge(models.unet_def, models.unet_state), vae=None, text_encoder=None,
+                            text_encoder_2=None, image_encoder=None,
+                            realisid=nnx.merge(models.realisid_def, models.realisid_state))
+    graphdef, model_state = nnx.split(components)
     args = jax.tree.map(jnp.asarray, (inputs.latents, inputs.text, inputs.time_ids, inputs.id_embedding,
                                       inputs.no_id, inputs.boxes, inputs.valid, inputs.landmark_images))
 
@@ -64,9 +72,8 @@ def jax_sampler(models: Models, inputs: SamplingInputs):
         for i, value in ((0, latents), (1, text), (5, boxes)):
             if value is not None:
                 a[i] = jax.tree.map(jnp.asarray, value)
-        carry = (a[0], scheduler.init_carry(state, a[0]))
-        out = pipeline._denoise(models.unet_def, models.realisid_def, scheduler, models.unet_state,
-                                models.realisid_state, state, carry, *a[1:], jnp.float32(TEXT_SCALE),
+        carry = (a[0], scheduler.init_carry(sched_state, a[0]))
+        out = pipeline._denoise(graphdef, scheduler, model_state, sched_state, carry, *a[1:], jnp.float32(TEXT_SCALE),
                                 jnp.float32(ID_SCALE), jnp.int32(start), jnp.int32(0), jnp.int32(inputs.steps))
         return out[0].block_until_ready()
 

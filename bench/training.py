@@ -31,6 +31,9 @@ def trainer(config, seed: int = 0):
     for name, (shape, dtype) in batch_shapes(config, n_text).items():
         if np.issubdtype(dtype, np.integer):
             batch[name] = rng.integers(0, 49408, shape).astype(dtype)
+        elif name == "time_ids":  # SDXL micro-conditioning of an uncropped square photo
+            r = int(config.train.resolution)
+            batch[name] = np.broadcast_to(np.array([r, r, 0, 0, r, r], dtype), shape).copy()
         elif name == "face_box":
             batch[name] = np.broadcast_to(np.array([0.3, 0.2, 0.7, 0.6], dtype), shape).copy()
         else:
