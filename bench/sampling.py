@@ -73,8 +73,9 @@ def jax_sampler(models: Models, inputs: SamplingInputs):
             if value is not None:
                 a[i] = jax.tree.map(jnp.asarray, value)
         carry = (a[0], scheduler.init_carry(sched_state, a[0]))
-        out = pipeline._denoise(graphdef, scheduler, model_state, sched_state, carry, *a[1:], jnp.float32(TEXT_SCALE),
-                                jnp.float32(ID_SCALE), jnp.int32(start), jnp.int32(0), jnp.int32(inputs.steps))
+        guidance = pipeline.Guidance(jnp.float32(TEXT_SCALE), jnp.float32(ID_SCALE), jnp.int32(start))
+        out = pipeline._denoise(graphdef, scheduler, model_state, sched_state, carry, pipeline.DenoiseInputs(*a[1:]),
+                                guidance, jnp.int32(0), jnp.int32(inputs.steps))
         return out[0].block_until_ready()
 
     return run, pipeline._denoise

@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("sample", help="generate images with RealisID (the main job)")
     p.add_argument("--config", default="configs/sdxl.py:tiny", help="config file (default: configs/sdxl.py:tiny)")
     p.add_argument("--face", action="append", default=[], help="reference photo of a person (repeat per person)")
-    p.add_argument("--box", action="append", default=[], help="x0,y0,x1,y1 face box in output pixels, per --face; made square by its longer "
+    p.add_argument("--box", action="append", default=[],
+                   help="x0,y0,x1,y1 face box in output pixels, per --face; made square by its longer "
                         "edge around its centre and moved inside the image, as in training (the conditioning "
                         "sheet shows the box used); a longer edge beyond the image is refused")
     p.add_argument("--pose", action="append", default=[],

@@ -255,8 +255,8 @@ class UNet2DConditionModel(UNetEncoderMixin, PretrainedMixin, nnx.Module):
     """Conditional denoising UNet of Stable Diffusion 1.5 and SDXL (NHWC), diffusers ``UNet2DConditionModel``.
 
     Construct with ``UNet2DConditionModel(config, rngs=nnx.Rngs(0))``, ``.abstract(config)`` (shapes only) or
-    ``loading.from_pretrained(UNet2DConditionModel, folder, subfolder="unet")``. ``dtype`` is the computation dtype, ``param_dtype`` the
-    storage dtype; ``attention_impl`` goes to ``jax.nn.dot_product_attention``.
+    ``loading.from_pretrained(UNet2DConditionModel, folder, subfolder="unet")``. ``dtype`` is the computation
+    dtype, ``param_dtype`` the storage dtype; ``attention_impl`` goes to ``jax.nn.dot_product_attention``.
     """
 
     config_class = UNet2DConditionConfig

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -57,13 +57,36 @@ class SamplingOutput:
     conditions: PersonConditions
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Guidance:
-    """Traced guidance settings (changing them does not recompile)."""
+    """Paper Eq. 8's settings, traced (changing them does not recompile): ``text_scale`` λ_t and ``id_scale``
+    λ_i (float32 scalars), ``id_start_step`` (int32 scalar): the first step with the ID (delayed subject
+    conditioning)."""
 
-    text_scale: float
-    id_scale: float
-    id_start_step: int
+    text_scale: jax.Array
+    id_scale: jax.Array
+    id_start_step: jax.Array
+
+
+@struct.dataclass
+class DenoiseInputs:
+    """What the denoising steps of one request read, placed on the mesh (N images, K person slots).
+
+    Attributes:
+      text: ``(prompt_embeds, negative_embeds, pooled, negative_pooled)``, (N, 77, D) and (N, P) (pooled
+        ``None`` for SD 1.5).
+      time_ids: (N, 6) SDXL micro-conditioning ``(H, W, 0, 0, H, W)``.
+      id_embedding, no_id: (K, T, D) p_id of each person and of "no ID" (zero image features).
+      boxes: (N, K, 4) normalised ``(x0, y0, x1, y1)``; valid: (N, K) bool; landmark_images: (N, K, P, P, 3).
+    """
+
+    text: tuple
+    time_ids: jax.Array
+    id_embedding: jax.Array
+    no_id: jax.Array
+    boxes: jax.Array
+    valid: jax.Array
+    landmark_images: jax.Array
 
 
 def prepare_conditions(config, persons: Sequence[Person], height: int, width: int,
@@ -259,12 +282,14 @@ class RealisIDPipeline:
         conditions = persons if isinstance(persons, PersonConditions) else self.prepare(persons, height, width)
         sched_state = self.scheduler.set_timesteps(steps)
         fraction = s.id_start_fraction if id_start_fraction is None else id_start_fraction
-        guidance = Guidance(s.text_guidance_scale if text_guidance_scale is None else text_guidance_scale,
-                            s.id_guidance_scale if id_guidance_scale is None else id_guidance_scale,
-                            int(math.floor(fraction * steps)))
+        guidance = Guidance(
+            jnp.float32(s.text_guidance_scale if text_guidance_scale is None else text_guidance_scale),
+            jnp.float32(s.id_guidance_scale if id_guidance_scale is None else id_guidance_scale),
+            jnp.int32(math.floor(fraction * steps)))
         text = self.encode_prompt(prompt, negative_prompt if negative_prompt is not None else s.negative_prompt or None,
                                   num_images)
-        latent_shape = (num_images, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR, self.config.model.unet["in_channels"])
+        latent_shape = (num_images, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR,
+                        self.config.model.unet["in_channels"])
         if latents is None:
             latents = jax.random.normal(jax.random.key(seed), latent_shape, jnp.float32)
         elif tuple(latents.shape) != latent_shape:
@@ -275,17 +300,16 @@ class RealisIDPipeline:
             inputs = self._place(dict(latents=latents, text=text, time_ids=time_ids, conditions=conditions,
                                       num_images=num_images))
             id_embedding, no_id = _encode_ids(self._graphdef, self._state, inputs["reference_pixels"])
-            args = (self._graphdef, self.scheduler, self._state, sched_state)
-            conds = (inputs["text"], inputs["time_ids"], id_embedding, no_id, inputs["boxes"], inputs["valid"],
-                     inputs["landmark_images"], jnp.float32(guidance.text_scale), jnp.float32(guidance.id_scale),
-                     jnp.int32(guidance.id_start_step))
+            request = DenoiseInputs(inputs["text"], inputs["time_ids"], id_embedding, no_id, inputs["boxes"],
+                                    inputs["valid"], inputs["landmark_images"])
             carry = (inputs["latents"], self.scheduler.init_carry(sched_state, inputs["latents"]))
             # One compiled loop whose bounds are data: with a progress bar it is called once per step (a host
             # callback inside the loop would keep the executable out of the persistent compilation cache).
             bounds = [(i, i + 1) for i in range(steps)] if progress else [(0, steps)]
             with tqdm(total=steps, desc="denoising", disable=not progress) as bar:
                 for start, stop in bounds:
-                    carry = _denoise(*args, carry, *conds, jnp.int32(start), jnp.int32(stop))
+                    carry = _denoise(self._graphdef, self.scheduler, self._state, sched_state, carry, request,
+                                     guidance, jnp.int32(start), jnp.int32(stop))
                     carry[0].block_until_ready()
                     bar.update(stop - start)
             latents = carry[0]
@@ -334,36 +358,38 @@ def _encode_ids(graphdef, state, reference_pixels):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "scheduler"))
-def _denoise(graphdef, scheduler, state, sched_state, carry, text, time_ids,
-             id_embedding, no_id, boxes, valid, landmark_images, text_scale, id_scale, id_start_step, start, stop):
+def _denoise(graphdef, scheduler, state, sched_state, carry, inputs: DenoiseInputs, guidance: Guidance, start,
+             stop):
     """Guided denoising steps ``start`` to ``stop`` (paper Eq. 8), one batch of 3N predictions per step.
 
-    ``carry`` is (latents (N, h, w, C), the scheduler's loop carry) and is returned advanced; the bounds are
-    traced, so the whole loop and a single step share one executable."""
+    ``graphdef``/``state``: the split ``Components``; ``carry`` is (latents (N, h, w, C), the scheduler's loop
+    carry) and is returned advanced; the bounds are traced, so the whole loop and a single step share one
+    executable."""
     models = nnx.merge(graphdef, state)
     unet, realisid = models.unet, models.realisid
     n = carry[0].shape[0]
-    prompt_embeds, negative_embeds, pooled, negative_pooled = text
+    prompt_embeds, negative_embeds, pooled, negative_pooled = inputs.text
     context = jnp.concatenate([negative_embeds, prompt_embeds, prompt_embeds])
     added = None
     if pooled is not None:
         added = {"text_embeds": jnp.concatenate([negative_pooled, pooled, pooled]),
-                 "time_ids": jnp.tile(time_ids, (3, 1))}
+                 "time_ids": jnp.tile(inputs.time_ids, (3, 1))}
     per_image = lambda x: jnp.broadcast_to(x, (n, *x.shape))  # noqa: E731 - persons are shared by the N images
-    boxes3, valid3, marks3 = (jnp.concatenate([x] * 3) for x in (boxes, valid, landmark_images))
+    boxes3, valid3, marks3 = (jnp.concatenate([x] * 3) for x in (inputs.boxes, inputs.valid, inputs.landmark_images))
+    id_embedding, no_id = inputs.id_embedding, inputs.no_id
 
     def body(i, carry):
         x, scheduler_carry = carry
         x_in = scheduler.scale_model_input(sched_state, x, i)
         t = sched_state.timesteps[i]
-        with_id = jnp.where(i >= id_start_step, id_embedding, no_id)
+        with_id = jnp.where(i >= guidance.id_start_step, id_embedding, no_id)
         p_id = jnp.concatenate([per_image(no_id), per_image(no_id), per_image(with_id)])
         x3 = jnp.concatenate([x_in] * 3)
         down, mid = realisid.residuals(x3, t, p_id, boxes3, valid3, marks3, added)
         eps = unet(x3, t, context, added_cond_kwargs=added, down_block_additional_residuals=down,
                    mid_block_additional_residual=mid)
         e_none, e_text, e_id = jnp.split(eps, 3)
-        eps = e_none + text_scale * (e_text - e_none) + id_scale * (e_id - e_text)
+        eps = e_none + guidance.text_scale * (e_text - e_none) + guidance.id_scale * (e_id - e_text)
         return scheduler.step(sched_state, eps.astype(x.dtype), i, x, scheduler_carry)
 
     return jax.lax.fori_loop(start, stop, body, carry)
