@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -97,12 +97,74 @@ def _shards(index: Path) -> list[Path]:
     return shards
 
 
-def read_weights(paths: Sequence[Path]) -> dict[str, np.ndarray]:
-    """``read_state_dict`` of each file, merged (the shards of one checkpoint).
+class SafetensorsWeights(Mapping[str, np.ndarray]):
+    """A read-only, lazy state dict over one or several ``.safetensors`` files (the shards of one checkpoint).
+
+    Keys, shapes and dtypes come from the files' headers at construction; each tensor is read only when it is
+    looked up, through a ``safe_open`` that is closed right after, so the file's mapped pages are released and
+    the caller holds at most the tensors it keeps (loading streams one tensor at a time instead of holding a
+    second full copy of the checkpoint). Values are host numpy arrays, bfloat16 as ``ml_dtypes.bfloat16``.
+
+    Raises:
+      ValueError: a file whose header cannot be parsed (naming the file), or a key present in two shards.
+    """
+
+    def __init__(self, paths: Sequence[Path]):
+        self._files: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for path in paths:
+            shapes = _safetensors_shapes(path)
+            twice = sorted(set(shapes) & set(self._files))
+            if twice:
+                raise ValueError(f"{path} repeats keys of an earlier shard: {twice[:5]}")
+            self._files.update(dict.fromkeys(shapes, path))
+            self._shapes.update(shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape from the header, without reading it. Raises KeyError for an absent key."""
+        return self._shapes[key]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        path = self._files[key]
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                return f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"cannot read {key!r} from safetensors file {path}: {e}") from e
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._files
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape from a ``.safetensors`` header; ValueError naming the file when it cannot be parsed."""
+    import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, which safetensors' numpy reader needs
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"cannot read safetensors file {path}: {e}") from e
+
+
+def read_weights(paths: Sequence[Path]) -> Mapping[str, np.ndarray]:
+    """The state dict of one checkpoint's files (its shards), merged: a lazy ``SafetensorsWeights`` when
+    every file is ``.safetensors``, else ``read_state_dict`` of each file in one dict.
 
     Raises:
       ValueError: a key present in two shards, or as ``read_state_dict``.
     """
+    if all(path.suffix == ".safetensors" for path in paths):
+        return SafetensorsWeights(paths)
     state: dict[str, np.ndarray] = {}
     for path in paths:
         part = read_state_dict(path)
@@ -113,24 +175,19 @@ def read_weights(paths: Sequence[Path]) -> dict[str, np.ndarray]:
     return state
 
 
-def read_state_dict(path: Path) -> dict[str, np.ndarray]:
-    """Reads a PyTorch state dict into host numpy arrays (bfloat16 kept as ``ml_dtypes.bfloat16``).
+def read_state_dict(path: Path) -> Mapping[str, np.ndarray]:
+    """Reads a PyTorch state dict of host numpy arrays (bfloat16 kept as ``ml_dtypes.bfloat16``).
 
-    ``.safetensors`` is read with safetensors; ``.bin``/``.pt`` with ``torch.load(weights_only=True)``, whose
-    restricted unpickler runs no code from the file (requires the ``torch`` extra).
+    ``.safetensors`` gives a lazy ``SafetensorsWeights`` (header read now, each tensor on access);
+    ``.bin``/``.pt`` a dict read with ``torch.load(weights_only=True)``, whose restricted unpickler runs no
+    code from the file (requires the ``torch`` extra).
 
     Raises:
       ImportError: a ``.bin`` file without PyTorch installed.
       ValueError: the file cannot be parsed.
     """
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="flax") as f:
-                return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"cannot read safetensors file {path}: {e}") from e
+        return SafetensorsWeights([path])
     try:
         import torch
     except ImportError as e:

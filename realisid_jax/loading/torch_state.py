@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,49 +36,56 @@ def to_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def load_torch_state(abstract_state: nnx.State, state_dict: dict[str, np.ndarray], *, source: str,
+def load_torch_state(abstract_state: nnx.State, state_dict: Mapping[str, np.ndarray], *, source: str,
                      key_fn: Callable[[VariablePath], str] = torch_key, ignore: Sequence[str] = (),
                      shardings: nnx.State | None = None) -> nnx.State:
     """Fills an abstract NNX state (from ``nnx.eval_shape``) with a PyTorch state dict.
 
-    Each tensor is transposed to flax layout, cast to the variable's dtype (float32 or bfloat16) and placed
-    straight onto its sharding when ``shardings`` (same tree, ``NamedSharding`` leaves) is given.
+    Keys and shapes are checked first without reading a tensor (a lazy ``loading.files.SafetensorsWeights``
+    gives shapes from its header). Then one tensor at a time is read, transposed to flax layout, cast to the
+    variable's dtype (float32 or bfloat16) and placed straight onto its sharding when ``shardings`` (same
+    tree, ``NamedSharding`` leaves) is given; its host copy is dropped before the next is read, so loading
+    holds the placed model plus about one tensor, not a second full copy of the checkpoint.
 
     Args:
       abstract_state: the model's state with ``ShapeDtypeStruct`` values.
-      state_dict: PyTorch keys -> host arrays (``checkpoint.read_state_dict``).
+      state_dict: PyTorch keys -> host arrays (``files.read_weights``); a ``shape(key)`` method, when
+        present, is used for the check instead of reading the array.
       source: file name for error messages.
       key_fn: NNX path -> PyTorch key (for trees that rename, e.g. transformers' ``text_model.`` prefix).
       ignore: regular expressions of checkpoint keys that are not parameters (non-persistent buffers).
 
     Raises:
-      CheckpointMismatchError: listing every missing, unexpected and wrong-shape key at once.
+      CheckpointMismatchError: listing every missing, unexpected and wrong-shape key at once, before
+        anything is read or placed.
     """
     flat = nnx.to_flat_state(abstract_state)
     flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
-    missing, wrong_shape, loaded, used = [], [], [], set()
+    shape_of = getattr(state_dict, "shape", None) or (lambda key: tuple(state_dict[key].shape))
+    missing, wrong_shape, matched, used = [], [], [], set()
     for path, variable in flat:
         key = key_fn(path)
         if key not in state_dict:
             missing.append(key)
             continue
         used.add(key)
-        array = to_flax_layout(str(path[-1]), state_dict[key])
-        if tuple(array.shape) != tuple(variable.shape):
-            want = to_torch_layout(str(path[-1]), np.empty(variable.shape, np.bool_)).shape
-            wrong_shape.append((key, tuple(state_dict[key].shape), tuple(want)))
+        want = tuple(to_torch_layout(str(path[-1]), np.empty(variable.shape, np.bool_)).shape)
+        have = tuple(shape_of(key))
+        if have != want:
+            wrong_shape.append((key, have, want))
             continue
-        loaded.append((path, variable, array))
+        matched.append((path, variable, key))
     unexpected = [k for k in state_dict if k not in used and not any(re.fullmatch(p, k) for p in ignore)]
     if missing or unexpected or wrong_shape:
         raise CheckpointMismatchError(source, missing, unexpected, wrong_shape)
 
-    def place(path, variable, array):
-        value = jnp.asarray(array, dtype=variable.dtype) if path not in flat_shardings else \
-            jax.device_put(np.asarray(array).astype(variable.dtype), flat_shardings[path].get_value())
-        return path, variable.replace(value)
+    def place(path, variable, key):
+        array = np.asarray(to_flax_layout(str(path[-1]), state_dict[key])).astype(variable.dtype)
+        if path not in flat_shardings:
+            return path, variable.replace(jnp.asarray(array))
+        return path, variable.replace(jax.device_put(array, flat_shardings[path].get_value()))
 
-    return nnx.from_flat_state([place(*item) for item in loaded])
+    return nnx.from_flat_state([place(*item) for item in matched])
 
 
 def export_torch_state(state: nnx.State, key_fn: Callable[[VariablePath], str] = torch_key) -> dict[str, np.ndarray]:
