@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +123,13 @@ class SafetensorsWeights(Mapping[str, np.ndarray]):
     def shape(self, key: str) -> tuple[int, ...]:
         """The tensor's shape from the header, without reading it. Raises KeyError for an absent key."""
         return self._shapes[key]
+
+    def subset(self, keys: Iterable[str]) -> SafetensorsWeights:
+        """The same files restricted to ``keys``, still unread. Raises KeyError for an absent key."""
+        out = object.__new__(SafetensorsWeights)
+        out._files = {k: self._files[k] for k in keys}
+        out._shapes = {k: self._shapes[k] for k in out._files}
+        return out
 
     def __getitem__(self, key: str) -> np.ndarray:
         from safetensors import safe_open

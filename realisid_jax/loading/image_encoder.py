@@ -5,10 +5,13 @@ repository), of which only the vision tower and ``visual_projection`` are used."
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from realisid_jax.loading.files import SafetensorsWeights
 
 VISION_CLASSES = ("CLIPVisionModelWithProjection", "CLIPModel")
 _CLIP_MODEL_UNUSED = re.compile(r"text_model\..*|text_projection\..*|logit_scale")
@@ -32,7 +35,11 @@ def vision_config(values: dict[str, Any], folder: Path) -> dict[str, Any]:
                      f"{' or '.join(VISION_CLASSES)} folder (config.json 'architectures')")
 
 
-def vision_weights(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def vision_weights(state_dict: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
     """A ``CLIPModel`` checkpoint's vision tower and projection (``vision_model.*``, ``visual_projection.*``);
-    its text tower, ``text_projection`` and ``logit_scale`` are dropped. Other checkpoints pass unchanged."""
-    return {k: v for k, v in state_dict.items() if not _CLIP_MODEL_UNUSED.fullmatch(k)}
+    its text tower, ``text_projection`` and ``logit_scale`` are dropped. Other checkpoints pass unchanged.
+    A lazy ``SafetensorsWeights`` stays unread (the dropped towers are never read)."""
+    keep = [k for k in state_dict if not _CLIP_MODEL_UNUSED.fullmatch(k)]
+    if isinstance(state_dict, SafetensorsWeights):
+        return state_dict.subset(keep)
+    return {k: state_dict[k] for k in keep}
