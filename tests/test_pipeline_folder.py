@@ -99,7 +99,7 @@ def test_bfloat16_on_a_mesh(sdxl):
 def test_trainer_loads_every_model_of_the_config_on_a_mesh(sdxl, loaded):
     folder, encoder_folder, _, _ = sdxl
     mesh = make_mesh((2, 2, 2))
-    config = load_config("configs/sdxl.py:tiny", ["param_dtype=bfloat16"])
+    config = load_config("configs/sdxl.py:tiny", ["frozen_param_dtype=bfloat16"])
     frozen = pretrained_components(config, folder, encoder_folder, mesh=mesh, rules=DEFAULT_RULES)
     models = {name: getattr(frozen, name) for name in loaded.models()}
     assert {name: type(m) for name, m in models.items()} == {n: type(m) for n, m in loaded.models().items()}
