@@ -160,9 +160,17 @@ def run_jax_step(models: Models, args: tuple) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------------ PyTorch
-def _tent(coords: torch.Tensor, n: int) -> torch.Tensor:
-    coords = coords.clamp(0.0, n - 1.0)
-    return (1.0 - (coords[..., None] - torch.arange(n, dtype=torch.float32)).abs()).clamp_min(0.0)
+def _filter(centres: torch.Tensor, step: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, out, n) triangle weights of half-width max(step, 1) cells, rows summing to 1, centres clamped so the
+    footprint stays inside the axis (``realisid.ops._filter``: bilinear when enlarging, antialiased when
+    shrinking)."""
+    half = step.clamp_min(1.0)[:, None]
+    lo = torch.minimum(half - 1.0, torch.tensor((n - 1) / 2))
+    hi = torch.maximum(n - half, torch.tensor((n - 1) / 2))
+    centres = torch.maximum(torch.minimum(centres, hi), lo)
+    distance = (centres[..., None] - torch.arange(n, dtype=torch.float32)).abs()
+    weights = (1.0 - distance / half[..., None]).clamp_min(0.0)
+    return weights / weights.sum(-1, keepdim=True)
 
 
 def _coverage(lo: torch.Tensor, hi: torch.Tensor, n: int) -> torch.Tensor:
@@ -172,18 +180,19 @@ def _coverage(lo: torch.Tensor, hi: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _crop_weights(boxes: torch.Tensor, src: int, out: int, lo: int, hi: int) -> torch.Tensor:
-    """(N, out, src) bilinear crop weights along one axis (``face.ops.crop_and_resize``)."""
-    a, b = boxes[:, lo, None], boxes[:, hi, None]
-    coords = a * src + (torch.arange(out, dtype=torch.float32) + 0.5) * ((b - a) * src / out) - 0.5
-    return _tent(coords, src)
+    """(N, out, src) crop weights along one axis (``realisid.ops.crop_and_resize``)."""
+    a, b = boxes[:, lo], boxes[:, hi]
+    step = (b - a) * src / out
+    coords = a[:, None] * src + (torch.arange(out, dtype=torch.float32) + 0.5) * step[:, None] - 0.5
+    return _filter(coords, step, src)
 
 
 def _relocate_weights(boxes: torch.Tensor, src: int, out: int, lo: int, hi: int) -> torch.Tensor:
-    """(N, out, src) relocation weights along one axis (``face.ops.relocate``)."""
+    """(N, out, src) relocation weights along one axis (``realisid.ops.relocate``)."""
     a, b = boxes[:, lo], boxes[:, hi]
-    coords = ((torch.arange(out, dtype=torch.float32) + 0.5) - a[:, None] * out) * (
-        src / ((b - a).clamp_min(_MIN_EXTENT) * out))[:, None] - 0.5
-    return _coverage(a, b, out)[..., None] * _tent(coords, src)
+    step = src / ((b - a).clamp_min(_MIN_EXTENT) * out)
+    coords = ((torch.arange(out, dtype=torch.float32) + 0.5) - a[:, None] * out) * step[:, None] - 0.5
+    return _coverage(a, b, out)[..., None] * _filter(coords, step, src)
 
 
 def _sum_persons(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,7 @@ def test_sharded_restore_on_2x4x1_mesh(cache):
 
 def test_restore_casts_to_config_param_dtype(cache):
     path, models = cache
-    config = load_config("configs/sdxl.py:tiny", ["param_dtype=bfloat16", "dtype=bfloat16"])
+    config = load_config("configs/sdxl.py:tiny", ["frozen_param_dtype=bfloat16", "dtype=bfloat16"])
     unet = load_converted(path, config, components=["unet"])["unet"]
     kernel = unet.conv_in.kernel.get_value()
     assert kernel.dtype == jnp.bfloat16

@@ -158,7 +158,7 @@ def test_cli_end_to_end_on_the_astronaut(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--box", "0,0,300,64", "--face", "PHOTO"], "not inside"),
+    (["--box", "0,0,300,64", "--face", "PHOTO"], "does not fit"),
     (["--base", "/nonexistent/sdxl"], "does not exist"),
     (["--base", "stabilityai/stable-diffusion-xl-base-1.0"], "hub id"),
 ])
