@@ -27,7 +27,7 @@ $(ASSETS_STAMP): $(STAMP)
 	touch $@
 
 demo: install assets
-	$(VENV)/bin/realisid sample --config configs/sdxl.py:tiny --out out/demo
+	$(VENV)/bin/realisid sample --config configs/sdxl.py:tiny --out out/demo --overwrite
 
 test: install assets
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile tests

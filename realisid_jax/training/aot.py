@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from realisid_jax.realisid.components import abstract_components
-from realisid_jax.realisid.pipeline import _decode, _denoise, _encode_ids
+from realisid_jax.realisid.pipeline import DenoiseInputs, Guidance, _decode, _denoise, _encode_ids
 from realisid_jax.models.vae import VAE_SCALE_FACTOR
 from realisid_jax.schedulers import get_scheduler
 from realisid_jax.sharding import data_sharding, make_mesh, state_shardings, use_mesh
@@ -131,11 +131,12 @@ def sample_plan(config: ml_collections.ConfigDict, devices: list[jax.Device], *,
     side = VAE_SCALE_FACTOR * config.realisid.local_latent_size
     scalar = lambda dtype: spec((), dtype)  # noqa: E731
     with use_mesh(mesh, rules):
-        denoise = _denoise.lower(graphdef, scheduler, state, sched_state, carry, text,
-                                 batched((1, 6), jnp.float32), id_embedding, no_id,
-                                 batched((1, persons, 4), jnp.float32), batched((1, persons), jnp.bool_),
-                                 batched((1, persons, side, side, 3), jnp.float32), scalar(jnp.float32),
-                                 scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.int32))
+        inputs = DenoiseInputs(text, batched((1, 6), jnp.float32), id_embedding, no_id,
+                               batched((1, persons, 4), jnp.float32), batched((1, persons), jnp.bool_),
+                               batched((1, persons, side, side, 3), jnp.float32))
+        guidance = Guidance(scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32))
+        denoise = _denoise.lower(graphdef, scheduler, state, sched_state, carry, inputs, guidance, scalar(jnp.int32),
+                                 scalar(jnp.int32))
         decode = _decode.lower(graphdef, state, latents)
     return SamplePlan(num_devices=len(devices), persons=persons, height=int(s.height), width=int(s.width),
                       denoise=compiled_figures(denoise, devices), decode=compiled_figures(decode, devices))
