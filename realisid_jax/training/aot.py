@@ -25,7 +25,7 @@ from realisid_jax.realisid.pipeline import DenoiseInputs, Guidance, _decode, _de
 from realisid_jax.models.vae import VAE_SCALE_FACTOR
 from realisid_jax.schedulers import get_scheduler
 from realisid_jax.sharding import data_sharding, make_mesh, state_shardings, use_mesh
-from realisid_jax.training.memory import MemoryPlan, compiled_figures, train_step_memory
+from realisid_jax.training.memory import compiled_figures
 from realisid_jax.training.state import replicated, with_shardings
 
 # HBM per chip by ``device_kind`` (Cloud TPU documentation); the compiler reserves a little of it
@@ -66,12 +66,6 @@ def device_hbm_bytes(devices: list[jax.Device]) -> int:
 def host_peak_rss_bytes() -> int:
     """This process's peak resident memory so far (Linux ``ru_maxrss`` is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def train_plan(config: ml_collections.ConfigDict, topology: str, *, per_device_batch: int = 1) -> MemoryPlan:
-    """``train_step_memory`` of ``config`` with FSDP over all chips of TPU ``topology``."""
-    devices = topology_devices(topology)
-    return train_step_memory(config, len(devices), per_device_batch=per_device_batch, devices=devices)
 
 
 @dataclasses.dataclass(frozen=True)
