@@ -26,6 +26,10 @@ def base_config() -> ml_collections.ConfigDict:
     # picks); convolutions xla | im2col (XLA:CPU, small maps as one matmul).
     c.attention_impl = "xla"
     c.conv_impl = "xla"
+    # Rows of identical layers (SDXL's 10-deep transformer stacks, the CLIP towers) as one lax.scan (maxtext's
+    # scan_layers): the compiled program holds one layer's code instead of each layer's (compile time and
+    # the compiler's host memory); costs a stacked copy of those weights in the step (models/layer_scan.py).
+    c.scan_layers = False
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=DEFAULT_RULES))
     c.realisid = ml_collections.ConfigDict(dict(
         max_persons=4,            # K, static: persons are padded with a validity mask

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from realisid_jax.models.layer_scan import ScannedLayers, scan_layers
 from realisid_jax.models.layers import TOKENS, attention, layer_norm, linear
 from realisid_jax.sharding import constrain
 
@@ -94,8 +95,8 @@ class CLIPEncoderLayer(nnx.Module):
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
-class CLIPEncoder(nnx.Module):
-    """transformers ``CLIPEncoder``: ``layers[0 .. num_hidden_layers-1]``."""
+class CLIPEncoder(ScannedLayers, nnx.Module):
+    """transformers ``CLIPEncoder``: ``layers[0 .. num_hidden_layers-1]``, one ``lax.scan`` with ``scan_layers``."""
 
     def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  attention_impl: str | None = "xla"):
@@ -112,6 +113,9 @@ class CLIPEncoder(nnx.Module):
           ``output_hidden_states=True`` (the last one is the encoder output, before any final norm).
         """
         states = [constrain(inputs_embeds, TOKENS)]
+        if self.scan_layers and len(self.layers) > 1:
+            _, outputs = scan_layers(self.layers, states[0], keep_outputs=True, mask=mask, is_causal=is_causal)
+            return (states[0], *outputs)
         for layer in self.layers:
             states.append(layer(states[-1], mask=mask, is_causal=is_causal))
         return tuple(states)

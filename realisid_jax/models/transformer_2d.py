@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from realisid_jax.models.layer_scan import ScannedLayers, scan_layers
 from realisid_jax.models.layers import TOKENS, Attention, FeedForward, conv, group_norm, layer_norm, linear
 from realisid_jax.sharding import constrain
 
@@ -44,13 +45,14 @@ class BasicTransformerBlock(nnx.Module):
         return constrain(hidden_states, TOKENS)
 
 
-class Transformer2DModel(nnx.Module):
+class Transformer2DModel(ScannedLayers, nnx.Module):
     """GroupNorm -> ``proj_in`` -> ``transformer_blocks`` -> ``proj_out`` + residual, on an NHWC feature map.
 
     ``proj_in``/``proj_out`` are ``Linear`` on tokens when ``use_linear_projection`` (SDXL) and 1x1 convs on
     the map otherwise (SD1.5), as in diffusers (the two give different parameter shapes, so the checkpoint
     decides). ``__call__(x (B, H, W, in_channels), encoder_hidden_states (B, Lk, cross_attention_dim))`` ->
-    (B, H, W, in_channels).
+    (B, H, W, in_channels). With ``scan_layers`` (``layer_scan.set_scan_layers``) the ``transformer_blocks`` run
+    as one ``lax.scan``.
     """
 
     def __init__(self, num_attention_heads: int, attention_head_dim: int, in_channels: int, *, num_layers: int = 1,
@@ -81,8 +83,11 @@ class Transformer2DModel(nnx.Module):
         else:
             x = self.proj_in(x).reshape(b, h * w, -1)
         x = constrain(x, TOKENS)
-        for block in self.transformer_blocks:
-            x = block(x, encoder_hidden_states)
+        if self.scan_layers and len(self.transformer_blocks) > 1:
+            x, _ = scan_layers(self.transformer_blocks, x, encoder_hidden_states)
+        else:
+            for block in self.transformer_blocks:
+                x = block(x, encoder_hidden_states)
         if self.use_linear_projection:
             x = self.proj_out(x).reshape(b, h, w, -1)
         else:

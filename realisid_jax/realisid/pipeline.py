@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 
 from realisid_jax.loading.lora import merge_loras
 from realisid_jax.loading.pipeline_folder import load_pipeline_folder
-from realisid_jax.models.layers import set_conv_impl
 from realisid_jax.models.registry import FROZEN, dtypes
 from realisid_jax.realisid.branches import RealisID, RealisIDConfig
 from realisid_jax.realisid.components import (
     Components,
+    apply_kernel_config,
     base_kind,
     base_scheduler_config,
     base_tokenizers,
@@ -122,7 +122,7 @@ class RealisIDPipeline:
 
     def __init__(self, components: Components, tokenizers: Sequence, config, *, scheduler_config: dict | None = None,
                  mesh: Mesh | None = None, analyzer: FaceAnalyzer | None = None):
-        set_conv_impl(components, config.conv_impl)
+        apply_kernel_config(components, config)
         graphdef, state = nnx.split(components)
         self._init(graphdef, state, tokenizers, config, scheduler_config=scheduler_config, mesh=mesh,
                    analyzer=analyzer)

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from realisid_jax.realisid.components import abstract_components
+from realisid_jax.realisid.components import abstract_components, apply_kernel_config
 from realisid_jax.realisid.pipeline import DenoiseInputs, Guidance, _decode, _denoise, _encode_ids
 from realisid_jax.models.vae import VAE_SCALE_FACTOR
 from realisid_jax.schedulers import get_scheduler
@@ -92,7 +92,9 @@ def sample_plan(config: ml_collections.ConfigDict, devices: list[jax.Device], *,
     mesh = make_mesh((1, len(devices), 1), devices)
     rules = tuple(tuple(r) for r in config.mesh.rules)
     s = config.sampling
-    graphdef, state = nnx.split(abstract_components(config))
+    components = abstract_components(config)
+    apply_kernel_config(components, config)
+    graphdef, state = nnx.split(components)
     state = with_shardings(state, state_shardings(state, mesh, rules))
     rep = replicated(mesh)
 

@@ -26,12 +26,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from realisid_jax.models.layers import set_conv_impl
 from realisid_jax.models.modeling_utils import fast_compile_options, init_rngs
 from realisid_jax.realisid.branches import RealisID, RealisIDConfig
 from realisid_jax.realisid.components import (
     BRANCH_PARAMS,
     Components,
+    apply_kernel_config,
     build_components,
     pretrained_components,
 )
@@ -85,8 +85,9 @@ def enable_remat(components: Components, policy: Callable | None = None) -> None
 def split_components(components: Components, config: ml_collections.ConfigDict
                      ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """``(graphdef, branch params, the rest)`` of (abstract or concrete) components, with the config's
-    ``conv_impl`` and, with ``train.remat``, every block rematerialised under ``train.remat_policy``."""
-    set_conv_impl(components, config.conv_impl)
+    kernel choices (``apply_kernel_config``) and, with ``train.remat``, every block rematerialised under
+    ``train.remat_policy``."""
+    apply_kernel_config(components, config)
     if config.train.remat:
         enable_remat(components, remat_policy(config.train.remat_policy))
     return nnx.split(components, BRANCH_PARAMS, ...)
