@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from realisid_jax.models import splash
 from realisid_jax.sharding import constrain
 
 CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
@@ -122,8 +123,10 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, heads: int, *,
       key, value: (B, Lk, heads * head_dim).
       heads: number of heads.
       implementation: the config's ``attention_impl``: ``jax.nn.dot_product_attention``'s ``"xla"`` (TPU,
-        CPU), ``"cudnn"`` (GPU flash attention, bf16/fp16 only) or ``None`` (JAX picks); or ``"chunked"``,
-        XLA attention over blocks of queries where the logits are large (faster on XLA:CPU; same maths).
+        CPU), ``"cudnn"`` (GPU flash attention, bf16/fp16 only) or ``None`` (JAX picks); ``"splash"``, the TPU
+        Pallas flash kernel (``models.splash``) where it pays, XLA elsewhere (masked, causal or fewer than
+        ``splash.MIN_KEYS`` keys); or ``"chunked"``, XLA attention over blocks of queries where the logits are
+        large (faster on XLA:CPU; same maths).
       mask: optional boolean, broadcastable to (B, heads, Lq, Lk); True = attend.
       is_causal: causal mask (CLIP text encoder).
 
@@ -136,6 +139,10 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, heads: int, *,
     q = query.reshape(b, lq, heads, head_dim)
     k = key.reshape(b, lk, heads, head_dim)
     v = value.reshape(b, lk, heads, head_dim)
+    if implementation == "splash":
+        if splash.applies(lk, mask, is_causal):
+            return splash.splash_attention(q, k, v).reshape(b, lq, inner)
+        implementation = "xla"
     if implementation == "chunked":
         if mask is None and not is_causal and lq * lk >= _CHUNK_MIN_LOGITS:
             return _query_chunked_attention(q, k, v).reshape(b, lq, inner)
