@@ -56,6 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
         drop_id_prob=0.05, drop_text_prob=0.05, drop_both_prob=0.05,
         checkpoint_every=1000, keep_checkpoints=3, log_every=10, seed=0, remat=True,
         remat_policy="nothing_saveable",  # jax.checkpoint_policies entry for every remat block
+        # Train from the frozen encoders' outputs stored by `prepare-data --precompute` (VAE latent distribution,
+        # text embeddings, CLIP image features): the VAE, text and image encoders are neither loaded nor in the
+        # step; training samples (sample_every) need them and are refused.
+        precomputed_inputs=False,
         # Sample images (``workdir/samples/``); 0 turns them off. Reference: a photo path, "" = the astronaut.
         sample_every=5000, sample_prompt="a photo of a person, portrait", sample_reference="",
     ))

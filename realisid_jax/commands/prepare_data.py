@@ -11,6 +11,9 @@ from pathlib import Path
 from realisid_jax.commands.arguments import (UsageError, check_output_folder, finite_float, image_size,
                                              non_negative_float, non_negative_int, positive_int)
 
+# data.precomputed.STORAGE_DTYPES (not imported here: registering the command stays light)
+_STORAGE_DTYPES = ("float16", "float32")
+
 _DEFAULT_RESOLUTION = 1024
 _DEFAULT_REFERENCE_SIZE = 224
 
@@ -26,7 +29,9 @@ def register(subparsers) -> None:
                     "to OUT/prepare_summary.json; every source file that is not in the dataset "
                     "(skipped photo, caption without a photo, other file) is listed with its reason "
                     "in OUT/skipped.jsonl. Captions that are not UTF-8 are read as Windows-1252 or "
-                    "Latin-1 and named in the summary.")
+                    "Latin-1 and named in the summary. With --precompute, the frozen encoders' outputs are "
+                    "stored too, for train.precomputed_inputs (training then loads no VAE, text or image "
+                    "encoder).")
     p.add_argument("--src", required=True, metavar="FOLDER",
                    help="photos with a sidecar NAME.txt caption each, or a captions.jsonl "
                         '({"file": ..., "text": ...} per line) in their folder')
@@ -52,6 +57,20 @@ def register(subparsers) -> None:
     p.add_argument("--max-other-face-ratio", type=finite_float, default=0.5,
                    help="skip photos whose second face is at least this fraction of the largest "
                         "(default 0.5)")
+    g = p.add_argument_group("precomputed training inputs (train.precomputed_inputs)")
+    g.add_argument("--precompute", action="store_true",
+                   help="also store each example's VAE latent distribution, text embeddings and CLIP image "
+                        "features, and the empty prompt's embeddings once; needs --config and --base")
+    g.add_argument("--base", default=None,
+                   help="the frozen encoders: a diffusers SDXL / SD1.5 folder, a Stability single .safetensors "
+                        "file or a `realisid convert` cache (the base `train --pretrained` will use)")
+    g.add_argument("--image-encoder", default=None,
+                   help="CLIP vision model folder (transformers format); default the base's image_encoder/")
+    g.add_argument("--variant", default=None, help="weights variant of a folder base, e.g. fp16")
+    g.add_argument("--precompute-dtype", choices=_STORAGE_DTYPES, default="float16",
+                   help="storage of the precomputed tensors (default float16; ~1.2 MB per example at SDXL 1024 px)")
+    g.add_argument("--precompute-batch-size", type=positive_int, default=8, metavar="B",
+                   help="examples per encoder call (default 8)")
     p.set_defaults(func=run)
 
 
@@ -61,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _check_out(args.out, args.overwrite)
+    _check_precompute(args)
     resolution, reference_size = args.resolution, args.reference_size
+    config = None
     if args.config is not None:
         from realisid_jax.config import load_config
 
@@ -74,12 +95,36 @@ def run(args: argparse.Namespace) -> int:
             reference_size=reference_size or _DEFAULT_REFERENCE_SIZE,
             image_format=args.image_format, min_face_px=args.min_face_px,
             max_other_face_ratio=args.max_other_face_ratio)
-        summary = prepare_dataset(args.src, args.out, options=options, workers=args.workers)
+        encoder = None
+        if args.precompute:  # loaded before the long analysis: bad weights stop the run at once
+            from realisid_jax.data.precompute import load_input_encoder
+
+            encoder = load_input_encoder(config, args.base, image_encoder=args.image_encoder, variant=args.variant,
+                                         dtype=args.precompute_dtype, batch_size=args.precompute_batch_size)
+        summary = prepare_dataset(args.src, args.out, options=options, workers=args.workers, encoder=encoder)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _check_precompute(args: argparse.Namespace) -> None:
+    """``--precompute`` comes with ``--config`` and ``--base``; the weight flags only with ``--precompute``.
+
+    Raises:
+      UsageError: naming the missing or the stray flag.
+    """
+    weights = [flag for flag, value in (("--base", args.base), ("--image-encoder", args.image_encoder),
+                                        ("--variant", args.variant)) if value is not None]
+    if not args.precompute:
+        if weights:
+            raise UsageError(f"{weights[0]} is only read with --precompute (the frozen encoders' outputs)")
+        return
+    missing = [flag for flag, value in (("--config", args.config), ("--base", args.base)) if value is None]
+    if missing:
+        raise UsageError(f"--precompute needs {' and '.join(missing)}: the config describes the encoders, the base "
+                         f"holds their weights")
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

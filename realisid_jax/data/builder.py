@@ -20,6 +20,10 @@ to ``resolution`` x ``resolution``; pixel (i, j) covers ``[j, j+1) x [i, i+1)``)
   crops_coords_top_left:  (2,) int32 ``(top, left)`` of the crop in the photo resized by its shorter side to
               ``R``, pixels. With ``original_size`` and ``(R, R)`` these are SDXL's micro-conditioning (the
               UNet's ``time_ids``, diffusers' names); datasets written before them lack both fields.
+
+With ``prepare-data --precompute`` also the frozen encoders' outputs ``latent_mean``, ``latent_logvar``,
+``prompt_embeds``, ``pooled_prompt_embeds`` (SDXL) and ``image_features``, float16 or float32 tensors
+(``data.precomputed``).
 """
 from __future__ import annotations
 
@@ -41,9 +45,11 @@ IMAGE_FORMATS = ("jpeg", "png")
 Example = dict[str, Any]
 
 
-def features(resolution: int, reference_size: int,
-             image_format: str = "jpeg") -> tfds.features.FeaturesDict:
-    """The feature spec of one example (see the module docstring).
+def features(resolution: int, reference_size: int, image_format: str = "jpeg", *,
+             precomputed: Mapping[str, tuple[int, ...]] | None = None,
+             precomputed_dtype: str = "float16") -> tfds.features.FeaturesDict:
+    """The feature spec of one example (see the module docstring); ``precomputed``: name -> shape of the
+    precomputed tensors stored as ``precomputed_dtype``.
 
     Image features are given already-encoded bytes by the writer, so building needs no TensorFlow.
 
@@ -52,7 +58,9 @@ def features(resolution: int, reference_size: int,
     """
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
-    return tfds.features.FeaturesDict({
+    tensors = {name: tfds.features.Tensor(shape=tuple(shape), dtype=np.dtype(precomputed_dtype))
+               for name, shape in (precomputed or {}).items()}
+    return tfds.features.FeaturesDict({**tensors,
         "image": tfds.features.Image(shape=(resolution, resolution, 3),
                                      encoding_format=image_format),
         "caption": tfds.features.Text(),
@@ -74,7 +82,7 @@ class RealisidFaces(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       examples: called once at write time; yields ``(key, example)`` with unique string keys.
         Examples are written in the order given (TFDS shuffling disabled) so that a rebuild from
         the same inputs gives the same files.
-      resolution, reference_size, image_format: see ``features``.
+      resolution, reference_size, image_format, precomputed, precomputed_dtype: see ``features``.
       metadata: JSON-serialisable values stored in ``dataset_info.json`` (``info.metadata``).
       **kwargs: ``data_dir`` and the other ``tfds.core.DatasetBuilder`` arguments.
     """
@@ -87,9 +95,12 @@ class RealisidFaces(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def __init__(self, *, examples: Callable[[], Iterable[tuple[str, Example]]], resolution: int,
                  reference_size: int, image_format: str = "jpeg",
-                 metadata: Mapping[str, Any] | None = None, **kwargs: Any):
+                 metadata: Mapping[str, Any] | None = None,
+                 precomputed: Mapping[str, tuple[int, ...]] | None = None, precomputed_dtype: str = "float16",
+                 **kwargs: Any):
         self._examples = examples
-        self._features = features(resolution, reference_size, image_format)
+        self._features = features(resolution, reference_size, image_format, precomputed=precomputed,
+                                  precomputed_dtype=precomputed_dtype)
         self._metadata = dict(metadata or {})
         super().__init__(**kwargs)
 
@@ -117,8 +128,11 @@ def dataset_dir(data_dir: str | os.PathLike) -> Path:
 def write_dataset(data_dir: str | os.PathLike,
                   examples: Callable[[], Iterable[tuple[str, Example]]], *, resolution: int,
                   reference_size: int, image_format: str = "jpeg",
-                  metadata: Mapping[str, Any] | None = None) -> Path:
+                  metadata: Mapping[str, Any] | None = None,
+                  precomputed: Mapping[str, tuple[int, ...]] | None = None,
+                  precomputed_dtype: str = "float16") -> Path:
     """(Re)write the dataset under ``data_dir``, replacing any previous version; returns its folder.
+    ``precomputed``, ``precomputed_dtype``: the precomputed tensors' shapes and storage (``features``).
 
     Raises:
       ValueError: an example does not match the feature spec, or ``examples`` yields nothing
@@ -127,8 +141,8 @@ def write_dataset(data_dir: str | os.PathLike,
     shutil.rmtree(dataset_dir(data_dir), ignore_errors=True)
     builder = RealisidFaces(examples=examples, resolution=resolution,
                             reference_size=reference_size, image_format=image_format,
-                            metadata=metadata, data_dir=os.fspath(data_dir),
-                            file_format="array_record")
+                            metadata=metadata, precomputed=precomputed, precomputed_dtype=precomputed_dtype,
+                            data_dir=os.fspath(data_dir), file_format="array_record")
     # Nothing is downloaded, but TFDS makes a download folder: keep it out of ``data_dir``.
     with tempfile.TemporaryDirectory(prefix="tfds-downloads-") as downloads:
         builder.download_and_prepare(

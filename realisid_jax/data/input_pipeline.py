@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 from realisid_jax.data import builder
+from realisid_jax.data.precomputed import check_fields, read_empty_prompt, stored_shapes
 from realisid_jax.face.preprocess import CLIP_MEAN, CLIP_STD, normalize, to_box_frame
 
 Batch = dict[str, Any]
@@ -44,15 +45,25 @@ class DecodeExample(grain.transforms.Map):
       original_size: (2,) float32 ``(h, w)`` of the source photo, pixels; crops_coords_top_left: (2,) float32
         ``(top, left)`` of the crop, pixels at ``R`` (SDXL micro-conditioning). A dataset prepared without them
         gives ``(R, R)`` and ``(0, 0)``: the image taken as it is.
+
+    With ``precomputed`` (the stored fields to pass on, ``data.precomputed``; ``resolution`` is then the stored
+    one) the image and the reference are neither decoded nor given: ``pixel_values`` and ``reference`` are
+    replaced by those fields as stored, plus ``empty_prompt`` (batch field -> array, the same for every example).
     """
 
     def __init__(self, resolution: int | None = None, mean: Sequence[float] = CLIP_MEAN,
-                 std: Sequence[float] = CLIP_STD):
+                 std: Sequence[float] = CLIP_STD, *, precomputed: Sequence[str] = (),
+                 empty_prompt: dict[str, np.ndarray] | None = None):
         self.resolution = resolution
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.precomputed = tuple(precomputed)
+        self.empty_prompt = dict(empty_prompt or {})
 
     def map(self, example: dict[str, Any]) -> dict[str, Any]:
+        if self.precomputed:
+            return {**self._conditions(example, self.resolution, self.resolution),
+                    **{name: example[name] for name in self.precomputed}, **self.empty_prompt}
         image = example["image"]
         stored = image.shape[0]
         if self.resolution is not None and self.resolution != stored:
@@ -61,17 +72,21 @@ class DecodeExample(grain.transforms.Map):
             interpolation = cv2.INTER_AREA if self.resolution < stored else cv2.INTER_LINEAR
             image = cv2.resize(image, (self.resolution, self.resolution),
                                interpolation=interpolation)
-        r = image.shape[0]
+        return {"pixel_values": image.astype(np.float32) / 127.5 - 1.0,
+                "reference": normalize(example["reference"], self.mean, self.std),
+                **self._conditions(example, stored, image.shape[0])}
+
+    @staticmethod
+    def _conditions(example: dict[str, Any], stored: int, r: int) -> dict[str, Any]:
+        """Caption, face geometry and micro-conditioning of an example stored at ``stored`` px, read at ``r``."""
         box = example["face_box"].astype(np.float32)
         caption = example["caption"]
         size = example.get("original_size", np.array([r, r]))
         crop = example.get("crops_coords_top_left", np.zeros(2)) * (r / stored)
         return {
-            "pixel_values": image.astype(np.float32) / 127.5 - 1.0,
             "input_text": caption.decode("utf-8") if isinstance(caption, bytes) else caption,
             "face_box": box / np.float32(stored),
             "landmarks": to_box_frame(example["landmarks"], box),
-            "reference": normalize(example["reference"], self.mean, self.std),
             "original_size": np.asarray(size, np.float32),
             "crops_coords_top_left": np.asarray(crop, np.float32),
         }
@@ -88,7 +103,9 @@ def make_train_dataset(data_dir: str | os.PathLike, *, batch_size: int, seed: in
                        shard_count: int | None = None, worker_count: int = 0,
                        num_epochs: int | None = None, read_threads: int = 8,
                        reference_mean: Sequence[float] = CLIP_MEAN,
-                       reference_std: Sequence[float] = CLIP_STD) -> grain.IterDataset:
+                       reference_std: Sequence[float] = CLIP_STD,
+                       precomputed: Mapping[str, tuple[int, ...]] | None = None,
+                       empty_prompt: bool = False) -> grain.IterDataset:
     """The training stream of this host as a grain ``IterDataset`` of batches.
 
     Args:
@@ -103,18 +120,26 @@ def make_train_dataset(data_dir: str | os.PathLike, *, batch_size: int, seed: in
       num_epochs: passes over the shard; None repeats forever.
       read_threads: threads decoding examples in each process.
       reference_mean, reference_std: the image encoder's normalisation (0-1 pixel scale).
+      precomputed: read the precomputed inputs instead of the image and reference: name -> per-example shape
+        the step needs (``data.precomputed.example_shapes``), checked against the dataset's.
+      empty_prompt: with ``precomputed``, give each example the stored empty prompt's embeddings too
+        (``realisid.no_text = "empty_prompt"``).
 
     Returns:
       An ``IterDataset`` whose elements are dicts (``L`` = local batch): ``pixel_values`` (L, R, R,
       3) float32 in [-1, 1]; ``input_text`` list of L str; ``face_box`` (L, 4) float32 in [0, 1];
       ``landmarks`` (L, 468, 2) float32 in the face-box frame; ``reference`` (L, S, S, 3) float32
       CLIP-normalised; ``original_size`` and ``crops_coords_top_left`` (L, 2) float32 (``DecodeExample``).
+      With ``precomputed``: those fields instead of ``pixel_values`` and ``reference``, as stored (float16 or
+      float32), and ``empty_prompt_embeds`` / ``empty_pooled_prompt_embeds`` with ``empty_prompt``.
       The last incomplete batch of a finite stream is dropped. A dataset prepared without the photos' sizes
       and crop offsets is read with a one-line note on stderr.
 
     Raises:
       ValueError: ``batch_size`` not divisible by ``shard_count``, bad shard index, or a shard
         smaller than one local batch.
+      PrecomputedInputsError (a ValueError): ``precomputed`` asked for, and the dataset lacks some of them (or
+        their ``empty_prompt.npz``), or stores them with other shapes (another resolution or other encoders).
       tfds.core.DatasetNotFoundError: no prepared dataset in ``data_dir``.
     """
     if shard_index is None or shard_count is None:
@@ -126,7 +151,14 @@ def make_train_dataset(data_dir: str | os.PathLike, *, batch_size: int, seed: in
     if batch_size % shard_count:
         raise ValueError(f"global batch_size {batch_size} not divisible by {shard_count} shards")
     local_batch = batch_size // shard_count
-    source = builder.open_split(data_dir, skip_decoding=("face_mask",))
+    skip = ("face_mask", "image", "reference") if precomputed is not None else ("face_mask",)
+    source = builder.open_split(data_dir, skip_decoding=skip)
+    decode = DecodeExample(resolution, reference_mean, reference_std)
+    if precomputed is not None:
+        features = source.dataset_info.features
+        check_fields(stored_shapes(features), precomputed, str(data_dir))
+        decode = DecodeExample(features["image"].shape[0], precomputed=tuple(precomputed),
+                               empty_prompt=read_empty_prompt(data_dir, precomputed) if empty_prompt else None)
     if "original_size" not in source.dataset_info.features:
         print(f"note: {data_dir} was prepared without the photos' sizes and crop offsets (re-run prepare-data "
               f"for them): SDXL time ids are (R, R, 0, 0, R, R)", file=sys.stderr, flush=True)
@@ -135,7 +167,7 @@ def make_train_dataset(data_dir: str | os.PathLike, *, batch_size: int, seed: in
         raise ValueError(f"shard {shard_index} of {data_dir} has {len(ds)} examples, fewer than "
                          f"the local batch of {local_batch}")
     ds = ds.shuffle(seed=seed).repeat(num_epochs)
-    ds = ds.map(DecodeExample(resolution, reference_mean, reference_std))
+    ds = ds.map(decode)
     # Decoded elements, not batches, are buffered: a few batches' worth bounds the memory.
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=max(read_threads,

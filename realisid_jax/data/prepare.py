@@ -33,7 +33,10 @@ then rewrites the whole dataset from the cache (captions are read afresh, so edi
 not re-analyse its photo). Unexpected exceptions are counted as ``error`` and not cached, so they are
 retried on the next run.
 
-Not stored (left to the trainer): VAE latents and text-encoder embeddings.
+With an ``InputEncoder`` (``prepare-data --precompute``) the frozen encoders' outputs are stored too
+(``data.precomputed``: VAE posterior moments, text embeddings, CLIP image features; the empty prompt's
+embeddings once), computed while the dataset is written from the very bytes it stores; they are not cached, an
+interrupted run encodes again. Without, they are left to the trainer.
 """
 from __future__ import annotations
 
@@ -48,13 +51,16 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from realisid_jax.data import builder
 from realisid_jax.data.sources import SourceItem, scan_sources
 from realisid_jax.face.errors import FaceTooSmallError, ImageReadError, NoFaceError
+
+if TYPE_CHECKING:  # JAX and the models are imported only when encoding (not in the analysis workers)
+    from realisid_jax.data.precompute import InputEncoder
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +337,8 @@ def _analyse(tasks: Sequence[tuple[str, str, str]], options: PrepareOptions,
 
 
 def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
-                    options: PrepareOptions = PrepareOptions(), workers: int = 0) -> dict[str, Any]:
+                    options: PrepareOptions = PrepareOptions(), workers: int = 0,
+                    encoder: InputEncoder | None = None) -> dict[str, Any]:
     """Build (or resume building) the training dataset of ``src`` in ``out``.
 
     Args:
@@ -341,6 +348,8 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
         ``out/skipped.jsonl``.
       options: see ``PrepareOptions``.
       workers: analysis processes (spawn context); 0 or 1 analyses in this process.
+      encoder: the frozen encoders (``data.precompute.InputEncoder``): store each example's precomputed
+        training inputs and the empty prompt's embeddings (``data.precomputed``).
 
     Returns:
       The summary (also written as JSON): ``sources`` (photos), ``written``, ``analysed`` (photos
@@ -348,7 +357,8 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
       reason -> count), ``errors`` (messages of unexpected failures), ``files`` (every file of
       ``src``: ``total`` = ``photos`` + ``captions`` + ``not_photos``; ``photos`` = ``written`` +
       skipped + errors), ``orphan_captions`` (count), ``caption_encodings`` (caption file -> encoding,
-      for those not UTF-8), ``options``, ``dataset``, ``seconds``.
+      for those not UTF-8), ``options``, ``dataset``, ``seconds``; with ``encoder``, ``precomputed``
+      (``dtype``, ``fields``: name -> per-example shape, ``bytes_per_example``, the weights).
 
     Raises:
       FileNotFoundError: ``src`` missing. ValueError: a bad ``captions.jsonl``, or no usable photo.
@@ -401,11 +411,29 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
             example = _load_result(results[item.name])
             yield item.name, {**example, "caption": item.caption, "source": item.name}
 
+    metadata = {"prepare_options": dataclasses.asdict(options), "skipped": _counts(skipped)}
+    stored, shapes = examples, None
+    if encoder is not None:
+        from realisid_jax.data.precompute import with_precomputed
+
+        shapes = encoder.shapes(options.resolution, options.reference_size)
+        spec = builder.features(options.resolution, options.reference_size, options.image_format)
+        metadata["precomputed"] = {
+            "dtype": encoder.dtype.name, "fields": shapes,
+            "bytes_per_example": sum(int(np.prod(s)) for s in shapes.values()) * encoder.dtype.itemsize,
+            **encoder.provenance}
+
+        def stored():
+            return with_precomputed(examples(), encoder, spec)
+
     dataset = builder.write_dataset(
-        out, examples, resolution=options.resolution, reference_size=options.reference_size,
-        image_format=options.image_format,
-        metadata={"prepare_options": dataclasses.asdict(options),
-                  "skipped": _counts(skipped)})
+        out, stored, resolution=options.resolution, reference_size=options.reference_size,
+        image_format=options.image_format, metadata=metadata, precomputed=shapes,
+        precomputed_dtype=encoder.dtype.name if encoder is not None else "float16")
+    if encoder is not None:
+        from realisid_jax.data.precomputed import write_empty_prompt
+
+        write_empty_prompt(out, encoder.empty_prompt())
     summary = {
         "sources": len(items),
         "written": len(good),
@@ -421,6 +449,8 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
         "dataset": str(dataset),
         "seconds": round(time.monotonic() - start, 2),
     }
+    if encoder is not None:
+        summary["precomputed"] = metadata["precomputed"]
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     with open(out / SKIPPED_FILE, "w", encoding="utf-8") as f:
         for reason, entries in sorted(skipped.items()):

@@ -124,8 +124,8 @@ def base_kind(base: str | Path) -> str:
 
 
 def load_base(base: str | Path, config: ml_collections.ConfigDict, *, image_encoder: str | Path | None = None,
-              variant: str | None = None, mesh: Mesh | None = None,
-              rules: Rules = DEFAULT_RULES) -> dict[str, nnx.Module]:
+              variant: str | None = None, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+              only: Sequence[str] | None = None) -> dict[str, nnx.Module]:
     """The frozen models ``config`` describes, from any accepted base (README, "Weights people download").
 
     Args:
@@ -134,15 +134,17 @@ def load_base(base: str | Path, config: ml_collections.ConfigDict, *, image_enco
       image_encoder: a ``CLIPVisionModelWithProjection`` or ``CLIPModel`` folder; default the base's own.
       variant: weights variant of a folder base (``"fp16"``).
       mesh, rules: each parameter is placed straight onto its sharding (the cache restores onto it).
+      only: load just these names of ``FROZEN`` (training from precomputed inputs: the UNet; precomputing them:
+        the encoders); default all.
 
     Returns:
-      name -> model, every model of ``FROZEN`` the config describes.
+      name -> model, every model of ``FROZEN`` the config describes (and ``only`` names).
 
     Raises:
       FileNotFoundError / ValueError / CheckpointMismatchError: from the loader of that kind; a single file
       or cache without an image encoder and no ``image_encoder`` given.
     """
-    described = [name for name in FROZEN if config.model.get(name) is not None]
+    described = [name for name in FROZEN if config.model.get(name) is not None and (only is None or name in only)]
     kind = base_kind(base)
     if kind == "folder":
         return load_model_folders(base, config, components=described, image_encoder=image_encoder,
@@ -192,19 +194,22 @@ def base_scheduler_config(base: str | Path) -> dict | None:
 
 def pretrained_components(config: ml_collections.ConfigDict, pretrained: str | Path, image_encoder: str | Path | None,
                           *, mesh: Mesh | None, rules: Rules, seed: int = 0, fresh_branches: bool = True,
-                          variant: str | None = None, loras: Sequence[tuple[str | Path, float]] = ()) -> Components:
+                          variant: str | None = None, loras: Sequence[tuple[str | Path, float]] = (),
+                          only: Sequence[str] | None = None) -> Components:
     """The frozen models of ``config`` from ``pretrained`` (any base ``load_base`` accepts: a diffusers folder,
     a single file or a converted cache) and the transformers CLIP vision folder ``image_encoder``
     (default ``pretrained/image_encoder``), each tensor placed straight onto its sharding; the ``loras``
     (``(file, scale)``) merged into the UNet and text encoders (``loading.lora.merge_loras``); fresh branches
     copied from that UNet, or abstract ones (``fresh_branches=False``: the trainer makes them only for a new run).
+    ``only``: the frozen models to load (as ``load_base``), the others ``None``.
 
     Raises:
       FileNotFoundError, ValueError, CheckpointMismatchError: as ``load_model_folders`` (a missing sub-folder, a
       ``config.json`` that describes another architecture than ``config.model``, weights that do not fit).
       LoraError: a LoRA that does not fit (nothing merged).
     """
-    models = load_base(pretrained, config, image_encoder=image_encoder, variant=variant, mesh=mesh, rules=rules)
+    models = load_base(pretrained, config, image_encoder=image_encoder, variant=variant, mesh=mesh, rules=rules,
+                       only=only)
     merge_loras(models, loras)
     if fresh_branches:
         realisid = RealisID.from_unet(models["unet"], RealisIDConfig.from_config(config), rngs=nnx.Rngs(seed))

@@ -19,7 +19,7 @@ import ml_collections
 from flax import nnx
 
 from realisid_jax.models.modeling_utils import count_params, fast_compile_options, init_rngs
-from realisid_jax.realisid.components import build_components
+from realisid_jax.data.precomputed import is_sdxl
 from realisid_jax.sharding import make_mesh, state_shardings, use_mesh
 from realisid_jax.text.tokenizer import CLIP_MAX_LENGTH
 from realisid_jax.training.trainer import noise_schedule
@@ -30,6 +30,7 @@ from realisid_jax.training.state import (
     abstract_train_state,
     split_components,
     train_state_shardings,
+    training_components,
     with_shardings,
 )
 from realisid_jax.training.step import StepSettings, jit_train_step
@@ -102,7 +103,9 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, pe
     """Compiles ``config``'s training step with FSDP over ``num_devices`` devices and returns its memory plan.
 
     Args:
-      config: a project config (e.g. ``configs/sdxl.py``); its dtypes and ``train.remat`` apply.
+      config: a project config (e.g. ``configs/sdxl.py``); its dtypes, ``train.remat`` and
+        ``train.precomputed_inputs`` apply (the latter: the step from stored encoder outputs, without the VAE,
+        text and image encoders in its frozen state or graph, and their outputs in its batch).
       num_devices: devices of the ``(1, num_devices, 1)`` mesh; the first ones of ``devices``.
       per_device_batch: examples per device (global batch ``num_devices * per_device_batch``).
       resolution: image side in pixels (default ``config.train.resolution``).
@@ -123,7 +126,7 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, pe
     rules = tuple(tuple(r) for r in config.mesh.rules)
     # Built outside the mesh context (nnx.eval_shape would read logical axis names as mesh axes there).
     graphdef, abstract_params, frozen_inputs = nnx.eval_shape(
-        lambda: split_components(build_components(config, init_rngs(0)), config))
+        lambda: split_components(training_components(config, init_rngs(0)), config))
     params = abstract_params["realisid"]
     frozen_sh = state_shardings(frozen_inputs, mesh, rules)
     setup = ModelSetup(graphdef=graphdef, frozen_inputs=frozen_inputs, frozen_shardings=frozen_sh,
@@ -131,8 +134,8 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, pe
     optimizer, _ = make_optimizer(config.train)
     shardings = train_state_shardings(optimizer, params.to_pure_dict(), setup, mesh)
     state = abstract_train_state(optimizer, params.to_pure_dict(), shardings, 0)
-    num_encoders = 1 if config.model.get("text_encoder_2") is None else 2
-    batch = batch_spec(config, num_encoders, mesh, rules)
+    num_encoders = 2 if is_sdxl(config) else 1
+    batch = batch_spec(config, mesh, rules)
     # Token values do not change the program's memory; the real step uses the empty prompt's ids.
     settings = StepSettings.from_config(config, [(0,) * CLIP_MAX_LENGTH] * num_encoders)
     step = jit_train_step(graphdef=graphdef, scheduler=noise_schedule(None), optimizer=optimizer,

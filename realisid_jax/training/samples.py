@@ -1,6 +1,9 @@
 """Sample images during training: every ``config.train.sample_every`` steps, one image of
 ``config.train.sample_prompt`` with the face of ``config.train.sample_reference`` in the middle of the image,
-from the branches being trained (the sampling pipeline, on the training mesh, sharing the frozen models)."""
+from the branches being trained (the sampling pipeline, on the training mesh, sharing the frozen models).
+
+Not with ``train.precomputed_inputs``: the step then holds no VAE, text or image encoder, which sampling needs;
+the trainer refuses ``sample_every`` > 0 with them (``trainer._check_samples``) rather than load them here."""
 
 from __future__ import annotations
 

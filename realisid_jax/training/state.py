@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from realisid_jax.data.precomputed import ENCODERS
 from realisid_jax.models.modeling_utils import fast_compile_options, init_rngs
 from realisid_jax.realisid.branches import RealisID, RealisIDConfig
 from realisid_jax.realisid.components import (
@@ -82,6 +83,20 @@ def enable_remat(components: Components, policy: Callable | None = None) -> None
         net.enable_gradient_checkpointing(policy)
 
 
+def training_components(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Components:
+    """``build_components`` as the step holds them: with ``train.precomputed_inputs`` without the VAE, the text
+    encoders and the image encoder (``None``; built and dropped, so the UNet's random values do not change)."""
+    return without_encoders(build_components(config, rngs), config)
+
+
+def without_encoders(components: Components, config: ml_collections.ConfigDict) -> Components:
+    """``components`` with the frozen encoders set to ``None`` when ``train.precomputed_inputs``, in place."""
+    if config.train.precomputed_inputs:
+        for name in ENCODERS:
+            setattr(components, name, None)
+    return components
+
+
 def split_components(components: Components, config: ml_collections.ConfigDict
                      ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """``(graphdef, branch params, the rest)`` of (abstract or concrete) components, with the config's
@@ -98,7 +113,8 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
                  loras: Sequence[tuple[str | Path, float]] = ()) -> tuple[ModelSetup, dict, Callable[[], dict]]:
     """Frozen models, born sharded on ``mesh`` (random: a jit with ``out_shardings``; or loaded from
     ``pretrained`` / ``image_encoder`` straight onto their shardings, with ``variant`` and the ``loras`` merged:
-    ``realisid.components.pretrained_components``), and the branches' shapes.
+    ``realisid.components.pretrained_components``), and the branches' shapes. With ``train.precomputed_inputs``
+    the VAE, text encoders and image encoder are neither built nor loaded (``image_encoder`` is not read).
 
     Returns:
       ``(setup, abstract_params, make_params)``: the branch parameters' shapes (pure dict of
@@ -107,16 +123,17 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
       parts are then moved onto theirs). A resumed run does not call it.
 
     Raises:
-      ValueError: only one of ``pretrained`` / ``image_encoder`` given, or ``loras`` without them.
+      ValueError: only one of ``pretrained`` / ``image_encoder`` given (raw inputs), or ``loras`` without them.
     """
-    if (pretrained is None) != (image_encoder is None):
+    precomputed = bool(config.train.precomputed_inputs)
+    if not precomputed and (pretrained is None) != (image_encoder is None):
         raise ValueError("pass both --pretrained and --image-encoder, or neither (random weights)")
     seed = int(config.train.seed)
     if pretrained is None and loras:
         raise ValueError("--lora needs --pretrained: a LoRA is made for real weights")
     if pretrained is None:
         def random_split():
-            return split_components(build_components(config, init_rngs(seed)), config)
+            return split_components(training_components(config, init_rngs(seed)), config)
 
         graphdef, abstract_params, abstract_rest = nnx.eval_shape(random_split)
         frozen_shardings = state_shardings(abstract_rest, mesh, rules)
@@ -124,8 +141,9 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
         rest = init.compile(compiler_options=fast_compile_options())()
         unet = nnx.merge(graphdef, abstract_params, rest).unet
     else:
-        components = pretrained_components(config, pretrained, image_encoder, mesh=mesh, rules=rules,
-                                           fresh_branches=False, variant=variant, loras=loras)
+        components = pretrained_components(config, pretrained, None if precomputed else image_encoder, mesh=mesh,
+                                           rules=rules, fresh_branches=False, variant=variant, loras=loras,
+                                           only=("unet",) if precomputed else None)
         graphdef, abstract_params, rest = split_components(components, config)
         frozen_shardings = state_shardings(rest, mesh, rules)
         unet = components.unet

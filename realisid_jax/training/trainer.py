@@ -16,6 +16,11 @@ work directory, as often as wanted (a notebook, a sweep over data, the tests). T
   loop.py        steps, logging, checkpoints, SIGTERM, NaN guard
   samples.py     sample images every ``config.train.sample_every`` steps
   distributed.py multi-host start-up
+
+With ``config.train.precomputed_inputs`` the step reads the encoder outputs ``prepare-data --precompute`` stored
+(``data.precomputed``): the VAE, the text encoders and the image encoder are neither loaded nor compiled, no
+tokenizer is read, and training samples are refused (they need those models: ``realisid export`` a checkpoint and
+``realisid sample`` it instead).
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ import ml_collections
 from jax.sharding import Mesh
 
 from realisid_jax.data.input_pipeline import make_train_iterator
+from realisid_jax.data.precomputed import PrecomputedInputsError, example_shapes
 from realisid_jax.realisid.components import base_scheduler_config, base_tokenizers
 from realisid_jax.schedulers import SDXL_SCHEDULER_CONFIG, DDPMScheduler
 from realisid_jax.sharding import make_mesh, use_mesh
+from realisid_jax.text.prompt_encoding import no_text_setting
 from realisid_jax.text.tokenizer import offline_clip_tokenizer, tokenize
 from realisid_jax.training import loop
 from realisid_jax.training.batches import DeviceBatches, batch_spec
@@ -55,7 +62,9 @@ from realisid_jax.training.workdir_lock import WorkdirLock
 def tokenizers(config: ml_collections.ConfigDict, pretrained: Path | None) -> list:
     """One CLIP tokenizer per text encoder: the base's (``realisid.components.base_tokenizers``: a folder's
     ``tokenizer/`` and ``tokenizer_2/``, a cache's recorded ones, the standard ones for a single file), or the
-    offline standard CLIP tokenizer for random-weight runs."""
+    offline standard CLIP tokenizer for random-weight runs; none with ``train.precomputed_inputs``."""
+    if config.train.precomputed_inputs:
+        return []
     if pretrained is None:
         return [offline_clip_tokenizer()] * (1 if config.model.get("text_encoder_2") is None else 2)
     return list(base_tokenizers(pretrained, config))
@@ -87,7 +96,8 @@ class Trainer:
         ``num_steps``, ``checkpoint_every``, ``keep_checkpoints``, ``log_every`` and ``sample_every`` at each
         call; everything else is fixed here.
       pretrained, image_encoder: the frozen models' base (a diffusers folder, a Stability single file or a
-        ``realisid convert`` cache) and CLIP vision folder (both or neither; neither = random weights).
+        ``realisid convert`` cache) and CLIP vision folder (both or neither; neither = random weights). With
+        ``train.precomputed_inputs`` only the base's UNet is loaded and ``image_encoder`` is not read.
       variant: weights variant of a folder base (``"fp16"``).
       loras: ``(file, scale)`` LoRAs merged into the frozen UNet / text encoders before the branches are copied
         from the UNet (``loading.lora``).
@@ -99,6 +109,8 @@ class Trainer:
 
     Raises:
       ValueError: only one of ``pretrained`` / ``image_encoder``.
+      PrecomputedInputsError: ``train.precomputed_inputs`` with ``train.sample_every`` > 0 (before any model
+        is built).
       FileNotFoundError, CheckpointMismatchError: unusable pretrained folders. LoraError: a LoRA that does not
         fit.
     """
@@ -107,6 +119,7 @@ class Trainer:
                  image_encoder: Path | None = None, variant: str | None = None,
                  loras: Sequence[tuple[str | Path, float]] = (), mesh: Mesh | None = None,
                  compiler_options: dict | None = None):
+        _check_samples(config)
         self.config = config
         self.mesh = make_mesh(tuple(config.mesh.shape)) if mesh is None else mesh
         self.rules = tuple(tuple(r) for r in config.mesh.rules)
@@ -118,7 +131,7 @@ class Trainer:
         self.optimizer, self.schedule = make_optimizer(config.train)
         self.shardings = train_state_shardings(self.optimizer, self._abstract_params, self.setup, self.mesh)
         self.tokenizers = tokenizers(config, pretrained)
-        self._batch_spec = batch_spec(config, len(self.tokenizers), self.mesh, self.rules)
+        self._batch_spec = batch_spec(config, self.mesh, self.rules)
         settings = StepSettings.from_config(config, [tokenize(t, "")[0] for t in self.tokenizers])
         self._step = jit_train_step(graphdef=self.setup.graphdef, scheduler=noise_schedule(pretrained),
                                     optimizer=self.optimizer, settings=settings, state_shardings=self.shardings,
@@ -162,6 +175,8 @@ class Trainer:
         Raises:
           NonFiniteLossError: a NaN/inf loss or gradient norm (the last good checkpoint stays).
           ValueError: neither or both of ``data_dir`` / ``data_iterator``.
+          PrecomputedInputsError: ``train.precomputed_inputs`` and ``data_dir`` lacks them or stores them for
+            another resolution / other encoders (naming the fields), or ``train.sample_every`` > 0 with them.
           WorkdirLockedError: another run holds ``workdir``. CheckpointError: no checkpoint restores (or not
             ``resume_step``).
         """
@@ -195,6 +210,7 @@ class Trainer:
         return TrainResult(result.state, result.step, result.losses, result.preempted)
 
     def _sample_hooks(self, workdir: str) -> tuple[loop.Hook, ...]:
+        _check_samples(self.config)
         every = int(self.config.train.sample_every)
         if every <= 0 or "://" in workdir:
             return ()
@@ -215,12 +231,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
                            resume_step=resume_step)
 
 
+def _check_samples(config: ml_collections.ConfigDict) -> None:
+    """Training samples need the VAE decoder and the encoders, which precomputed inputs leave unloaded."""
+    if config.train.precomputed_inputs and int(config.train.sample_every) > 0:
+        raise PrecomputedInputsError(
+            "train.precomputed_inputs=True loads no VAE, text or image encoder, which training samples need: set "
+            "--config.train.sample_every=0 (`realisid export` a checkpoint and `realisid sample` it instead)")
+
+
 def _join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}" if "://" in root else str(Path(root) / name)
 
 
 def _input_iterator(config: ml_collections.ConfigDict, data_dir: str | os.PathLike) -> StatefulIterator:
-    """This process's shard of the prepared dataset, batches of ``batch_size / process_count``."""
+    """This process's shard of the prepared dataset, batches of ``batch_size / process_count``; its precomputed
+    inputs with ``train.precomputed_inputs``."""
+    precomputed = bool(config.train.precomputed_inputs)
     return make_train_iterator(data_dir, batch_size=int(config.train.batch_size), seed=int(config.train.seed),
                                resolution=int(config.train.resolution), shard_index=jax.process_index(),
-                               shard_count=jax.process_count())
+                               shard_count=jax.process_count(),
+                               precomputed=example_shapes(config) if precomputed else None,
+                               empty_prompt=precomputed and no_text_setting(config) == "empty_prompt")
