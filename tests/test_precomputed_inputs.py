@@ -3,7 +3,6 @@ config at 64 px: the stored fields are what the raw step computes, one step from
 same key, the step's frozen state holds no encoder, mismatches are named, and the CLI writes them from a diffusers
 checkpoint (checked against diffusers itself)."""
 
-import dataclasses
 import functools
 import json
 import math
@@ -22,17 +21,19 @@ from realisid_jax.cli import main as cli_main
 from realisid_jax.config import load_config
 from realisid_jax.data.input_pipeline import DecodeExample, make_train_iterator
 from realisid_jax.data.precompute import InputEncoder
-from realisid_jax.data.precomputed import (EMPTY_PROMPT_FILE, PrecomputedInputsError, batch_fields, example_shapes)
+from realisid_jax.data.precomputed import EMPTY_PROMPT_FILE, PrecomputedInputsError, batch_fields, example_shapes
 from realisid_jax.data.prepare import PrepareOptions, prepare_dataset
 from realisid_jax.data.sample_data import write_sample_source
+from realisid_jax.models.modeling_utils import count_params, init_rngs
 from realisid_jax.realisid.components import Components, abstract_components
+from realisid_jax.sharding import make_mesh
 from realisid_jax.schedulers import SDXL_SCHEDULER_CONFIG, DDPMScheduler
 from realisid_jax.text.tokenizer import offline_clip_tokenizer, tokenize
 from realisid_jax.training.batches import batch_shapes, host_batch, landmark_pixels
-from realisid_jax.training.memory import train_step_memory
-from realisid_jax.training.state import split_components, without_encoders
+from realisid_jax.training.memory import lower_train_step, train_step_memory
+from realisid_jax.training.state import build_models, split_components, training_components, without_encoders
 from realisid_jax.training.step import StepSettings, compute_loss, text_conditioning
-from realisid_jax.training.trainer import Trainer
+from realisid_jax.training.trainer import Trainer, train
 from realisid_jax.realisid.objective import condition_dropout
 from test_memory_plan import MICRO
 from tiny_sdxl import build_tiny_sdxl
@@ -208,3 +209,139 @@ def test_the_step_from_precomputed_inputs_equals_the_raw_step(stored32, models):
     for name in ("image_features", "empty_prompt_embeds"):
         changed = dict(pre_batch, **{name: pre_batch[name] + 1.0})
         assert abs(float(pre_step(changed)[0]) - float(pre_loss)) > 1e-4 * float(pre_loss), name
+
+
+# ------------------------------------------------------------------------- (c) no encoder in the step
+
+
+def _nbytes(tree):
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def test_the_precomputed_step_holds_and_plans_no_encoder():
+    cfg_raw, cfg_pre = config(), config("train.precomputed_inputs=True")
+
+    def frozen(cfg):
+        return nnx.eval_shape(lambda: split_components(training_components(cfg, init_rngs(0)), cfg))[2]
+
+    raw, pre = frozen(cfg_raw), frozen(cfg_pre)
+    assert set(ENCODER_NAMES) <= set(raw) and not set(ENCODER_NAMES) & set(pre), (set(raw), set(pre))
+    assert _nbytes(pre) == _nbytes(raw["unet"]) < 0.5 * _nbytes(raw)
+
+    # The memory plan's step (lowered for 8 simulated devices, FSDP; compiling it is the slow test below).
+    plans = {name: lower_train_step(cfg, 8, resolution=RESOLUTION) for name, cfg in (("raw", cfg_raw),
+                                                                                    ("pre", cfg_pre))}
+    assert plans["pre"].frozen_params == count_params(abstract_components(cfg_pre).unet) < plans["raw"].frozen_params
+    assert plans["pre"].trainable_params == plans["raw"].trainable_params
+    assert plans["pre"].state_bytes < plans["raw"].state_bytes
+    assert set(plans["pre"].batch) == {"face_box", "landmark_image", "time_ids", *batch_fields(cfg_pre, "empty_prompt")}
+    assert {"pixel_values", "input_ids", "input_ids_2", "reference"} <= set(plans["raw"].batch)
+    assert {k: v.shape[1:] for k, v in plans["pre"].batch.items() if k in example_shapes(cfg_pre)} == \
+        example_shapes(cfg_pre)
+
+
+@pytest.mark.slow
+def test_memory_plan_of_the_precomputed_step():
+    """XLA's figures for the tiny step on 8 simulated devices (~2.5 min each here): the precomputed step holds
+    fewer bytes per device and computes fewer FLOPs."""
+    raw = train_step_memory(config(), 8, resolution=RESOLUTION)
+    pre = train_step_memory(config("train.precomputed_inputs=True"), 8, resolution=RESOLUTION)
+    assert pre.frozen_params < raw.frozen_params and pre.state_bytes < raw.state_bytes
+    assert pre.argument_bytes < raw.argument_bytes and pre.flops < raw.flops
+    assert pre.alias_bytes == raw.alias_bytes > 0  # the same donated train state
+
+
+# ---------------------------------------------------------------------------------- (d) mismatches
+
+
+def test_mismatches_are_named(source, stored16, models, tmp_path, capsys):
+    cfg = config("train.precomputed_inputs=True")
+    shapes = example_shapes(cfg)
+    args = dict(batch_size=BATCH, seed=0, resolution=RESOLUTION)
+    with pytest.raises(PrecomputedInputsError, match="has no precomputed latent_mean, latent_logvar, prompt_embeds, "
+                                                     "image_features, pooled_prompt_embeds"):
+        make_train_iterator(source / "raw", precomputed=shapes, **args)
+    # ... checked by `train` before any model is built.
+    with pytest.raises(PrecomputedInputsError, match="has no precomputed latent_mean"):
+        train(cfg, tmp_path / "run", data_dir=source / "raw")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(PrecomputedInputsError, match=r"latent_mean is \(8, 8, 4\), the config needs \(16, 16, 4\) "
+                                                     r"\(prepared for another train.resolution"):
+        make_train_iterator(stored16, precomputed=example_shapes(config("train.resolution=128")), **args)
+    broken = tmp_path / "no_empty_prompt"
+    shutil.copytree(stored16 / "realisid_faces", broken / "realisid_faces")
+    (broken / "realisid_faces" / "1.0.0" / EMPTY_PROMPT_FILE).unlink()
+    make_train_iterator(broken, precomputed=shapes, **args)  # "zeros" needs no empty prompt
+    with pytest.raises(PrecomputedInputsError, match=f"has no {EMPTY_PROMPT_FILE}"):
+        make_train_iterator(broken, precomputed=shapes, empty_prompt=True, **args)
+    with pytest.raises(PrecomputedInputsError, match="training samples need: set --config.train.sample_every=0"):
+        Trainer(config("train.precomputed_inputs=True", "train.sample_every=10"))
+
+    # The other way round: a raw config reads a precomputed dataset as raw, with a note.
+    next(make_train_iterator(stored16, **args))
+    assert "holds precomputed inputs; --config.train.precomputed_inputs=True" in capsys.readouterr().err
+
+    # The step itself, at trace time: a raw batch for components without encoders, or half a precomputed batch.
+    graphdef, params, rest = nnx.eval_shape(lambda: split_components(training_components(cfg, init_rngs(0)), cfg))
+    loss = functools.partial(compute_loss, graphdef=graphdef, settings=StepSettings.from_config(cfg, []),
+                             scheduler=DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG))
+    key = jax.random.PRNGKey(0)
+    spec = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in batch_shapes(config()).items()}
+    with pytest.raises(PrecomputedInputsError, match="hold no VAE / text / image encoder .* lacks the precomputed "
+                                                     "latent_mean, latent_logvar"):
+        jax.eval_shape(loss, params["realisid"].to_pure_dict(), rest, spec, key)
+    spec = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in batch_shapes(cfg).items() if k != "image_features"}
+    with pytest.raises(PrecomputedInputsError, match="but not image_features"):
+        jax.eval_shape(loss, params["realisid"].to_pure_dict(), rest, spec, key)
+
+
+# ------------------------------------------------------------------------------------- (e) the CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+def test_prepare_data_precompute_cli_matches_diffusers(source, tiny_checkpoint, tmp_path, capsys):
+    pipeline, image_encoder, pipe, torch_encoder = tiny_checkpoint
+    out = tmp_path / "data"
+    shutil.copytree(source / "raw" / "_work", out / "_work")
+    common = ["prepare-data", "--src", str(source / "src"), "--out", str(out), "--config", CONFIG, "--resolution",
+              str(RESOLUTION), "--min-face-px", "8", "--workers", "0"]
+    assert cli_main([*common, "--precompute"]) == 2
+    assert "error: --precompute needs --base" in capsys.readouterr().err
+    assert cli_main([*common, "--base", str(pipeline)]) == 2
+    assert "error: --base is only read with --precompute" in capsys.readouterr().err
+    assert cli_main([*common, "--precompute", "--base", str(pipeline), "--image-encoder", str(image_encoder)]) == 0
+    summary = json.loads((out / "prepare_summary.json").read_text())
+    assert summary["analysed"] == 0 and summary["precomputed"]["base"] == str(pipeline), summary
+
+    # The stored fields are diffusers' / transformers' own outputs for the same pixels and captions (float16).
+    rows = records(out)
+    shapes = example_shapes(load_config(CONFIG, [f"train.resolution={RESOLUTION}"]))
+    assert {name: rows[0][name].shape for name in shapes} == shapes
+    decoded = [DecodeExample(RESOLUTION).map(r) for r in rows]
+    nchw = lambda key: torch.from_numpy(np.stack([d[key] for d in decoded])).permute(0, 3, 1, 2)  # noqa: E731
+    with torch.no_grad():
+        posterior = pipe.vae.encode(nchw("pixel_values")).latent_dist
+        embeds, _, pooled, _ = pipe.encode_prompt([d["input_text"] for d in decoded], device="cpu",
+                                                  do_classifier_free_guidance=False)
+        empty, _, empty_pooled, _ = pipe.encode_prompt("", device="cpu", do_classifier_free_guidance=False)
+        features = torch_encoder(pixel_values=nchw("reference"), output_hidden_states=True).hidden_states[-2]
+    nhwc = {"latent_mean": posterior.mean, "latent_logvar": posterior.logvar}
+    expected = {**{k: v.permute(0, 2, 3, 1) for k, v in nhwc.items()}, "prompt_embeds": embeds,
+                "pooled_prompt_embeds": pooled, "image_features": features}
+    for name, want in expected.items():
+        want = want.numpy()
+        np.testing.assert_allclose(np.stack([r[name] for r in rows]).astype(np.float32), want, rtol=2**-9,
+                                   atol=2e-4 * np.abs(want).max(), err_msg=name)
+    with np.load(out / "realisid_faces" / "1.0.0" / EMPTY_PROMPT_FILE) as stored:
+        np.testing.assert_allclose(stored["prompt_embeds"], empty[0].numpy(), rtol=2**-9, atol=1e-3)
+        np.testing.assert_allclose(stored["pooled_prompt_embeds"], empty_pooled[0].numpy(), rtol=2**-9, atol=1e-3)
+
+    # Training from them loads the base's UNet only (no --image-encoder needed).
+    cfg = load_config(CONFIG, [f"train.resolution={RESOLUTION}", "train.precomputed_inputs=True"])
+    setup, _, _ = build_models(cfg, make_mesh((1, 1, 1), jax.devices()[:1]), tuple(tuple(r) for r in cfg.mesh.rules),
+                               pretrained=pipeline)
+    assert set(setup.frozen_inputs) == {"unet"}

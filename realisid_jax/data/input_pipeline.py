@@ -25,7 +25,7 @@ import grain
 import numpy as np
 
 from realisid_jax.data import builder
-from realisid_jax.data.precomputed import check_fields, read_empty_prompt, stored_shapes
+from realisid_jax.data.precomputed import check_dataset, stored_shapes
 from realisid_jax.face.preprocess import CLIP_MEAN, CLIP_STD, normalize, to_box_frame
 
 Batch = dict[str, Any]
@@ -153,12 +153,14 @@ def make_train_dataset(data_dir: str | os.PathLike, *, batch_size: int, seed: in
     local_batch = batch_size // shard_count
     skip = ("face_mask", "image", "reference") if precomputed is not None else ("face_mask",)
     source = builder.open_split(data_dir, skip_decoding=skip)
+    features = source.dataset_info.features
     decode = DecodeExample(resolution, reference_mean, reference_std)
     if precomputed is not None:
-        features = source.dataset_info.features
-        check_fields(stored_shapes(features), precomputed, str(data_dir))
-        decode = DecodeExample(features["image"].shape[0], precomputed=tuple(precomputed),
-                               empty_prompt=read_empty_prompt(data_dir, precomputed) if empty_prompt else None)
+        empty = check_dataset(data_dir, precomputed, empty_prompt=empty_prompt, features=features)
+        decode = DecodeExample(features["image"].shape[0], precomputed=tuple(precomputed), empty_prompt=empty)
+    elif stored_shapes(features):
+        print(f"note: {data_dir} holds precomputed inputs; --config.train.precomputed_inputs=True trains from them "
+              f"without loading the VAE, text and image encoders", file=sys.stderr, flush=True)
     if "original_size" not in source.dataset_info.features:
         print(f"note: {data_dir} was prepared without the photos' sizes and crop offsets (re-run prepare-data "
               f"for them): SDXL time ids are (R, R, 0, 0, R, R)", file=sys.stderr, flush=True)

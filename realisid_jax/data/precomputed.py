@@ -102,7 +102,7 @@ def check_fields(stored: Mapping[str, tuple[int, ...]], expected: Mapping[str, t
             f"--config.train.precomputed_inputs=False")
     for name, shape in expected.items():
         if tuple(stored[name]) != tuple(shape):
-            hint = (f" (prepared for another train.resolution than the config's)"
+            hint = (" (prepared for another train.resolution than the config's)"
                     if name.startswith("latent_") else " (prepared with other encoders than the config's)")
             raise PrecomputedInputsError(f"{where}: precomputed {name} is {tuple(stored[name])}, the config needs "
                                          f"{tuple(shape)}{hint}")
@@ -112,6 +112,20 @@ def stored_shapes(features) -> dict[str, tuple[int, ...]]:
     """Field -> per-example shape of the precomputed fields among a dataset's ``features`` (its
     ``dataset_info.features``; empty for a raw dataset)."""
     return {name: tuple(features[name].shape) for name in EXAMPLE_FIELDS if name in features}
+
+
+def check_dataset(data_dir: str | os.PathLike, expected: Mapping[str, tuple[int, ...]], *, empty_prompt: bool,
+                  features=None) -> dict[str, np.ndarray] | None:
+    """Checks that a prepared dataset holds the ``expected`` precomputed fields (``example_shapes``) and, with
+    ``empty_prompt``, the empty prompt's embeddings; returns those as batch fields (``read_empty_prompt``), else
+    ``None``. ``features``: the dataset's ``dataset_info.features`` if already open.
+
+    Raises:
+      PrecomputedInputsError: as ``check_fields`` and ``read_empty_prompt``.
+    """
+    features = builder.open_split(data_dir).dataset_info.features if features is None else features
+    check_fields(stored_shapes(features), expected, str(data_dir))
+    return read_empty_prompt(data_dir, expected) if empty_prompt else None
 
 
 def write_empty_prompt(data_dir: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:

@@ -423,8 +423,10 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
             "bytes_per_example": sum(int(np.prod(s)) for s in shapes.values()) * encoder.dtype.itemsize,
             **encoder.provenance}
 
-        def stored():
+        def precomputed_examples():
             return with_precomputed(examples(), encoder, spec)
+
+        stored = precomputed_examples
 
     dataset = builder.write_dataset(
         out, stored, resolution=options.resolution, reference_size=options.reference_size,

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -98,9 +99,48 @@ def compiled_figures(lowered, devices: Sequence[jax.Device]) -> dict:
                 optimal_seconds=float(cost.get("optimal_seconds", math.nan)), compile_seconds=seconds)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoweredStep:
+    """The training step of a plan, lowered (traced, not compiled).
+
+    Attributes:
+      lowered: the ``jax.stages.Lowered`` program (``step(state, frozen_inputs, batch)``).
+      devices: the devices it was lowered for (the mesh's).
+      batch: its abstract batch (field -> ``ShapeDtypeStruct`` with sharding).
+      trainable_params, frozen_params, state_bytes: as ``MemoryPlan``.
+    """
+
+    lowered: Any
+    devices: tuple[jax.Device, ...]
+    batch: dict[str, jax.ShapeDtypeStruct]
+    trainable_params: int
+    frozen_params: int
+    state_bytes: int
+
+
 def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, per_device_batch: int = 1,
                       resolution: int | None = None, devices: Sequence[jax.Device] | None = None) -> MemoryPlan:
     """Compiles ``config``'s training step with FSDP over ``num_devices`` devices and returns its memory plan.
+
+    Args: see ``lower_train_step``.
+
+    Raises:
+      ValueError: fewer than ``num_devices`` devices are available.
+    """
+    start = time.perf_counter()
+    step = lower_train_step(config, num_devices, per_device_batch=per_device_batch, resolution=resolution,
+                            devices=devices)
+    figures = compiled_figures(step.lowered, step.devices)
+    figures["compile_seconds"] = time.perf_counter() - start
+    return MemoryPlan(num_devices=num_devices, per_device_batch=per_device_batch,
+                      resolution=int(resolution or config.train.resolution), trainable_params=step.trainable_params,
+                      frozen_params=step.frozen_params, state_bytes=step.state_bytes, **figures)
+
+
+def lower_train_step(config: ml_collections.ConfigDict, num_devices: int, *, per_device_batch: int = 1,
+                     resolution: int | None = None, devices: Sequence[jax.Device] | None = None) -> LoweredStep:
+    """Lowers ``config``'s training step with FSDP over ``num_devices`` devices on abstract inputs (nothing is
+    materialised; seconds, where compiling takes minutes).
 
     Args:
       config: a project config (e.g. ``configs/sdxl.py``); its dtypes, ``train.remat`` and
@@ -114,7 +154,6 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, pe
     Raises:
       ValueError: fewer than ``num_devices`` devices are available.
     """
-    start = time.perf_counter()
     devices = list(jax.devices() if devices is None else devices)
     if len(devices) < num_devices:
         raise ValueError(f"{num_devices} devices requested, {len(devices)} available (on CPU set "
@@ -143,9 +182,6 @@ def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, pe
                           batch_shardings={k: v.sharding for k, v in batch.items()})
     with use_mesh(mesh, rules):
         lowered = step.lower(state, with_shardings(frozen_inputs, frozen_sh), batch)
-    figures = compiled_figures(lowered, devices)
-    figures["compile_seconds"] = time.perf_counter() - start
-    return MemoryPlan(num_devices=num_devices, per_device_batch=per_device_batch,
-                      resolution=int(config.train.resolution), trainable_params=count_params(params),
-                      frozen_params=count_params(frozen_inputs),
-                      state_bytes=shard_bytes((state, with_shardings(frozen_inputs, frozen_sh))), **figures)
+    return LoweredStep(lowered=lowered, devices=tuple(devices[:num_devices]), batch=batch,
+                       trainable_params=count_params(params), frozen_params=count_params(frozen_inputs),
+                       state_bytes=shard_bytes((state, with_shardings(frozen_inputs, frozen_sh))))

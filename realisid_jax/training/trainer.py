@@ -36,7 +36,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from realisid_jax.data.input_pipeline import make_train_iterator
-from realisid_jax.data.precomputed import PrecomputedInputsError, example_shapes
+from realisid_jax.data.precomputed import PrecomputedInputsError, check_dataset, example_shapes
 from realisid_jax.realisid.components import base_scheduler_config, base_tokenizers
 from realisid_jax.schedulers import SDXL_SCHEDULER_CONFIG, DDPMScheduler
 from realisid_jax.sharding import make_mesh, use_mesh
@@ -223,8 +223,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
           loras: Sequence[tuple[str | Path, float]] = (), hooks: Sequence[loop.Hook] = (), mesh: Mesh | None = None,
           compiler_options: dict | None = None, resume_step: int | None = None) -> TrainResult:
     """``Trainer(config, ...).fit(workdir, ...)``: one run (see both for the arguments and errors). The work
-    directory is locked before the models are built, so a second run on it stops at once."""
+    directory is locked and a dataset's precomputed inputs checked before the models are built, so a second run
+    on it, or a dataset without them, stops at once."""
     with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+        if data_dir is not None and config.train.precomputed_inputs:
+            check_dataset(data_dir, example_shapes(config), empty_prompt=_empty_prompt(config))
         trainer = Trainer(config, pretrained=pretrained, image_encoder=image_encoder, variant=variant, loras=loras,
                           mesh=mesh, compiler_options=compiler_options)
         return trainer.fit(workdir, data_dir=data_dir, data_iterator=data_iterator, hooks=hooks,
@@ -251,4 +254,9 @@ def _input_iterator(config: ml_collections.ConfigDict, data_dir: str | os.PathLi
                                resolution=int(config.train.resolution), shard_index=jax.process_index(),
                                shard_count=jax.process_count(),
                                precomputed=example_shapes(config) if precomputed else None,
-                               empty_prompt=precomputed and no_text_setting(config) == "empty_prompt")
+                               empty_prompt=precomputed and _empty_prompt(config))
+
+
+def _empty_prompt(config: ml_collections.ConfigDict) -> bool:
+    """Whether text dropout needs the stored empty prompt's embeddings (``realisid.no_text``)."""
+    return no_text_setting(config) == "empty_prompt"
