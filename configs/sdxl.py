@@ -51,6 +51,7 @@ def get_config(variant: str = ""):
     # Accelerator defaults: bf16 compute, frozen base stored in bf16; the branches keep fp32 master weights and
     # AdamW moments (param_dtype). What makes training fit a 16 GiB v5e chip (README, "Training at scale").
     c.dtype = c.frozen_param_dtype = "bfloat16"
+    c.attention_impl = "splash"  # TPU Pallas flash kernel (bench/README.md, "TPU attention"); GPU: cudnn, XLA:CPU: xla
     if variant == "tiny":
         _tiny(c)
     elif variant:
