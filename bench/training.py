@@ -28,7 +28,7 @@ def trainer(config, seed: int = 0):
     settings = StepSettings.from_config(config, [[49406, 49407] + [49407] * (CLIP_MAX_LENGTH - 2)] * n_text)
     rng = np.random.default_rng(seed)
     batch = {}
-    for name, (shape, dtype) in batch_shapes(config, n_text).items():
+    for name, (shape, dtype) in batch_shapes(config).items():
         if np.issubdtype(dtype, np.integer):
             batch[name] = rng.integers(0, 49408, shape).astype(dtype)
         elif name == "time_ids":  # SDXL micro-conditioning of an uncropped square photo
