@@ -22,8 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # computation dtype: float32 | bfloat16
     c.param_dtype = "float32"  # storage of the trainable branches (master weights; AdamW moments follow)
     c.frozen_param_dtype = "float32"  # storage of the frozen UNet, VAE, text and image encoders
-    # Kernels, chosen here and never by backend: attention xla | cudnn (GPU) | chunked (XLA:CPU) | None (JAX
-    # picks); convolutions xla | im2col (XLA:CPU, small maps as one matmul).
+    # Kernels, chosen here and never by backend: attention xla | splash (TPU Pallas kernel) | cudnn (GPU) |
+    # chunked (XLA:CPU) | None (JAX picks); convolutions xla | im2col (XLA:CPU, small maps as one matmul).
     c.attention_impl = "xla"
     c.conv_impl = "xla"
     # Rows of identical layers (SDXL's 10-deep transformer stacks, the CLIP towers) as one lax.scan (maxtext's

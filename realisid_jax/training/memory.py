@@ -88,7 +88,11 @@ def compiled_figures(lowered, devices: Sequence[jax.Device]) -> dict:
     lowered program compiled for ``devices``' platform."""
     start = time.perf_counter()
     compiled = lowered.compile(compiler_options=compile_options(devices))
-    seconds = time.perf_counter() - start
+    return executable_figures(compiled, time.perf_counter() - start)
+
+
+def executable_figures(compiled, compile_seconds: float) -> dict:
+    """``compiled_figures`` of an executable (``jax.stages.Compiled``) that took ``compile_seconds``."""
     stats = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
@@ -96,7 +100,7 @@ def compiled_figures(lowered, devices: Sequence[jax.Device]) -> dict:
     alias, temp = int(stats.alias_size_in_bytes), int(stats.temp_size_in_bytes)
     return dict(argument_bytes=argument, output_bytes=output, alias_bytes=alias, temp_bytes=temp,
                 peak_bytes=argument + output - alias + temp, flops=float(cost.get("flops", math.nan)),
-                optimal_seconds=float(cost.get("optimal_seconds", math.nan)), compile_seconds=seconds)
+                optimal_seconds=float(cost.get("optimal_seconds", math.nan)), compile_seconds=compile_seconds)
 
 
 @dataclasses.dataclass(frozen=True)
