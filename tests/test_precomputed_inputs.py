@@ -21,7 +21,9 @@ from realisid_jax.cli import main as cli_main
 from realisid_jax.config import load_config
 from realisid_jax.data.input_pipeline import DecodeExample, make_train_iterator
 from realisid_jax.data.precompute import InputEncoder
-from realisid_jax.data.precomputed import EMPTY_PROMPT_FILE, PrecomputedInputsError, batch_fields, example_shapes
+from realisid_jax.commands import prepare_data as prepare_command
+from realisid_jax.data.precomputed import (EMPTY_PROMPT_FILE, STORAGE_DTYPES, PrecomputedInputsError, batch_fields,
+                                           example_shapes)
 from realisid_jax.data.prepare import PrepareOptions, prepare_dataset
 from realisid_jax.data.sample_data import write_sample_source
 from realisid_jax.models.modeling_utils import count_params, init_rngs
@@ -309,6 +311,7 @@ def test_prepare_data_precompute_cli_matches_diffusers(source, tiny_checkpoint, 
     shutil.copytree(source / "raw" / "_work", out / "_work")
     common = ["prepare-data", "--src", str(source / "src"), "--out", str(out), "--config", CONFIG, "--resolution",
               str(RESOLUTION), "--min-face-px", "8", "--workers", "0"]
+    assert prepare_command._STORAGE_DTYPES == STORAGE_DTYPES  # its --precompute-dtype choices
     assert cli_main([*common, "--precompute"]) == 2
     assert "error: --precompute needs --base" in capsys.readouterr().err
     assert cli_main([*common, "--base", str(pipeline)]) == 2
@@ -345,3 +348,21 @@ def test_prepare_data_precompute_cli_matches_diffusers(source, tiny_checkpoint, 
     setup, _, _ = build_models(cfg, make_mesh((1, 1, 1), jax.devices()[:1]), tuple(tuple(r) for r in cfg.mesh.rules),
                                pretrained=pipeline)
     assert set(setup.frozen_inputs) == {"unet"}
+
+
+@pytest.mark.slow
+def test_trainer_from_precomputed_inputs_matches_the_raw_trainer(source, tmp_path):
+    """End to end (~10 min here): the same random weights trained 3 steps by the raw ``Trainer`` and by one from
+    float32 inputs precomputed with its encoders (input pipeline, device batches, sharded jitted step) lose the
+    same."""
+    run = ["mesh.shape=(8,1,1)", "train.batch_size=8", "train.num_steps=3", "train.log_every=1"]
+    raw = Trainer(config(*run))
+    components = nnx.merge(raw.setup.graphdef, {"realisid": raw.initial_state()["params"]}, raw.setup.frozen_inputs)
+    out = tmp_path / "data"
+    shutil.copytree(source / "raw" / "_work", out / "_work")
+    prepare_dataset(source / "src", out, options=OPTIONS,
+                    encoder=InputEncoder(components, raw.tokenizers, dtype="float32", batch_size=BATCH))
+    raw_losses = raw.fit(tmp_path / "raw", data_dir=out).losses
+    pre = Trainer(config(*run, "train.precomputed_inputs=True"))
+    assert set(pre.setup.frozen_inputs) == {"unet"}
+    np.testing.assert_allclose(pre.fit(tmp_path / "pre", data_dir=out).losses, raw_losses, rtol=1e-5)
