@@ -52,6 +52,7 @@ def get_config(variant: str = ""):
     # AdamW moments (param_dtype). What makes training fit a 16 GiB v5e chip (README, "Training at scale").
     c.dtype = c.frozen_param_dtype = "bfloat16"
     c.attention_impl = "splash"  # TPU Pallas flash kernel (bench/README.md, "TPU attention"); GPU: cudnn, XLA:CPU: xla
+    c.train.scan_layers = True  # the 10-deep transformer stacks as one lax.scan in the training step
     if variant == "tiny":
         _tiny(c)
     elif variant:
@@ -82,4 +83,5 @@ def _tiny(c) -> None:
     c.train.batch_size = 8
     c.train.warmup_steps = 10
     c.attention_impl, c.conv_impl = "chunked", "im2col"  # the XLA:CPU kernels (tests, demo)
+    c.train.scan_layers = False  # the tests' reference steps layer by layer; tests/test_layer_scan.py checks the scan
     c.dtype = c.frozen_param_dtype = "float32"  # parity with PyTorch in the tests

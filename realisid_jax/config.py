@@ -26,10 +26,6 @@ def base_config() -> ml_collections.ConfigDict:
     # chunked (XLA:CPU) | None (JAX picks); convolutions xla | im2col (XLA:CPU, small maps as one matmul).
     c.attention_impl = "xla"
     c.conv_impl = "xla"
-    # Rows of identical layers (SDXL's 10-deep transformer stacks, the CLIP towers) as one lax.scan (maxtext's
-    # scan_layers): the compiled program holds one layer's code instead of each layer's (compile time and
-    # the compiler's host memory); costs a stacked copy of those weights in the step (models/layer_scan.py).
-    c.scan_layers = False
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=DEFAULT_RULES))
     c.realisid = ml_collections.ConfigDict(dict(
         max_persons=4,            # K, static: persons are padded with a validity mask
@@ -56,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
         drop_id_prob=0.05, drop_text_prob=0.05, drop_both_prob=0.05,
         checkpoint_every=1000, keep_checkpoints=3, log_every=10, seed=0, remat=True,
         remat_policy="nothing_saveable",  # jax.checkpoint_policies entry for every remat block
+        # Rows of identical layers (SDXL's 10-deep transformer stacks) as one lax.scan in the step (maxtext's
+        # scan_layers): its program holds one layer's code instead of each layer's, for a stacked copy of those
+        # weights while it runs (models/layer_scan.py). Sampling keeps the layers unrolled.
+        scan_layers=False,
         # Train from the frozen encoders' outputs stored by `prepare-data --precompute` (VAE latent distribution,
         # text embeddings, CLIP image features): the VAE, text and image encoders are neither loaded nor in the
         # step; training samples (sample_every) need them and are refused.

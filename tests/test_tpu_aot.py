@@ -1,5 +1,6 @@
 """Ahead-of-time compiles for Cloud TPU topologies on this CPU host (libtpu, the ``tpu`` extra): the training
-step and the sampling loop of a reduced tiny model, the TPU compiler's per-chip figures."""
+step and the sampling loop of a reduced tiny model for a v5e-8 and a v4-8, the TPU compiler's per-chip figures,
+FSDP against one chip, and the configured kernels."""
 
 import os
 
@@ -7,8 +8,10 @@ import os
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -20,62 +23,87 @@ from jax.sharding import SingleDeviceSharding  # noqa: E402
 from realisid_jax.config import load_config  # noqa: E402
 from realisid_jax.models.layers import attention  # noqa: E402
 from realisid_jax.training.aot import device_hbm_bytes, sample_plan, topology_devices  # noqa: E402
-from realisid_jax.training.memory import train_step_memory  # noqa: E402
+from realisid_jax.training.memory import MemoryPlan, executable_figures, lower_train_step  # noqa: E402
 
 CONFIG = f"{Path(__file__).resolve().parents[1] / 'configs' / 'sdxl.py'}:tiny"
-# The trainer tests' reduced tiny model (tests/test_train.py), with the TPU kernels: XLA attention and convs.
-MICRO = ["model.unet.layers_per_block=1", "model.unet.transformer_layers_per_block=(1,1)",
+# The trainer tests' reduced tiny model (tests/test_train.py) with the TPU kernels (XLA attention and convs), its
+# rows of layers scanned, trained from precomputed inputs: the smallest program with every part of the step that
+# runs on the chips (both branches, the frozen UNet, Eq. 7, AdamW).
+MICRO = ["model.unet.layers_per_block=1", "model.unet.transformer_layers_per_block=(1,2)",
          "model.text_encoder.num_hidden_layers=1", "model.text_encoder_2.num_hidden_layers=1",
-         "model.image_encoder.num_hidden_layers=1", "attention_impl=xla", "conv_impl=xla",
-         "sampling.height=64", "sampling.width=64"]
+         "model.image_encoder.num_hidden_layers=1", "attention_impl=xla", "conv_impl=xla", "train.scan_layers=True",
+         "train.precomputed_inputs=True", "sampling.height=64", "sampling.width=64"]
 
 
 def config():
     return load_config(CONFIG, MICRO)
 
 
-# The TPU compile of the reduced tiny training step took 18 minutes on 2 shared cores: make test-slow.
-slow = pytest.mark.slow
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    plan: MemoryPlan
+    text: str  # the TPU program (compiled HLO)
+
+
+def compile_step(devices, num_devices: int | None = None) -> CompiledStep:
+    n = num_devices or len(devices)
+    lowered = lower_train_step(config(), n, resolution=64, devices=devices)
+    start = time.perf_counter()
+    compiled = lowered.lowered.compile()
+    figures = executable_figures(compiled, time.perf_counter() - start)
+    plan = MemoryPlan(num_devices=n, per_device_batch=1, resolution=64, trainable_params=lowered.trainable_params,
+                      frozen_params=lowered.frozen_params, state_bytes=lowered.state_bytes, **figures)
+    return CompiledStep(plan, compiled.as_text())
 
 
 @pytest.fixture(scope="module")
-def v5e_8_plan():
+def v5e_8():
     devices = topology_devices("v5e:2x4")
     assert len(devices) == 8 and {d.device_kind for d in devices} == {"TPU v5 lite"}
-    return train_step_memory(config(), 8, resolution=64, devices=devices)
+    return compile_step(devices)
 
 
-def check_tpu_plan(plan, hbm: int):
-    # Only the TPU compiler gives a roofline time (XLA:CPU's cost analysis has none): compiled for the chip,
-    # not for this host. (Its value for such a small program is not meaningful: -6 s was seen.)
+def check_tpu_step(step: CompiledStep, hbm: int, devices: int):
+    plan = step.plan
+    # Only the TPU compiler gives a roofline time (XLA:CPU's cost analysis has none). (Its value for such a small
+    # program is not meaningful: -6 s was seen.)
     assert not math.isnan(plan.optimal_seconds) and plan.flops > 0, plan
     assert plan.alias_bytes > 0, "the train state is not donated"
     assert 0 < plan.peak_bytes < hbm, plan
+    # Compiled for the chips, not for this host: TPU tiled layouts (XLA:CPU has none), one SPMD partition per
+    # device, and the FSDP collectives.
+    header = step.text.split("\n", 1)[0]
+    assert ":T(8,128)" in header, header[:300]
+    if devices > 1:
+        assert "all-gather" in step.text and ("reduce-scatter" in step.text or "all-reduce" in step.text)
 
 
-@slow
-def test_training_step_compiles_for_a_v5e_8(v5e_8_plan):
-    check_tpu_plan(v5e_8_plan, 16 * 2**30)
+# A training-step compile takes 4 minutes on 2 idle cores and over 15 under load (the TPU compiler's code generation
+# runs per fusion, whatever the sizes): these run in `make test-slow`; `make test` compiles the sampling loops.
+@pytest.mark.slow
+def test_training_step_compiles_for_a_v5e_8(v5e_8):
+    check_tpu_step(v5e_8, 16 * 2**30, 8)
 
 
-@slow
+@pytest.mark.slow
 def test_training_step_compiles_for_a_v4_8():
     devices = topology_devices("v4:2x2x1")  # 4 chips, one device per TensorCore: 16 of a chip's 32 GiB each
     assert len(devices) == 8 and {d.device_kind for d in devices} == {"TPU v4"}
     assert device_hbm_bytes(devices) == 16 * 2**30
-    check_tpu_plan(train_step_memory(config(), 8, resolution=64, devices=devices), device_hbm_bytes(devices))
+    check_tpu_step(compile_step(devices), device_hbm_bytes(devices), 8)
 
 
-@slow
-def test_fsdp_lowers_the_peak_per_chip(v5e_8_plan):
-    whole = train_step_memory(config(), 1, resolution=64, devices=topology_devices("v5e:2x4"))
-    assert v5e_8_plan.state_bytes < 0.5 * whole.state_bytes
-    assert v5e_8_plan.peak_bytes < whole.peak_bytes, (v5e_8_plan, whole)
+@pytest.mark.slow
+def test_fsdp_lowers_the_peak_per_chip(v5e_8):
+    whole = compile_step(topology_devices("v5e:2x4"), 1)
+    assert v5e_8.plan.state_bytes < 0.5 * whole.plan.state_bytes
+    assert v5e_8.plan.peak_bytes < whole.plan.peak_bytes, (v5e_8.plan, whole.plan)
 
 
-def test_sampling_loop_compiles_for_one_chip():
-    devices = topology_devices("v5e:2x2")
-    plan = sample_plan(config(), devices[:1])
+@pytest.mark.parametrize("topology", ["v5e:2x4", "v4:2x2x1"])
+def test_sampling_loop_compiles_for_a_slice(topology):
+    devices = topology_devices(topology)
+    plan = sample_plan(config(), devices)
     for figures in (plan.denoise, plan.decode):
         assert not math.isnan(figures["optimal_seconds"]) and figures["peak_bytes"] > 0, figures
     assert plan.peak_bytes < device_hbm_bytes(devices)
@@ -98,3 +126,28 @@ def test_tpu_attention_is_the_configured_kernel():
 
     assert " while(" not in program("xla")
     assert " while(" in program("chunked")
+
+
+def _real_oom_error(device) -> Exception:
+    """The TPU compiler's own refusal of a program larger than one chip's HBM (compiles in seconds)."""
+    huge = jax.ShapeDtypeStruct((9 * 2**30,), jnp.bfloat16, sharding=SingleDeviceSharding(device))  # 18 GiB
+    with pytest.raises(Exception, match="RESOURCE_EXHAUSTED") as refused:
+        jax.jit(lambda x: x * 2).lower(huge).compile()
+    return refused.value
+
+
+def test_info_reports_a_slice_the_step_does_not_fit(monkeypatch, capsys):
+    """`realisid info --train --topology` prints the compiler's refusal as "does not fit" and fails the plan,
+    instead of a traceback."""
+    from realisid_jax.commands import info
+    from realisid_jax.training import memory
+
+    error = _real_oom_error(topology_devices("v5e:2x2")[0])
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(memory, "train_step_memory", refuse)
+    assert info.print_tpu_train_plans(config(), ["v5e:2x2"]) is False
+    row = capsys.readouterr().out.strip().splitlines()[-2]
+    assert row.split()[:3] == ["v5e:2x2", "1", "4"] and "does not fit: " in row and "RESOURCE_EXHAUSTED" in row, row

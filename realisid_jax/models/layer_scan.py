@@ -5,8 +5,8 @@ ControlNet's copies of them) and its CLIP towers 32 deep. Unrolled, every layer 
 program: the TPU compiler's time and memory grow with it (its code generation runs per fusion). Scanned, one
 layer's code runs ``n`` times. The parameters stay where checkpoints put them (``transformer_blocks.3.attn1...``):
 the layers' states are stacked inside the traced function, a copy of those weights in the compute's memory
-(sharded as the weights are), which is why this is a config choice (``config.scan_layers``) and not the default
-for sampling.
+(sharded as the weights are), which is why it is a choice of the training step (``config.train.scan_layers``) and
+sampling keeps its layers unrolled.
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ from realisid_jax.loading.pipeline_folder import load_model_folders
 from realisid_jax.loading.single_file import load_single_file
 from realisid_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
-from realisid_jax.models.layer_scan import set_scan_layers
 from realisid_jax.models.layers import set_conv_impl
 from realisid_jax.models.modeling_utils import init_rngs
 from realisid_jax.models.registry import FROZEN, dtypes, frozen_configs
@@ -76,11 +75,9 @@ def _with_frozen(models: dict[str, nnx.Module], realisid: RealisID) -> Component
 
 
 def apply_kernel_config(components: Components, config: ml_collections.ConfigDict) -> None:
-    """The config's program choices that are static attributes of the modules (read when a jit traces them):
-    ``conv_impl`` for every convolution and ``scan_layers`` for every row of identical layers. Call before
-    ``nnx.split``; the pipeline, the trainer and the plans do."""
+    """The config's kernel choices that are static attributes of the modules (read when a jit traces them):
+    ``conv_impl`` for every convolution. Call before ``nnx.split``; the pipeline, the trainer and the plans do."""
     set_conv_impl(components, config.conv_impl)
-    set_scan_layers(components, config.scan_layers)
 
 
 def build_components(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Components:

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from realisid_jax.data.precomputed import ENCODERS
+from realisid_jax.models.layer_scan import set_scan_layers
 from realisid_jax.models.modeling_utils import fast_compile_options, init_rngs
 from realisid_jax.realisid.branches import RealisID, RealisIDConfig
 from realisid_jax.realisid.components import (
@@ -100,9 +101,10 @@ def without_encoders(components: Components, config: ml_collections.ConfigDict) 
 def split_components(components: Components, config: ml_collections.ConfigDict
                      ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """``(graphdef, branch params, the rest)`` of (abstract or concrete) components, with the config's
-    kernel choices (``apply_kernel_config``) and, with ``train.remat``, every block rematerialised under
-    ``train.remat_policy``."""
+    kernel choices (``apply_kernel_config``), ``train.scan_layers`` and, with ``train.remat``, every block
+    rematerialised under ``train.remat_policy``."""
     apply_kernel_config(components, config)
+    set_scan_layers(components, config.train.scan_layers)
     if config.train.remat:
         enable_remat(components, remat_policy(config.train.remat_policy))
     return nnx.split(components, BRANCH_PARAMS, ...)
