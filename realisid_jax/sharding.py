@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterator, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -65,9 +66,11 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh {tuple(sizes)} needs {math.prod(sizes)} devices, {len(devices)} available")
-    return jax.make_mesh(
-        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if any(getattr(d, "core_on_chip", 0) for d in devices):
+        # A v4 topology lists each TensorCore as a device; jax's physical mesh layout needs one device per chip.
+        return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules: Rules) -> PartitionSpec:
