@@ -77,12 +77,17 @@ def write_unet(folder: Path, config_path: str) -> int:
     return path.stat().st_size
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
+def _proc_bytes(path: str, field: str) -> int:
+    """A ``kB`` field of a /proc file (``/proc/self/status`` VmRSS, ``/proc/meminfo`` MemAvailable) in bytes."""
+    with open(path) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in {path}")
+
+
+def _rss_bytes() -> int:
+    return _proc_bytes("/proc/self/status", "VmRSS")
 
 
 def load_unet(folder: Path) -> dict:
@@ -103,11 +108,7 @@ def load_unet(folder: Path) -> dict:
 
 
 def _available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def _watch(child: subprocess.Popen, tripped: list) -> None:

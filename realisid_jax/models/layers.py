@@ -67,7 +67,7 @@ def set_conv_impl(model: nnx.Module, impl: str) -> None:
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
     function = im2col_conv_general_dilated if impl == "im2col" else jax.lax.conv_general_dilated
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if isinstance(module, nnx.Conv):
             module.conv_general_dilated = function
 
