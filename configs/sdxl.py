@@ -4,6 +4,8 @@ Variants (``--config configs/sdxl.py:VARIANT``):
   (none)  the full model
   tiny    the same architecture at tiny widths: every code path of the full model, fast on 2 CPU cores
           (tests, the embedded demo)
+  glyphs  the glyph world's models (``realisid_jax.glyphs``): SDXL's architecture sized to be trained from
+          scratch on 2 CPU cores — 256 px scenes, a 32x32x4 latent, 64x64 reference crops
 """
 
 from realisid_jax.config import base_config
@@ -55,8 +57,10 @@ def get_config(variant: str = ""):
     c.train.scan_layers = True  # the 10-deep transformer stacks as one lax.scan in the training step
     if variant == "tiny":
         _tiny(c)
+    elif variant == "glyphs":
+        _glyphs(c)
     elif variant:
-        raise ValueError(f"configs/sdxl.py has no variant {variant!r} (variants: tiny)")
+        raise ValueError(f"configs/sdxl.py has no variant {variant!r} (variants: tiny, glyphs)")
     return c
 
 
@@ -85,3 +89,21 @@ def _tiny(c) -> None:
     c.attention_impl, c.conv_impl = "chunked", "im2col"  # the XLA:CPU kernels (tests, demo)
     c.train.scan_layers = False  # the tests' reference steps layer by layer; tests/test_layer_scan.py checks the scan
     c.dtype = c.frozen_param_dtype = "float32"  # parity with PyTorch in the tests
+
+
+def _glyphs(c) -> None:
+    """The glyph world's base models and branches: two UNet levels (64/128 wide) on a 32x32x4 latent of 256 px
+    scenes, an 8x VAE, two random frozen 2-layer CLIP text towers (width 32 each: a 64-wide context), a 4-layer
+    ViT image encoder on 64 px reference crops (patch 8), 16 ID tokens; float32 and the XLA:CPU kernels."""
+    _tiny(c)
+    m = c.model
+    m["unet"].update(block_out_channels=(64, 128), attention_head_dim=(4, 8), transformer_layers_per_block=(1, 1),
+                     norm_num_groups=16)
+    m["vae"].update(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16)
+    m["image_encoder"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                              image_size=64, patch_size=8, projection_dim=64)
+    m["id_projection"] = dict(embed_dims=64, output_dims=64, hidden_dims=64, depth=2, dim_head=16, heads=4,
+                              num_queries=16, ffn_ratio=2)
+    for name in ("local_branch", "global_branch"):
+        m[name].update(conditioning_embedding_out_channels=(16, 32, 32, 64))
+    c.sampling.num_inference_steps = 20
