@@ -2,6 +2,7 @@
 
     cli                           `realisid <command>`
     commands/                     one module per command
+    glyphs/                       the glyph world: renders, base models, scorer (uses what is below like any user)
     app/                          the web app's request handler and page
     training/                     trainer, step, state, checkpoints
     eval/, data/                  evaluation protocol; dataset preparation and input pipeline
@@ -30,6 +31,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "realisid_jax"
 LAYERS = [
     {"cli"},
     {"commands"},
+    {"glyphs"},
     {"app"},
     {"training"},
     {"eval", "data"},

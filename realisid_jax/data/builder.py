@@ -11,7 +11,8 @@ to ``resolution`` x ``resolution``; pixel (i, j) covers ``[j, j+1) x [i, i+1)``)
   caption:    text.
   face_box:   (4,) float32 ``(x0, y0, x1, y1)`` pixels: the subject's face box made square by its
               longer edge (paper Sec. "ID embedding"), inside ``[0, R]``.
-  landmarks:  (468, 2) float32 ``(x, y)`` pixels, MediaPipe Face Mesh order.
+  landmarks:  (N, 2) float32 ``(x, y)`` pixels: N = 468 MediaPipe Face Mesh points in Face Mesh order for
+              faces; another keypoint set for another world (the glyph world's 6 square keypoints), N in the spec.
   face_mask:  (R, R, 1) uint8, 255 on the face (face-parsing mask), stored as PNG.
   reference:  (S, S, 3) uint8 RGB, the masked square reference crop for the CLIP image encoder,
               not yet normalised, stored as PNG.
@@ -47,9 +48,9 @@ Example = dict[str, Any]
 
 def features(resolution: int, reference_size: int, image_format: str = "jpeg", *,
              precomputed: Mapping[str, tuple[int, ...]] | None = None,
-             precomputed_dtype: str = "float16") -> tfds.features.FeaturesDict:
+             precomputed_dtype: str = "float16", num_landmarks: int = NUM_LANDMARKS) -> tfds.features.FeaturesDict:
     """The feature spec of one example (see the module docstring); ``precomputed``: name -> shape of the
-    precomputed tensors stored as ``precomputed_dtype``.
+    precomputed tensors stored as ``precomputed_dtype``; ``num_landmarks``: keypoints per subject.
 
     Image features are given already-encoded bytes by the writer, so building needs no TensorFlow.
 
@@ -65,7 +66,7 @@ def features(resolution: int, reference_size: int, image_format: str = "jpeg", *
                                      encoding_format=image_format),
         "caption": tfds.features.Text(),
         "face_box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
-        "landmarks": tfds.features.Tensor(shape=(NUM_LANDMARKS, 2), dtype=np.float32),
+        "landmarks": tfds.features.Tensor(shape=(num_landmarks, 2), dtype=np.float32),
         "face_mask": tfds.features.Image(shape=(resolution, resolution, 1), encoding_format="png"),
         "reference": tfds.features.Image(shape=(reference_size, reference_size, 3),
                                          encoding_format="png"),
@@ -82,7 +83,7 @@ class RealisidFaces(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       examples: called once at write time; yields ``(key, example)`` with unique string keys.
         Examples are written in the order given (TFDS shuffling disabled) so that a rebuild from
         the same inputs gives the same files.
-      resolution, reference_size, image_format, precomputed, precomputed_dtype: see ``features``.
+      resolution, reference_size, image_format, precomputed, precomputed_dtype, num_landmarks: see ``features``.
       metadata: JSON-serialisable values stored in ``dataset_info.json`` (``info.metadata``).
       **kwargs: ``data_dir`` and the other ``tfds.core.DatasetBuilder`` arguments.
     """
@@ -97,10 +98,10 @@ class RealisidFaces(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                  reference_size: int, image_format: str = "jpeg",
                  metadata: Mapping[str, Any] | None = None,
                  precomputed: Mapping[str, tuple[int, ...]] | None = None, precomputed_dtype: str = "float16",
-                 **kwargs: Any):
+                 num_landmarks: int = NUM_LANDMARKS, **kwargs: Any):
         self._examples = examples
         self._features = features(resolution, reference_size, image_format, precomputed=precomputed,
-                                  precomputed_dtype=precomputed_dtype)
+                                  precomputed_dtype=precomputed_dtype, num_landmarks=num_landmarks)
         self._metadata = dict(metadata or {})
         super().__init__(**kwargs)
 
@@ -130,9 +131,10 @@ def write_dataset(data_dir: str | os.PathLike,
                   reference_size: int, image_format: str = "jpeg",
                   metadata: Mapping[str, Any] | None = None,
                   precomputed: Mapping[str, tuple[int, ...]] | None = None,
-                  precomputed_dtype: str = "float16") -> Path:
+                  precomputed_dtype: str = "float16", num_landmarks: int = NUM_LANDMARKS) -> Path:
     """(Re)write the dataset under ``data_dir``, replacing any previous version; returns its folder.
-    ``precomputed``, ``precomputed_dtype``: the precomputed tensors' shapes and storage (``features``).
+    ``precomputed``, ``precomputed_dtype``: the precomputed tensors' shapes and storage; ``num_landmarks``:
+    keypoints per subject (``features``).
 
     Raises:
       ValueError: an example does not match the feature spec, or ``examples`` yields nothing
@@ -142,7 +144,7 @@ def write_dataset(data_dir: str | os.PathLike,
     builder = RealisidFaces(examples=examples, resolution=resolution,
                             reference_size=reference_size, image_format=image_format,
                             metadata=metadata, precomputed=precomputed, precomputed_dtype=precomputed_dtype,
-                            data_dir=os.fspath(data_dir), file_format="array_record")
+                            num_landmarks=num_landmarks, data_dir=os.fspath(data_dir), file_format="array_record")
     # Nothing is downloaded, but TFDS makes a download folder: keep it out of ``data_dir``.
     with tempfile.TemporaryDirectory(prefix="tfds-downloads-") as downloads:
         builder.download_and_prepare(

@@ -39,7 +39,7 @@ class DecodeExample(grain.transforms.Map):
         when shrinking, when it differs from the stored resolution).
       input_text: str, the caption.
       face_box: (4,) float32 ``(x0, y0, x1, y1)`` normalised to [0, 1] by the image side.
-      landmarks: (468, 2) float32 in the square face-box frame: (0, 0) top-left, (1, 1)
+      landmarks: (N, 2) float32 (N stored keypoints: 468 for faces) in the square face-box frame: (0, 0) top-left, (1, 1)
         bottom-right corner of ``face_box``.
       reference: (S, S, 3) float32 ``(rgb / 255 - mean) / std``, the masked CLIP reference crop.
       original_size: (2,) float32 ``(h, w)`` of the source photo, pixels; crops_coords_top_left: (2,) float32
@@ -128,7 +128,7 @@ def make_train_dataset(data_dir: str | os.PathLike, *, batch_size: int, seed: in
     Returns:
       An ``IterDataset`` whose elements are dicts (``L`` = local batch): ``pixel_values`` (L, R, R,
       3) float32 in [-1, 1]; ``input_text`` list of L str; ``face_box`` (L, 4) float32 in [0, 1];
-      ``landmarks`` (L, 468, 2) float32 in the face-box frame; ``reference`` (L, S, S, 3) float32
+      ``landmarks`` (L, N, 2) float32 in the face-box frame; ``reference`` (L, S, S, 3) float32
       CLIP-normalised; ``original_size`` and ``crops_coords_top_left`` (L, 2) float32 (``DecodeExample``).
       With ``precomputed``: those fields instead of ``pixel_values`` and ``reference``, as stored (float16 or
       float32), and ``empty_prompt_embeds`` / ``empty_pooled_prompt_embeds`` with ``empty_prompt``.

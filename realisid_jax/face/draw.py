@@ -8,7 +8,7 @@ the same bytes.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -33,16 +33,20 @@ _BOX_COLOR = (0, 255, 0)
 
 
 def draw_landmark_image(landmarks: np.ndarray, size: int = 512, *, line_px: int | None = None,
-                        points: bool = True) -> np.ndarray:
-    """Rasterise face-mesh landmarks as the c_pe condition image.
+                        points: bool = True, contours: Mapping[str, Sequence[Sequence[int]]] | None = None,
+                        colors: Mapping[str, tuple[int, int, int]] | None = None) -> np.ndarray:
+    """Rasterise landmarks as the c_pe condition image.
 
     Args:
-      landmarks: (468, 2) unit coordinates of the square face crop (``ReferenceFace.landmarks``):
+      landmarks: (N, 2) unit coordinates of the square face crop (``ReferenceFace.landmarks``):
         (0, 0) top-left, (1, 1) bottom-right; points outside are clipped by the canvas.
       size: output side, pixels (the local branch's pixel size; 512 by default).
       line_px: contour thickness, pixels; default ``max(1, size // 256)``.
       points: also draw each landmark as a white dot of radius ``line_px // 2`` centred on the pixel
         that contains it (that single pixel when the radius is 0).
+      contours, colors: feature name -> polylines over landmark indices, and -> RGB colour; default the face
+        mesh's (``mesh.CONTOURS``, ``CONTOUR_COLORS``), 468 landmarks. Another keypoint set (the glyph world's
+        square) is drawn by the same code with its own.
 
     Returns:
       (size, size, 3) uint8 RGB, black background.
@@ -51,9 +55,10 @@ def draw_landmark_image(landmarks: np.ndarray, size: int = 512, *, line_px: int 
     line_px = max(1, size // 256) if line_px is None else line_px
     canvas = np.zeros((size, size, 3), np.uint8)
     pts = _fixed_point(xy)
-    for name, polylines in mesh.CONTOURS.items():
+    colors = CONTOUR_COLORS if colors is None else colors
+    for name, polylines in (mesh.CONTOURS if contours is None else contours).items():
         cv2.polylines(canvas, [pts[list(p)].reshape(-1, 1, 2) for p in polylines], False,
-                      CONTOUR_COLORS[name], line_px, cv2.LINE_AA, _SHIFT)
+                      colors[name], line_px, cv2.LINE_AA, _SHIFT)
     if points:
         _draw_dots(canvas, xy, line_px // 2)
     return canvas

@@ -27,6 +27,8 @@ import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from realisid_jax.face.draw import draw_landmark_image
+
 # Upper-case letters and digits without confusable pairs (O/0/D/Q, I/1, S/5, Z/2, B/8, G/6/C).
 IDENTITIES: tuple[str, ...] = ("A", "B", "C", "E", "F", "H", "J", "K", "L", "M", "N", "P", "R", "T", "U", "V", "W",
                                "X", "Y", "2", "3", "4", "7", "9")
@@ -157,6 +159,12 @@ class Reference:
     style: str
     background: str
     rotation_deg: float
+
+    @property
+    def crop(self) -> np.ndarray:
+        """(S, S, 3) uint8: what the image encoder sees, the background zeroed by the ink mask, as a face
+        reference's background is zeroed by its parsing mask (``face.preprocess.preprocess_reference``)."""
+        return self.image * self.mask[..., None].astype(np.uint8)
 
 
 def luma(rgb) -> float:
@@ -334,3 +342,10 @@ def render_reference(rng: np.random.Generator, identity: str, *, size: int = 64,
 def reference(seed: int, index: int, identity: str, **kwargs) -> Reference:
     """Reference ``index`` of ``identity`` with ``seed`` (``render_reference`` keywords pass through)."""
     return render_reference(np.random.default_rng([seed, index, IDENTITIES.index(identity)]), identity, **kwargs)
+
+
+def draw_keypoints(keypoints: np.ndarray, size: int) -> np.ndarray:
+    """The landmark image c_pe of a glyph: its keypoints (6, 2) in unit box coordinates drawn by the face
+    pipeline's drawing code (``face.draw.draw_landmark_image``) with the glyph square's contours and colours.
+    Returns (size, size, 3) uint8 RGB, black background."""
+    return draw_landmark_image(keypoints, size, contours=KEYPOINT_CONTOURS, colors=KEYPOINT_COLORS)
