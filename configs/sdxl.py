@@ -8,6 +8,8 @@ Variants (``--config configs/sdxl.py:VARIANT``):
           scratch on 2 CPU cores — 256 px scenes, a 32x32x4 latent, 64x64 reference crops
 """
 
+import ml_collections
+
 from realisid_jax.config import base_config
 
 
@@ -107,3 +109,12 @@ def _glyphs(c) -> None:
     for name in ("local_branch", "global_branch"):
         m[name].update(conditioning_embedding_out_channels=(16, 32, 32, 64))
     c.sampling.num_inference_steps = 20
+    c.realisid.landmark_layout = "square"  # the glyph world's 6 keypoints (glyphs.world)
+    # `realisid glyphs prepare`: the stage's sizes, sized for about 40 minutes on 2 CPU cores (docs/glyphs.md).
+    c.glyphs = ml_collections.ConfigDict(dict(
+        seed=0, data_count=3000, eval_scenes=64, base_scenes=96,
+        vae_steps=1500, vae_batch_size=16, vae_crop=64,
+        encoder_steps=1200, encoder_batch_size=96,
+        unet_steps=3000, unet_batch_size=16,
+        scorer_steps=1500,
+    ))

@@ -87,7 +87,7 @@ def test_references_are_masked_crops_of_the_identity_in_other_styles():
 def test_keypoint_image_uses_the_landmark_drawing_path():
     image = world.draw_keypoints(world.glyph_keypoints(20.0), 64)
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
-    red = image[..., 0].astype(int) - image[..., 1] > 100  # the up line's colour, anti-aliased
+    red = image[..., 0].astype(int) - image[..., 1] > 100  # the up line's colour (face.draw.SQUARE_COLORS)
     assert red.any() and (image.sum(-1) > 0).mean() < 0.3
     assert not np.array_equal(image, world.draw_keypoints(world.glyph_keypoints(-20.0), 64))
 

@@ -8,7 +8,7 @@ the same bytes.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -26,6 +26,12 @@ CONTOUR_COLORS: dict[str, tuple[int, int, int]] = {
     "lips": (255, 0, 160),
 }
 POINT_COLOR = (255, 255, 255)
+# A square subject's pose (the glyph world's persons): keypoints TL, TR, BR, BL of the rotated square, its "up" point
+# (middle of the top edge) and its centre; drawn as the square's outline and a centre -> up line.
+SQUARE_CONTOURS: dict[str, tuple[tuple[int, ...], ...]] = {"outline": ((0, 1, 2, 3, 0),), "up": ((5, 4),)}
+SQUARE_COLORS: dict[str, tuple[int, int, int]] = {"outline": (224, 224, 224), "up": (255, 48, 48)}
+# Layout name (``config.realisid.landmark_layout``) -> (contours over landmark indices, colour per contour).
+LANDMARK_LAYOUTS = {"face_mesh": (mesh.CONTOURS, CONTOUR_COLORS), "square": (SQUARE_CONTOURS, SQUARE_COLORS)}
 
 _SHIFT = 4  # fixed-point fraction bits for OpenCV drawing: 1/16 pixel
 _MASK_TINT = np.array([0, 160, 255], np.float32)
@@ -33,8 +39,7 @@ _BOX_COLOR = (0, 255, 0)
 
 
 def draw_landmark_image(landmarks: np.ndarray, size: int = 512, *, line_px: int | None = None,
-                        points: bool = True, contours: Mapping[str, Sequence[Sequence[int]]] | None = None,
-                        colors: Mapping[str, tuple[int, int, int]] | None = None) -> np.ndarray:
+                        points: bool = True, layout: str = "face_mesh") -> np.ndarray:
     """Rasterise landmarks as the c_pe condition image.
 
     Args:
@@ -44,19 +49,21 @@ def draw_landmark_image(landmarks: np.ndarray, size: int = 512, *, line_px: int 
       line_px: contour thickness, pixels; default ``max(1, size // 256)``.
       points: also draw each landmark as a white dot of radius ``line_px // 2`` centred on the pixel
         that contains it (that single pixel when the radius is 0).
-      contours, colors: feature name -> polylines over landmark indices, and -> RGB colour; default the face
-        mesh's (``mesh.CONTOURS``, ``CONTOUR_COLORS``), 468 landmarks. Another keypoint set (the glyph world's
-        square) is drawn by the same code with its own.
+      layout: a name of ``LANDMARK_LAYOUTS``: ``"face_mesh"`` (468 landmarks, ``mesh.CONTOURS``) or
+        ``"square"`` (6 keypoints of a rotated square subject, the glyph world's), drawn by the same code.
 
     Returns:
       (size, size, 3) uint8 RGB, black background.
+
+    Raises:
+      KeyError: an unknown ``layout``.
     """
+    contours, colors = LANDMARK_LAYOUTS[layout]
     xy = np.asarray(landmarks, np.float64) * size
     line_px = max(1, size // 256) if line_px is None else line_px
     canvas = np.zeros((size, size, 3), np.uint8)
     pts = _fixed_point(xy)
-    colors = CONTOUR_COLORS if colors is None else colors
-    for name, polylines in (mesh.CONTOURS if contours is None else contours).items():
+    for name, polylines in contours.items():
         cv2.polylines(canvas, [pts[list(p)].reshape(-1, 1, 2) for p in polylines], False,
                       colors[name], line_px, cv2.LINE_AA, _SHIFT)
     if points:

@@ -80,9 +80,7 @@ TRAIN_STYLES: tuple[str, ...] = tuple(s for s in STYLES if s not in HELDOUT_STYL
 
 NUM_KEYPOINTS = 6
 KEYPOINT_NAMES = ("top_left", "top_right", "bottom_right", "bottom_left", "up", "centre")
-# Polylines over keypoint indices, drawn like the face mesh's contours (``face.draw``): the square, and centre -> up.
-KEYPOINT_CONTOURS: dict[str, tuple[tuple[int, ...], ...]] = {"outline": ((0, 1, 2, 3, 0),), "up": ((5, 4),)}
-KEYPOINT_COLORS: dict[str, tuple[int, int, int]] = {"outline": (224, 224, 224), "up": (255, 48, 48)}
+LANDMARK_LAYOUT = "square"  # how ``face.draw`` draws these keypoints (``config.realisid.landmark_layout``)
 
 _RENDER_PX = 192  # font size of the master rendering, before rotation and resizing
 EDGE_RANGE = (0.1, 0.5)  # box edge as a fraction of the image edge
@@ -346,6 +344,6 @@ def reference(seed: int, index: int, identity: str, **kwargs) -> Reference:
 
 def draw_keypoints(keypoints: np.ndarray, size: int) -> np.ndarray:
     """The landmark image c_pe of a glyph: its keypoints (6, 2) in unit box coordinates drawn by the face
-    pipeline's drawing code (``face.draw.draw_landmark_image``) with the glyph square's contours and colours.
+    pipeline's drawing code (``face.draw.draw_landmark_image``, the ``"square"`` layout).
     Returns (size, size, 3) uint8 RGB, black background."""
-    return draw_landmark_image(keypoints, size, contours=KEYPOINT_CONTOURS, colors=KEYPOINT_COLORS)
+    return draw_landmark_image(keypoints, size, layout=LANDMARK_LAYOUT)

@@ -69,26 +69,28 @@ def batch_spec(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules) -> d
 
 
 def host_batch(example_batch: dict[str, Any], tokenizers: Sequence[CLIPTokenizer], landmark_px: int, *,
-               resolution: int | None = None, precomputed: Sequence[str] = ()) -> dict:
+               resolution: int | None = None, precomputed: Sequence[str] = (),
+               landmark_layout: str = "face_mesh") -> dict:
     """One process's batch as numpy arrays of the step's fields.
 
     Args:
       example_batch: the input pipeline's batch (``realisid_jax.data.input_pipeline``): ``pixel_values``
         (b, R, R, 3) in [-1, 1], ``input_text`` b captions, ``face_box`` (b, 4) normalised, ``landmarks``
-        (b, 468, 2) in the square face crop's unit frame, ``reference`` (b, S, S, 3) CLIP-normalised,
+        (b, N, 2) in the square face crop's unit frame (N = 468 face-mesh points; 6 for the ``"square"`` layout), ``reference`` (b, S, S, 3) CLIP-normalised,
         ``original_size`` and ``crops_coords_top_left`` (b, 2) pixels; or, precomputed, the ``precomputed``
         fields instead of ``pixel_values`` and ``reference``.
       tokenizers: one per text encoder (SDXL: two); none for precomputed batches (captions are not read).
       landmark_px: c_pe side in pixels.
       resolution: R, the image side (default the side of ``pixel_values``; needed for precomputed batches).
       precomputed: the precomputed fields to pass on, as stored.
+      landmark_layout: how the landmarks are drawn as c_pe (``face.draw.LANDMARK_LAYOUTS``).
 
     ``time_ids`` (b, 6) float32 is SDXL's micro-conditioning, diffusers' ``_get_add_time_ids`` order:
     ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``, the target being the R x R image.
     """
     out = {
         "face_box": np.asarray(example_batch["face_box"], np.float32),
-        "landmark_image": np.stack([draw_landmark_image(np.asarray(points), landmark_px)
+        "landmark_image": np.stack([draw_landmark_image(np.asarray(points), landmark_px, layout=landmark_layout)
                                     for points in example_batch["landmarks"]]).astype(np.float32) / 255.0,
         **{name: np.asarray(example_batch[name]) for name in precomputed},
     }
@@ -116,6 +118,7 @@ class DeviceBatches(Iterator[dict[str, jax.Array]]):
                  config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules):
         self._iterator = iterator
         self._px = landmark_pixels(config)
+        self._layout = str(config.realisid.get("landmark_layout", "face_mesh"))
         self._resolution = int(config.train.resolution)
         self._shapes = batch_shapes(config)
         self._shardings = batch_shardings(config, mesh, rules)
@@ -125,7 +128,7 @@ class DeviceBatches(Iterator[dict[str, jax.Array]]):
 
     def __next__(self) -> dict[str, jax.Array]:
         local = host_batch(next(self._iterator), self._tokenizers, self._px, resolution=self._resolution,
-                           precomputed=self._precomputed)
+                           precomputed=self._precomputed, landmark_layout=self._layout)
         return {name: jax.make_array_from_process_local_data(self._shardings[name], local[name].astype(dtype),
                                                              shape)
                 for name, (shape, dtype) in self._shapes.items()}
