@@ -110,6 +110,7 @@ def _glyphs(c) -> None:
         m[name].update(conditioning_embedding_out_channels=(16, 32, 32, 64))
     c.sampling.num_inference_steps = 20
     c.realisid.landmark_layout = "square"  # the glyph world's 6 keypoints (glyphs.world)
+    c.realisid.reference_analysis = "plain_background"  # a glyph picture's subject, not a face detector's
     # `realisid glyphs prepare`: the stage's sizes, sized for about 40 minutes on 2 CPU cores (docs/glyphs.md).
     c.glyphs = ml_collections.ConfigDict(dict(
         seed=0, data_count=3000, eval_scenes=64, base_scenes=96,

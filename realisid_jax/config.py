@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
         global_scale=1.0,         # conditioning_scale of the global branch
         local_latent_size=64,     # crop up-sampled to this many latent cells (local branch input)
         landmark_layout="face_mesh",  # how c_pe is drawn (face.draw.LANDMARK_LAYOUTS): face_mesh | square (glyphs)
+        reference_analysis="face",    # reference / pose photo analysis: face | plain_background (glyph pictures)
         # "No text", one definition for training's text dropout and sampling's ε_none (paper Eq. 8) when the
         # negative prompt is empty: "empty_prompt" encodes "" (what the trained branches saw); "zeros" is
         # all-zero context and pooled embeds, diffusers' SDXL default (force_zeros_for_empty_prompt), kept for

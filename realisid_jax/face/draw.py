@@ -30,6 +30,21 @@ POINT_COLOR = (255, 255, 255)
 # (middle of the top edge) and its centre; drawn as the square's outline and a centre -> up line.
 SQUARE_CONTOURS: dict[str, tuple[tuple[int, ...], ...]] = {"outline": ((0, 1, 2, 3, 0),), "up": ((5, 4),)}
 SQUARE_COLORS: dict[str, tuple[int, int, int]] = {"outline": (224, 224, 224), "up": (255, 48, 48)}
+
+
+def square_keypoints(rotation_deg: float) -> np.ndarray:
+    """(6, 2) float32 unit box coordinates of the ``"square"`` layout: corners TL, TR, BR, BL of a square rotated
+    counter-clockwise by ``rotation_deg`` (as Pillow's ``Image.rotate``) about the centre of its axis-aligned
+    bounding box — the unit box —, then its up point (middle of its top edge) and its centre."""
+    t = np.radians(rotation_deg)
+    c, s = np.cos(t), np.sin(t)
+    half = 0.5 / (abs(c) + abs(s))  # the rotated square's bounding box is the unit box
+    local = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1], [0, -1], [0, 0]], np.float64) * half
+    # Counter-clockwise on screen with y pointing down: x' = x c + y s, y' = -x s + y c.
+    rotated = np.stack([local[:, 0] * c + local[:, 1] * s, -local[:, 0] * s + local[:, 1] * c], axis=1)
+    return (rotated + 0.5).astype(np.float32)
+
+
 # Layout name (``config.realisid.landmark_layout``) -> (contours over landmark indices, colour per contour).
 LANDMARK_LAYOUTS = {"face_mesh": (mesh.CONTOURS, CONTOUR_COLORS), "square": (SQUARE_CONTOURS, SQUARE_COLORS)}
 

@@ -22,6 +22,15 @@ class NoFaceError(FaceError):
         super().__init__(f"no face found in {source}")
 
 
+class NoSubjectError(NoFaceError):
+    """No subject stands out of a plain background (``plain_background.PlainBackgroundAnalyzer``)."""
+
+    def __init__(self, source: object, min_pixels: int, threshold: float):
+        self.source = source
+        FaceError.__init__(self, f"no subject found in {source}: fewer than {min_pixels} pixels differ from the "
+                                 f"border colour by {threshold:.0f}")
+
+
 class FaceTooSmallError(FaceError):
     """Every face found is smaller than the analyser's minimum size."""
 

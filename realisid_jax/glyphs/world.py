@@ -27,7 +27,7 @@ import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from realisid_jax.face.draw import draw_landmark_image
+from realisid_jax.face.draw import draw_landmark_image, square_keypoints
 
 # Upper-case letters and digits without confusable pairs (O/0/D/Q, I/1, S/5, Z/2, B/8, G/6/C).
 IDENTITIES: tuple[str, ...] = ("A", "B", "C", "E", "F", "H", "J", "K", "L", "M", "N", "P", "R", "T", "U", "V", "W",
@@ -200,14 +200,9 @@ def _master(identity: str, style: str, stroke: int) -> np.ndarray:
 
 def glyph_keypoints(rotation_deg: float) -> np.ndarray:
     """(6, 2) float32 unit box coordinates of the rotated glyph square's corners TL, TR, BR, BL, up point and
-    centre, for a square rotated counter-clockwise by ``rotation_deg`` inside its axis-aligned box."""
-    t = math.radians(rotation_deg)
-    c, s = math.cos(t), math.sin(t)
-    half = 0.5 / (abs(c) + abs(s))  # the rotated square's bounding box is the unit box
-    local = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1], [0, -1], [0, 0]], np.float64) * half
-    # Counter-clockwise on screen with y pointing down: x' = x c + y s, y' = -x s + y c.
-    rotated = np.stack([local[:, 0] * c + local[:, 1] * s, -local[:, 0] * s + local[:, 1] * c], axis=1)
-    return (rotated + 0.5).astype(np.float32)
+    centre, for a square rotated counter-clockwise by ``rotation_deg`` inside its axis-aligned box (the
+    ``"square"`` landmark layout, ``face.draw.square_keypoints``)."""
+    return square_keypoints(rotation_deg)
 
 
 def glyph_alpha(identity: str, style: str, stroke: int, edge: int, rotation_deg: float) -> np.ndarray:

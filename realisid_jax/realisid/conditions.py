@@ -43,11 +43,14 @@ class Person:
       box: ``(x0, y0, x1, y1)`` where the face goes, output-image pixels (floats allowed); made square and
         moved inside the image by ``check_box``.
       pose: optional photo whose landmarks set pose and expression; default the reference's own.
+      landmarks: optional (N, 2) landmarks in the unit frame of the square box (``ReferenceFace.landmarks``'s
+        frame), given instead of a pose photo: e.g. ``face.draw.square_keypoints(30)``, a glyph turned by 30°.
     """
 
     reference: ImageInput
     box: Sequence[float]
     pose: ImageInput | None = None
+    landmarks: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -119,8 +122,11 @@ def check_box(box: Sequence[float], height: int, width: int) -> np.ndarray:
 
 def prepare_persons(persons: Sequence[Person], *, height: int, width: int, max_persons: int,
                     landmark_px: int, analyzer: FaceAnalyzer, clip_size: int = 224,
-                    clip_mean: Sequence[float] = CLIP_MEAN, clip_std: Sequence[float] = CLIP_STD) -> PersonConditions:
-    """Analyses every person's photos and builds the padded condition arrays.
+                    clip_mean: Sequence[float] = CLIP_MEAN, clip_std: Sequence[float] = CLIP_STD,
+                    landmark_layout: str = "face_mesh") -> PersonConditions:
+    """Analyses every person's photos and builds the padded condition arrays; c_pe is drawn with
+    ``landmark_layout`` (``face.draw.LANDMARK_LAYOUTS``) from ``Person.landmarks``, else the pose photo's, else the
+    reference's landmarks. ``analyzer``: a ``FaceAnalyzer`` or another with its ``analyze`` (``PlainBackgroundAnalyzer``).
 
     Boxes and the person count are checked before any photo is analysed, so bad input fails fast.
 
@@ -139,9 +145,14 @@ def prepare_persons(persons: Sequence[Person], *, height: int, width: int, max_p
     references = []
     for k, person in enumerate(persons):
         reference = _analyse(person.reference, analyzer, clip_size, clip_mean, clip_std)
-        pose = reference if person.pose is None else _analyse(person.pose, analyzer, clip_size, clip_mean, clip_std)
+        if person.landmarks is not None:
+            points = np.asarray(person.landmarks, np.float32)
+        elif person.pose is not None:
+            points = _analyse(person.pose, analyzer, clip_size, clip_mean, clip_std).landmarks
+        else:
+            points = reference.landmarks
         pixels[k] = reference.pixels
-        landmarks[k] = draw_landmark_image(pose.landmarks, landmark_px).astype(np.float32) / 255.0
+        landmarks[k] = draw_landmark_image(points, landmark_px, layout=landmark_layout).astype(np.float32) / 255.0
         references.append(reference)
     valid = np.arange(max_persons) < len(persons)
     return PersonConditions(pixels, landmarks, boxes, valid, tuple(references))

@@ -42,6 +42,7 @@ from realisid_jax.realisid.components import (
 )
 from realisid_jax.realisid.conditions import Person, PersonConditions, SizeError, prepare_persons
 from realisid_jax.face.analysis import FaceAnalyzer
+from realisid_jax.face.plain_background import PlainBackgroundAnalyzer
 from realisid_jax.models.vae import VAE_SCALE_FACTOR
 from realisid_jax.text.prompt_encoding import encode_prompt_sd15, encode_prompt_sdxl, no_text_setting
 from realisid_jax.text.tokenizer import offline_clip_tokenizer
@@ -104,7 +105,25 @@ def prepare_conditions(config, persons: Sequence[Person], height: int, width: in
                         f"got {height}x{width}")
     return prepare_persons(persons, height=height, width=width, max_persons=config.realisid.max_persons,
                            landmark_px=VAE_SCALE_FACTOR * config.realisid.local_latent_size,
-                           analyzer=analyzer or FaceAnalyzer(), clip_size=config.model.image_encoder["image_size"])
+                           analyzer=analyzer or reference_analyzer(config),
+                           clip_size=config.model.image_encoder["image_size"],
+                           landmark_layout=config.realisid.get("landmark_layout", "face_mesh"))
+
+
+def reference_analyzer(config):
+    """The reference analysis ``config.realisid.reference_analysis`` names: ``"face"`` (``FaceAnalyzer``: detection,
+    Face Mesh, parsing) or ``"plain_background"`` (``PlainBackgroundAnalyzer``: a subject on a plain background,
+    the glyph world's).
+
+    Raises:
+      ValueError: another name.
+    """
+    kind = config.realisid.get("reference_analysis", "face")
+    if kind == "face":
+        return FaceAnalyzer()
+    if kind == "plain_background":
+        return PlainBackgroundAnalyzer()
+    raise ValueError(f"config.realisid.reference_analysis must be 'face' or 'plain_background', got {kind!r}")
 
 
 class RealisIDPipeline:
@@ -237,9 +256,9 @@ class RealisIDPipeline:
 
     # ----------------------------------------------------------------------------------------------- host
     def prepare(self, persons: Sequence[Person], height: int, width: int) -> PersonConditions:
-        """``prepare_conditions`` with this pipeline's config and face analyser."""
+        """``prepare_conditions`` with this pipeline's config and reference analyser (``reference_analyzer``)."""
         if self.analyzer is None:
-            self.analyzer = FaceAnalyzer()
+            self.analyzer = reference_analyzer(self.config)
         return prepare_conditions(self.config, persons, height, width, self.analyzer)
 
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | None, num_images: int):
