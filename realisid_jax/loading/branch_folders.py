@@ -41,7 +41,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # diffusers class names written as ``_class_name``, so diffusers tooling recognises the folders.
 _CLASS_NAMES = {"local_branch": "ControlNetModel", "global_branch": "ControlNetModel",
                 "id_projection": "IPAdapterPlusImageProjection"}
-_DIFFUSERS_VERSION = "0.42.1"
+DIFFUSERS_VERSION = "0.42.1"
 
 
 def export_module(module: nnx.Module, folder: str | os.PathLike, class_name: str) -> Path:
@@ -50,7 +50,7 @@ def export_module(module: nnx.Module, folder: str | os.PathLike, class_name: str
     kept: float32 or bfloat16). Returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": class_name, "_diffusers_version": _DIFFUSERS_VERSION, **module.config.to_dict()}
+    config = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **module.config.to_dict()}
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     state = torch_state.export_torch_state(nnx.state(module, nnx.Param), key_fn=type(module).torch_key)
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
