@@ -45,6 +45,9 @@ class Generation:
       weights: ``base`` / ``branches`` / ``image_encoder`` folders (None = the config's random weights),
         ``variant``, ``lora`` (``[file, scale]`` pairs, in merge order).
       references: per person (H, W, 3) uint8 RGB reference photo; poses: per person pose photo or None.
+      rotations: per person the pose of a square subject in degrees, counter-clockwise (``Person.landmarks`` =
+        ``face.draw.square_keypoints(rotation)``), or None (its pose photo's or reference's own); () = all None
+        (records written before rotations were recorded read so).
     """
 
     prompt: str
@@ -65,6 +68,7 @@ class Generation:
     image_index: int = 0
     references: tuple[np.ndarray, ...] = ()
     poses: tuple[np.ndarray | None, ...] = ()
+    rotations: tuple[float | None, ...] = ()
 
     def for_image(self, index: int) -> Generation:
         """The same record for image ``index`` of the batch."""
@@ -72,6 +76,7 @@ class Generation:
 
 
 _SCALARS = tuple(f.name for f in dataclasses.fields(Generation) if f.name not in ("references", "poses"))
+_OPTIONAL = ("rotations",)  # fields added later: a record without one reads as the field's default
 
 
 def png_info(generation: Generation) -> PngImagePlugin.PngInfo:
@@ -110,12 +115,13 @@ def read_generation(path: str | os.PathLike) -> Generation:
         raise MetadataError(f"{path} is not an image") from None
     finally:
         PngImagePlugin.MAX_TEXT_CHUNK = limit
-    missing = [n for n in _SCALARS if _PREFIX + n not in text]
+    missing = [n for n in _SCALARS if _PREFIX + n not in text and n not in _OPTIONAL]
     if missing:
         raise MetadataError(f"{path} carries no realisid generation record (missing: {', '.join(missing)})")
-    fields = {n: json.loads(text[_PREFIX + n]) for n in _SCALARS}
+    fields = {n: json.loads(text[_PREFIX + n]) for n in _SCALARS if _PREFIX + n in text}
     fields["boxes"] = tuple(tuple(float(v) for v in b) for b in fields["boxes"])
     fields["config_overrides"] = tuple(fields["config_overrides"])
+    fields["rotations"] = tuple(None if r is None else float(r) for r in fields.get("rotations", ()))
     n = len(fields["boxes"])
     references = tuple(_photo(text, f"reference:{k}", path) for k in range(n))
     poses = tuple(_decode_photo(text[key]) if (key := f"{_PREFIX}pose:{k}") in text else None for k in range(n))
@@ -146,11 +152,15 @@ def pixel_boxes(normalised: np.ndarray, valid: np.ndarray, height: int, width: i
 
 
 def recorded_persons(generation: Generation) -> list:
-    """The record's persons as pipeline input (``realisid.conditions.Person``)."""
+    """The record's persons as pipeline input (``realisid.conditions.Person``; a rotation becomes its landmarks)."""
+    from realisid_jax.face.draw import square_keypoints
     from realisid_jax.realisid.conditions import Person
 
-    poses: Sequence = generation.poses or (None,) * len(generation.boxes)
-    return [Person(ref, box, pose) for ref, box, pose in zip(generation.references, generation.boxes, poses)]
+    n = len(generation.boxes)
+    poses: Sequence = generation.poses or (None,) * n
+    rotations: Sequence = generation.rotations or (None,) * n
+    return [Person(ref, box, pose, None if rotation is None else square_keypoints(rotation))
+            for ref, box, pose, rotation in zip(generation.references, generation.boxes, poses, rotations)]
 
 
 def person_photos(persons: Sequence) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray | None, ...]]:

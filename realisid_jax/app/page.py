@@ -1,9 +1,10 @@
 """The ``realisid app`` page (Gradio Blocks): persons with photos and face boxes, settings, Generate,
 gallery.
 
-Element ids (``elem_id``) are stable for the browser test: ``person-accordion-K``, ``reference-K``, ``face-K``, ``person-message-K``,
-``pose-K``, ``box-x-K``, ``box-y-K``, ``box-w-K``, ``box-h-K`` per person slot K (from 0), and ``layout``,
-``layout-message``, ``prompt``, ``height``, ``width``, ``steps``, ``seed``, ``random-seed``, ``generate``,
+Element ids (``elem_id``) are stable for the browser test: ``person-accordion-K``, ``reference-K``, ``face-K``,
+``person-message-K``, ``pose-K`` (``rotation-K`` instead where the config's landmark layout is ``"square"``:
+``Studio.takes_rotation``), ``box-x-K``, ``box-y-K``, ``box-w-K``, ``box-h-K`` per person slot K (from 0), and
+``layout``, ``layout-message``, ``prompt``, ``height``, ``width``, ``steps``, ``seed``, ``random-seed``, ``generate``,
 ``status``, ``gallery``.
 """
 
@@ -40,8 +41,12 @@ def build_page(studio: Studio, *, default_prompt: str = "", notice: str = "") ->
                         face = gr.Image(label="detected face and landmarks", interactive=False,
                                         elem_id=f"face-{k}", height=220)
                         message = gr.Markdown(elem_id=f"person-message-{k}")
+                        # A square subject's pose is a rotation; a pose photo of one always reads as upright.
                         pose = gr.Image(label="pose / expression photo (optional)", type="numpy",
-                                        sources=["upload"], elem_id=f"pose-{k}", height=160)
+                                        sources=["upload"], elem_id=f"pose-{k}", height=160,
+                                        visible=not studio.takes_rotation)
+                        rotation = gr.Number(label="rotation, degrees counter-clockwise (empty: upright)",
+                                             value=None, elem_id=f"rotation-{k}", visible=studio.takes_rotation)
                         box = [gr.Slider(0, 1, value=v, step=1 / 64, label=label, elem_id=f"box-{key}-{k}")
                                for key, label, v in (("x", "box centre x", 0.5 if k == 0 else 0.25 + 0.5 * (k % 2)),
                                                      ("y", "box centre y", 0.3 + 0.4 * (k // 2)))]
@@ -49,7 +54,7 @@ def build_page(studio: Studio, *, default_prompt: str = "", notice: str = "") ->
                                           elem_id=f"box-{key}-{k}")
                                 for key, label in (("w", "box width"), ("h", "box height"))]
                     reference.change(studio.face_preview, reference, [face, message])
-                    person_inputs.append((reference, pose, box))
+                    person_inputs.append((reference, pose, rotation, box))
             with gr.Column(scale=1):
                 layout = gr.Image(label="face boxes on the output (thin: as set, thick: as used)",
                                   interactive=False, elem_id="layout")
@@ -77,21 +82,22 @@ def build_page(studio: Studio, *, default_prompt: str = "", notice: str = "") ->
                 gallery = gr.Gallery(label="images and conditioning sheet", format="png", columns=2,
                                      elem_id="gallery")
 
-        boxes = [c for _, _, box in person_inputs for c in box]
+        boxes = [c for *_, box in person_inputs for c in box]
         size = [height, width]
 
         def persons(values) -> list[PersonRequest]:
-            # values: per slot reference, pose, then its 4 box fractions
-            per = 6
-            return [PersonRequest(values[i], tuple(values[i + 2:i + 6]), values[i + 1])
+            # values: per slot reference, pose, rotation, then its 4 box fractions
+            per = 7
+            return [PersonRequest(values[i], tuple(values[i + 3:i + 7]), values[i + 1], values[i + 2])
                     for i in range(0, len(values), per)]
 
-        slot_values = [c for reference, pose, box in person_inputs for c in (reference, pose, *box)]
+        slot_values = [c for reference, pose, rotation, box in person_inputs
+                       for c in (reference, pose, rotation, *box)]
 
         def show_layout(h, w, *values):
             return studio.layout_preview(persons(values), h, w)
 
-        for control in [*boxes, *size, *(reference for reference, _, _ in person_inputs)]:
+        for control in [*boxes, *size, *(reference for reference, *_ in person_inputs)]:
             control.change(show_layout, [*size, *slot_values], [layout, layout_message])
         page.load(show_layout, [*size, *slot_values], [layout, layout_message])
 

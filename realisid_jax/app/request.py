@@ -10,6 +10,7 @@ page shows as "used" is what the pipeline's own box rule (``realisid.conditions.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import threading
 import time
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from realisid_jax.app.metadata import Generation, person_photos, pixel_boxes, save_png
-from realisid_jax.face.draw import annotate
+from realisid_jax.face.draw import annotate, square_keypoints
 from realisid_jax.face.errors import FaceError
 from realisid_jax.realisid.conditions import (BoxError, Person, SizeError, TooManyPersonsError, check_box,
                                               conditioning_sheet)
@@ -44,11 +45,14 @@ class PersonRequest:
       reference: (H, W, 3) uint8 RGB photo of the person, or None (slot unused).
       box: ``(centre x, centre y, width, height)`` of the face box, fractions of the output width / height.
       pose: optional (H, W, 3) uint8 RGB photo whose landmarks set pose and expression.
+      rotation: optional pose of a square subject (``Studio.takes_rotation`` configs): degrees counter-clockwise,
+        given instead of a pose photo; None = the reference's own, upright.
     """
 
     reference: np.ndarray | None
     box: tuple[float, float, float, float]
     pose: np.ndarray | None = None
+    rotation: float | None = None
 
     def pixel_box(self, height: int, width: int) -> tuple[float, float, float, float]:
         """``(x0, y0, x1, y1)`` output pixels."""
@@ -108,6 +112,12 @@ class Studio:
     def max_persons(self) -> int:
         return int(self.config.realisid.max_persons)
 
+    @property
+    def takes_rotation(self) -> bool:
+        """Whether a person's pose is a rotation (the config's ``realisid.landmark_layout`` is ``"square"``, the
+        glyph world's square subjects) rather than a pose photo."""
+        return self.config.realisid.get("landmark_layout", "face_mesh") == "square"
+
     # ---------------------------------------------------------------------------------------- page helpers
     def face_preview(self, photo: np.ndarray | None) -> tuple[np.ndarray | None, str]:
         """The photo with its detected face box and landmarks drawn, and a message ("" when a face was found).
@@ -163,7 +173,7 @@ class Studio:
         if request.scheduler not in SCHEDULERS:
             raise RequestError(f"unknown scheduler {request.scheduler!r}; choose from {sorted(SCHEDULERS)}")
         slots = [(k, p) for k, p in enumerate(request.persons) if p.reference is not None]
-        persons = [Person(p.reference, p.pixel_box(height, width), p.pose) for _, p in slots]
+        persons = [Person(p.reference, p.pixel_box(height, width), p.pose, self._landmarks(k, p)) for k, p in slots]
         seed = random.randrange(2**31) if request.seed is None else int(request.seed)
         with self._lock:
             conditions = self._prepare(persons, [k for k, _ in slots], height, width)
@@ -175,6 +185,7 @@ class Studio:
                                    id_start_fraction=float(request.id_start_fraction),
                                    num_images=int(request.num_images), seed=seed)
         references, poses = person_photos(persons)
+        rotations = tuple(None if p.rotation is None else float(p.rotation) for _, p in slots)
         generation = Generation(
             prompt=request.prompt, negative_prompt=request.negative_prompt, seed=seed,
             boxes=pixel_boxes(conditions.boxes, conditions.valid, height, width), steps=int(request.steps),
@@ -182,7 +193,7 @@ class Studio:
             id_guidance_scale=float(request.id_guidance_scale), id_start_fraction=float(request.id_start_fraction),
             height=height, width=width, num_images=int(request.num_images), config=self.config_name,
             config_overrides=self.config_overrides, weights=self.weights,
-            references=references, poses=poses)
+            references=references, poses=poses, rotations=rotations)
         folder = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-seed{seed}"
         folder.mkdir(parents=True, exist_ok=True)
         images = []
@@ -192,6 +203,20 @@ class Studio:
         sheet = folder / "conditioning_sheet.png"
         conditioning_sheet(output.conditions, height, width).save(sheet)
         return Result(tuple(images), sheet, generation, time.perf_counter() - start)
+
+    def _landmarks(self, k: int, person: PersonRequest) -> np.ndarray | None:
+        """Slot ``k``'s ``Person.landmarks``: its rotation's keypoints, None without a rotation."""
+        if person.rotation is None:
+            return None
+        if not self.takes_rotation:
+            raise RequestError(f"person {k + 1}: a rotation needs a config whose realisid.landmark_layout is "
+                               f"'square'; this one draws {self.config.realisid.get('landmark_layout', 'face_mesh')!r}")
+        if not math.isfinite(float(person.rotation)):
+            raise RequestError(f"person {k + 1}: the rotation must be a finite number of degrees, "
+                               f"got {person.rotation}")
+        if person.pose is not None:
+            raise RequestError(f"person {k + 1}: give a pose photo or a rotation, not both")
+        return square_keypoints(float(person.rotation))
 
     def _prepare(self, persons: list[Person], slots: list[int], height: int, width: int):
         try:

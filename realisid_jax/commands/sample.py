@@ -6,6 +6,7 @@ the config's random weights (tiny config: noise, not faces) and the real CLIP vo
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -28,6 +29,10 @@ def register(subparsers) -> None:
                         "sheet shows the box used); a longer edge beyond the image is refused")
     p.add_argument("--pose", action="append", default=[],
                    help="photo whose landmarks set pose/expression, per --face ('-' = the reference's own)")
+    p.add_argument("--rotation", action="append", default=[], metavar="DEG",
+                   help="pose of a square subject, per --face: its rotation in degrees, counter-clockwise ('-' = the "
+                        "reference's own, upright); needs a config whose realisid.landmark_layout is 'square' "
+                        "(configs/sdxl.py:glyphs); not with --pose for the same person")
     p.add_argument("--from-png", default=None, metavar="FILE",
                    help="re-run the request recorded in a PNG that `realisid sample` or `realisid app` wrote (its "
                         "photos, boxes, prompt, seed, settings, config and weight folders; --base/--branches/"
@@ -48,27 +53,58 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _persons(args, height: int, width: int, recorded=None):
+def _persons(args, config, height: int, width: int, recorded=None):
+    """(persons, rotations, source): the pipeline's ``Person``s, per person the rotation in degrees (None: the
+    reference's own pose) for the record, and the references' names for the final message."""
     from realisid_jax.app.metadata import recorded_persons
+    from realisid_jax.face.draw import square_keypoints
     from realisid_jax.realisid.conditions import Person, default_person
 
     if recorded is not None:
-        return recorded_persons(recorded), f"the photos recorded in {args.from_png}"
+        rotations = recorded.rotations or (None,) * len(recorded.boxes)
+        return recorded_persons(recorded), tuple(rotations), f"the photos recorded in {args.from_png}"
+    rotations = _rotations(args, config)
     if not args.face:
-        return [default_person(height, width)], "skimage.data.astronaut()"
+        return [default_person(height, width)], (None,), "skimage.data.astronaut()"
     if len(args.box) != len(args.face):
         raise UsageError(f"{len(args.face)} --face but {len(args.box)} --box; give one box per face")
     if args.pose and len(args.pose) != len(args.face):
         raise UsageError("give --pose once per --face (use '-' for the reference's own landmarks)")
     poses = args.pose or ["-"] * len(args.face)
     persons = []
-    for face, box, pose in zip(args.face, args.box, poses):
+    for k, (face, box, pose, rotation) in enumerate(zip(args.face, args.box, poses, rotations)):
         try:
             coords = tuple(float(v) for v in box.split(","))
         except ValueError:
             raise UsageError(f"--box {box!r} is not x0,y0,x1,y1 (four numbers)") from None
-        persons.append(Person(face, coords, None if pose == "-" else pose))
-    return persons, ", ".join(args.face)
+        if pose != "-" and rotation is not None:
+            raise UsageError(f"person {k + 1} has both --pose and --rotation; give one of them ('-' for the other)")
+        landmarks = None if rotation is None else square_keypoints(rotation)
+        persons.append(Person(face, coords, None if pose == "-" else pose, landmarks))
+    return persons, rotations, ", ".join(args.face)
+
+
+def _rotations(args, config) -> tuple[float | None, ...]:
+    """Per --face the --rotation in degrees (None: '-' or no --rotation), checked against the config's layout."""
+    if not args.rotation:
+        return (None,) * len(args.face)
+    layout = config.realisid.get("landmark_layout", "face_mesh")
+    if layout != "square":
+        raise UsageError(f"--rotation needs a config whose realisid.landmark_layout is 'square' (a square subject's "
+                         f"pose, e.g. configs/sdxl.py:glyphs); {args.config} has {layout!r}")
+    if len(args.rotation) != len(args.face):
+        raise UsageError(f"{len(args.face)} --face but {len(args.rotation)} --rotation; give --rotation once per "
+                         f"--face (use '-' for the reference's own upright pose)")
+    rotations = []
+    for text in args.rotation:
+        try:
+            value = None if text == "-" else float(text)
+        except ValueError:
+            raise UsageError(f"--rotation {text!r} is not a number of degrees (or '-')") from None
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"--rotation {text!r} is not finite")
+        rotations.append(value)
+    return tuple(rotations)
 
 
 def _warn_squared_boxes(persons, boxes, height: int, width: int) -> None:
@@ -112,7 +148,7 @@ def run(args) -> int:
     config = load_config(args.config, args.config_overrides)
     height = args.height or config.sampling.height
     width = args.width or config.sampling.width
-    persons, source = _persons(args, height, width, recorded)
+    persons, rotations, source = _persons(args, config, height, width, recorded)
     out = check_output_folder(args.out)
     check_fresh_folder(out, overwrite=args.overwrite, pattern="image_*.png")
     conditions = prepare_conditions(config, persons, height, width)  # bad input fails before models load
@@ -127,7 +163,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("image_*.png"):  # only reached with --overwrite (or an empty folder)
         old.unlink()
-    generation = _generation(args, config, result.conditions, height, width, persons)
+    generation = _generation(args, config, result.conditions, height, width, persons, rotations)
     files = [(f"image_{i:03d}.png", Image.fromarray(img), png_info(generation.for_image(i)))
              for i, img in enumerate(result.images)]
     files.append(("conditioning_sheet.png", conditioning_sheet(result.conditions, height, width), None))
@@ -160,7 +196,7 @@ def _apply_record(args):
     return g
 
 
-def _generation(args, config, conditions, height: int, width: int, persons):
+def _generation(args, config, conditions, height: int, width: int, persons, rotations):
     """The request as run (config defaults filled in, boxes as the pipeline used them), for the PNGs."""
     from realisid_jax.app.metadata import WEIGHT_FLAGS, Generation, person_photos, pixel_boxes
 
@@ -173,4 +209,5 @@ def _generation(args, config, conditions, height: int, width: int, persons):
         text_guidance_scale=s.text_guidance_scale, id_guidance_scale=s.id_guidance_scale,
         id_start_fraction=s.id_start_fraction, height=height, width=width, num_images=args.num_images,
         config=args.config, config_overrides=tuple(args.config_overrides),
-        weights={k: getattr(args, k, None) for k in WEIGHT_FLAGS}, references=references, poses=poses)
+        weights={k: getattr(args, k, None) for k in WEIGHT_FLAGS}, references=references, poses=poses,
+        rotations=tuple(rotations))
