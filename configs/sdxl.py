@@ -5,7 +5,7 @@ Variants (``--config configs/sdxl.py:VARIANT``):
   tiny    the same architecture at tiny widths: every code path of the full model, fast on 2 CPU cores
           (tests, the embedded demo)
   glyphs  the glyph world's models (``realisid_jax.glyphs``): SDXL's architecture sized to be trained from
-          scratch on 2 CPU cores — 256 px scenes, a 32x32x4 latent, 64x64 reference crops
+          scratch on 2 CPU cores — 256 px scenes, a 32x32x4 latent, 32x32 reference crops
 """
 
 import ml_collections
@@ -96,14 +96,14 @@ def _tiny(c) -> None:
 def _glyphs(c) -> None:
     """The glyph world's base models and branches: two UNet levels (64/128 wide) on a 32x32x4 latent of 256 px
     scenes, an 8x VAE, two random frozen 2-layer CLIP text towers (width 32 each: a 64-wide context), a 4-layer
-    ViT image encoder on 64 px reference crops (patch 8), 16 ID tokens; float32 and the XLA:CPU kernels."""
+    ViT image encoder on 32 px reference crops (patch 4), 16 ID tokens; float32 and the XLA:CPU kernels."""
     _tiny(c)
     m = c.model
     m["unet"].update(block_out_channels=(64, 128), attention_head_dim=(4, 8), transformer_layers_per_block=(1, 1),
                      norm_num_groups=16)
     m["vae"].update(block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=16)
     m["image_encoder"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                              image_size=64, patch_size=8, projection_dim=64)
+                              image_size=32, patch_size=4, projection_dim=64)
     m["id_projection"] = dict(embed_dims=64, output_dims=64, hidden_dims=64, depth=2, dim_head=16, heads=4,
                               num_queries=16, ffn_ratio=2)
     for name in ("local_branch", "global_branch"):
@@ -113,9 +113,9 @@ def _glyphs(c) -> None:
     c.realisid.reference_analysis = "plain_background"  # a glyph picture's subject, not a face detector's
     # `realisid glyphs prepare`: the stage's sizes, sized for about 40 minutes on 2 CPU cores (docs/glyphs.md).
     c.glyphs = ml_collections.ConfigDict(dict(
-        seed=0, data_count=3000, eval_scenes=64, base_scenes=96,
-        vae_steps=1500, vae_batch_size=16, vae_crop=64,
-        encoder_steps=1200, encoder_batch_size=96,
-        unet_steps=3000, unet_batch_size=16,
+        seed=0, data_count=2000, eval_scenes=32, base_scenes=60,
+        vae_steps=700, vae_batch_size=8, vae_crop=64, vae_learning_rate=2e-3,
+        encoder_steps=1400, encoder_batch_size=128, encoder_learning_rate=3e-3,
+        unet_steps=1000, unet_batch_size=8, unet_learning_rate=1e-3, unet_pool=768,
         scorer_steps=1500,
     ))

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 COMMANDS = ("info", "faces", "sample", "app", "prepare_data", "train", "export", "evaluate", "benchmark_prompts",
-            "convert")
+            "convert", "glyphs")
 
 
 def build_parser() -> argparse.ArgumentParser:

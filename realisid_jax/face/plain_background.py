@@ -3,8 +3,10 @@ the counterpart of ``FaceAnalyzer`` for a config whose ``realisid.reference_anal
 
 The background colour is the median of the image's border pixels; the subject ("ink") is every pixel whose colour is
 at least ``threshold`` away from it (Euclidean RGB distance). Its bounding box plays the detected face box, its mask
-the face-parsing mask, and its landmarks are the ``"square"`` layout's six keypoints of that box, upright
-(``face.draw.square_keypoints(0)``): a glyph's rotation is the user's choice of pose, not read from the picture.
+the subject region (``Face.mask``, what the reference crop keeps) is that box made square by its longer edge: the
+subject on its own plain background, since zeroing the background would hide a dark subject. Its landmarks are the
+``"square"`` layout's six keypoints of that square, upright (``face.draw.square_keypoints(0)``): a glyph's rotation
+is the user's choice of pose, not read from the picture.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class PlainBackgroundAnalyzer:
 
     def analyze(self, image: np.ndarray, *, policy: str | None = None, source: object = "<array>") -> list[Face]:
         """The one subject of ``image`` ((H, W[, C]), any dtype ``image.as_rgb8`` takes) as a ``Face``: ``box`` the
-        ink's bounding box (pixels, half-open), ``mask`` (H, W) bool the ink, ``landmarks`` (6, 2) the upright
+        ink's bounding box (pixels, half-open), ``mask`` (H, W) bool its square region, ``landmarks`` (6, 2) the upright
         keypoints of the ink's square box (pixels), scores 1. ``policy`` is accepted for ``FaceAnalyzer``'s
         interface (a picture holds one subject).
 
@@ -48,5 +50,8 @@ class PlainBackgroundAnalyzer:
         box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], np.float32)
         side = float(np.max(box[2:] - box[:2]))
         centre = (box[:2] + box[2:]) / 2
+        x0, y0 = np.floor(centre - side / 2).astype(int)
+        region = np.zeros(mask.shape, bool)
+        region[max(y0, 0):y0 + int(np.ceil(side)) + 1, max(x0, 0):x0 + int(np.ceil(side)) + 1] = True
         landmarks = (square_keypoints(0.0) - 0.5) * side + centre
-        return [Face(box, 1.0, landmarks.astype(np.float32), mask, 1.0, box.copy())]
+        return [Face(box, 1.0, landmarks.astype(np.float32), region, 1.0, box.copy())]

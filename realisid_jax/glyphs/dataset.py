@@ -3,7 +3,7 @@ input pipeline (``data.input_pipeline``) as a prepared face dataset.
 
 One example per scene; its subject is the scene's first person: ``face_box`` its square box, ``landmarks`` its
 6 keypoints (pixels), ``face_mask`` its ink, ``reference`` another appearance of the same identity (a training
-style, ink and rotation, masked as ``world.Reference.crop``). Scenes hold 1 or 2 persons; the caption names the
+style, ink and rotation: ``world.Reference.crop``). Scenes hold 1 or 2 persons; the caption names the
 background. Micro-conditioning: the scene is the whole "photo" (``original_size`` = resolution, crop at 0, 0).
 """
 

@@ -35,13 +35,13 @@ from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection, CLIPV
 from realisid_jax.training.checkpoint import TrainCheckpointer
 
 NUM_CLASSES = len(world.IDENTITIES)
-MAX_SHIFT = 4  # px of random translation at 64 px
+MAX_SHIFT = 2  # px of random translation at 32 px
 
 
 def masked_reference(reference: world.Reference) -> np.ndarray:
-    """The reference crop the encoder sees, as ``face.preprocess.preprocess_reference`` makes it: (S, S, 3) uint8,
-    the background zeroed by the ink mask (the face mask's role)."""
-    return reference.image * reference.mask[..., None]
+    """The reference crop the encoder sees, as ``face.preprocess.preprocess_reference`` makes it from the
+    ``plain_background`` analysis: (S, S, 3) uint8, ``world.Reference.crop``."""
+    return reference.crop
 
 
 def render_references(seed: int, per_identity: int, *, styles: Sequence[str] = world.TRAIN_STYLES,
@@ -94,9 +94,9 @@ def _to_pixels(crops: jax.Array) -> jax.Array:
 
 def _augment(key: jax.Array, crops: jax.Array) -> jax.Array:
     """A random shift of up to ``MAX_SHIFT`` px per crop (B, S, S, 3) uint8 -> float32 0..255, the uncovered
-    border zero (the masked background's value)."""
+    border continuing the crop's edge (its plain background)."""
     s = crops.shape[1]
-    padded = jnp.pad(crops.astype(jnp.float32), ((0, 0), (MAX_SHIFT,) * 2, (MAX_SHIFT,) * 2, (0, 0)))
+    padded = jnp.pad(crops.astype(jnp.float32), ((0, 0), (MAX_SHIFT,) * 2, (MAX_SHIFT,) * 2, (0, 0)), mode="edge")
     offsets = jax.random.randint(key, (crops.shape[0], 2), 0, 2 * MAX_SHIFT + 1)
     return jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (s, s, 3)))(padded, offsets)
 

@@ -160,9 +160,10 @@ class Reference:
 
     @property
     def crop(self) -> np.ndarray:
-        """(S, S, 3) uint8: what the image encoder sees, the background zeroed by the ink mask, as a face
-        reference's background is zeroed by its parsing mask (``face.preprocess.preprocess_reference``)."""
-        return self.image * self.mask[..., None].astype(np.uint8)
+        """(S, S, 3) uint8: what the image encoder sees, the glyph's square crop on its own plain background. A face
+        reference's background is zeroed by its parsing mask; a glyph's ink alone would vanish on zeros when the
+        ink is dark, so the subject region is the whole square (``face.plain_background``)."""
+        return self.image
 
 
 def luma(rgb) -> float:

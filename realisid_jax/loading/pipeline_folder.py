@@ -54,7 +54,9 @@ REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _MODELS = ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder")
 # Special-token ids are no part of the architecture: SD 1.5 / SDXL text encoders still carry transformers'
 # pre-#24773 ids (bos 0, eos 2), read by CLIPTextModel as "pool at the largest id", the same position.
-_NOT_ARCHITECTURE = ("pad_token_id", "bos_token_id", "eos_token_id")
+# A VAE's scaling / shift factors are measured on its trained weights (SD 1.5: 0.18215, SDXL: 0.13025, a glyph-world
+# VAE its own): the folder's values are the weights' and are the ones loaded.
+_NOT_ARCHITECTURE = ("pad_token_id", "bos_token_id", "eos_token_id", "scaling_factor", "shift_factor")
 
 
 class UnsupportedComponentError(ValueError):
