@@ -111,6 +111,9 @@ def _glyphs(c) -> None:
     c.sampling.num_inference_steps = 20
     c.realisid.landmark_layout = "square"  # the glyph world's 6 keypoints (glyphs.world)
     c.realisid.reference_analysis = "plain_background"  # a glyph picture's subject, not a face detector's
+    # Branches trained from scratch-sized models: a larger step than the paper's 1e-5 for SDXL (docs/glyphs.md).
+    c.train.update(learning_rate=2e-4, warmup_steps=50, num_steps=3000, checkpoint_every=250, log_every=25,
+                   sample_every=0, remat=False)  # remat only costs time on a CPU with memory to spare
     # `realisid glyphs prepare`: the stage's sizes, sized for about 40 minutes on 2 CPU cores (docs/glyphs.md).
     c.glyphs = ml_collections.ConfigDict(dict(
         seed=0, data_count=2000, eval_scenes=32, base_scenes=60,
