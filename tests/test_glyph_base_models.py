@@ -20,6 +20,7 @@ from realisid_jax.glyphs.text_to_image import (
     noise_schedule,
     prepare_pool,
     random_text_encoders,
+    rendered_batches,
     train_unet,
 )
 from realisid_jax.text.tokenizer import standard_tokenizers
@@ -82,7 +83,7 @@ def test_unet_training_lowers_loss_and_resumes_exactly(config, text, tmp_path):
     for x, y in zip(_params(straight), _params(resumed), strict=True):
         np.testing.assert_array_equal(x, y)
 
-    arrays = prepare_pool(vae, encoders, tokenizers, seed=0, count=4).arrays()
+    arrays = prepare_pool(vae, encoders, tokenizers, rendered_batches(0, 4)).arrays()
     loss = lambda unet: float(diffusion_loss(unet, arrays, jax.random.key(1), batch_size=8,  # noqa: E731
                                              scaling_factor=vae.scaling_factor, caption_dropout=0.1,
                                              schedule=noise_schedule())[0])

@@ -156,5 +156,5 @@ def test_make_data_writes_a_training_set(tmp_path):
     split = open_split(tmp_path / "data")
     assert len(split) == 3
     example = split[0]
-    assert example["image"].shape == (256, 256, 3) and example["reference"].shape == (64, 64, 3)
+    assert example["image"].shape == (256, 256, 3) and example["reference"].shape == (32, 32, 3)  # the image encoder's size
     assert example["landmarks"].shape == (world.NUM_KEYPOINTS, 2)

@@ -168,8 +168,6 @@ def test_the_files_are_those_diffusers_save_pretrained_writes(folder, tmp_path):
     for name in ("unet", "vae"):  # ours: the keys the project models; diffusers adds its defaults
         ours, theirs = (json.loads((f / name / "config.json").read_text()) for f in (folder, tmp_path))
         assert {k: theirs[k] for k in ours} == ours, name
-    from safetensors.numpy import load_file
-
     for path in files:
         if path.suffix == ".safetensors":
             ours, theirs = load_file(folder / path), load_file(tmp_path / path)

@@ -15,10 +15,8 @@ deviation of posterior samples of training scenes.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -28,12 +26,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from realisid_jax.glyphs.fitting import fit, init_state
 from realisid_jax.models.layers import set_conv_impl
 from realisid_jax.models.registry import dtypes, frozen_configs
 from realisid_jax.models.vae import AutoencoderKL
-from realisid_jax.training import loop
-from realisid_jax.training.checkpoint import TrainCheckpointer
-from realisid_jax.training.summary import ProgressLog, truncate_metrics
 
 RECONSTRUCTION_LOSSES = ("l1", "mse")
 
@@ -133,62 +129,6 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 def learning_rate_schedule(peak: float, num_steps: int, warmup_steps: int) -> optax.Schedule:
     """Linear warm-up to ``peak`` over ``warmup_steps``, then cosine decay to 0 at ``num_steps``."""
     return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup_steps, 1), max(num_steps, warmup_steps + 1))
-
-
-# ------------------------------------------------------------------------------------------------ training loop
-class _Silent:
-    """``ProgressLog``'s interface with no output (``progress=False``)."""
-
-    def update(self, step, metrics, lr) -> None:
-        del step, metrics, lr
-
-    def message(self, text) -> None:
-        del text
-
-    def close(self) -> None:
-        pass
-
-
-def fit(step_fn: Callable, state: dict, batch: Callable[[int], jax.Array], *, num_steps: int,
-        workdir: str | Path, checkpoint_every: int, learning_rate: optax.Schedule, meta: dict,
-        progress: bool) -> tuple[dict, dict]:
-    """Runs ``step_fn`` to ``num_steps`` completed steps with the project's step loop (``training.loop.run``:
-    NaN check, SIGTERM checkpoint), resuming from the newest checkpoint in ``workdir/checkpoints``.
-
-    Args:
-      state: the initial train state ``{"step", "params", "opt_state", "rng"}`` (its structure is also the
-        restore target).
-      batch: step index (0-based) -> device batch; a pure function, so a resumed run sees the same batches.
-      meta: JSON-able, stored with each checkpoint.
-
-    Returns:
-      ``(state, metrics)``; metrics: ``losses`` of the steps run by this call, ``start_step``, ``seconds``.
-    """
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    with TrainCheckpointer(workdir / "checkpoints", max_to_keep=2) as checkpointer:
-        start = 0
-        if checkpointer.latest_step() is not None:
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-            state, start = checkpointer.restore(abstract, None)
-        truncate_metrics(workdir / "metrics.jsonl", start)
-        log = (ProgressLog(workdir / "logs", start_step=start, num_steps=num_steps, log_every=10,
-                           metrics_file=workdir / "metrics.jsonl") if progress else _Silent())
-        batches: Iterator = (batch(s) for s in itertools.count(start))
-        began = time.perf_counter()
-        try:
-            result = loop.run(step_fn, state, batches, start_step=start, num_steps=num_steps,
-                              checkpointer=checkpointer, data_iterator=None, checkpoint_every=checkpoint_every,
-                              log=log, learning_rate=learning_rate, meta=meta)
-        finally:
-            log.close()
-    return result.state, {"losses": result.losses, "start_step": start, "seconds": time.perf_counter() - began}
-
-
-def init_state(params: nnx.State, optimizer: optax.GradientTransformation, seed: int) -> dict:
-    """``{"step": 0, "params", "opt_state", "rng"}`` for :func:`fit`."""
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
-            "rng": jax.random.key_data(jax.random.key(seed))}
 
 
 def train_vae(config: ml_collections.ConfigDict, *, seed: int, num_steps: int, batch_size: int, crop: int,

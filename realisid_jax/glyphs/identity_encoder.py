@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -26,13 +26,12 @@ import numpy as np
 import optax
 import scipy.optimize
 from flax import nnx
-from tqdm import tqdm
 
 from realisid_jax.face.preprocess import CLIP_MEAN, CLIP_STD
 from realisid_jax.glyphs import world
+from realisid_jax.glyphs.fitting import checkpointed_loop
 from realisid_jax.models import registry
 from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection, CLIPVisionOutput
-from realisid_jax.training.checkpoint import TrainCheckpointer
 
 NUM_CLASSES = len(world.IDENTITIES)
 MAX_SHIFT = 2  # px of random translation at 32 px
@@ -118,39 +117,6 @@ def _make_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation):
         return new, {"loss": loss, "accuracy": accuracy}
 
     return step
-
-
-def _abstract(tree):
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
-
-
-def checkpointed_loop(step_fn: Callable, state: dict, batch: Callable[[int], tuple], *, num_steps: int,
-                      workdir: str | Path | None, desc: str, progress: bool = True,
-                      checkpoint_every: int = 200) -> tuple[dict, list[dict]]:
-    """Runs ``state, stats = step_fn(state, *batch(step))`` for the steps ``state["step"]`` .. ``num_steps - 1``.
-
-    ``batch(step)`` must depend on the step alone (e.g. an RNG seeded by it), so that a resumed run draws the
-    batches an uninterrupted one would. With a ``workdir``, the newest checkpoint of ``workdir/checkpoints`` (orbax,
-    ``training.checkpoint.TrainCheckpointer``, the newest kept) is restored first, and ``state`` is saved every
-    ``checkpoint_every`` steps and at the end; a finished run returns at once.
-
-    Returns:
-      ``(state, history)``: the final state and each step's ``stats`` as floats (this call's steps only).
-    """
-    checkpointer = TrainCheckpointer(Path(workdir) / "checkpoints", max_to_keep=1) if workdir else None
-    if checkpointer is not None and checkpointer.latest_step() is not None:
-        state, _ = checkpointer.restore(_abstract(state), None)
-    history = []
-    for step in tqdm(range(int(state["step"]), num_steps), desc=desc, disable=not progress):
-        state, stats = step_fn(state, *batch(step))
-        history.append({k: float(v) for k, v in stats.items()})
-        if checkpointer is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == num_steps):
-            checkpointer.save(step + 1, state, None, {"step": step + 1, "desc": desc})
-    if checkpointer is not None:
-        checkpointer.wait()
-        checkpointer.close()
-    return state, history
 
 
 @dataclasses.dataclass

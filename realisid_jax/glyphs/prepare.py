@@ -26,13 +26,11 @@ from pathlib import Path
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from realisid_jax.glyphs import dataset, manifest, report, world
 from realisid_jax.loading import pipeline_writer
 from realisid_jax.loading.branch_folders import export_module
 from realisid_jax.loading.pretrained import from_pretrained
-from realisid_jax.models import registry
 from realisid_jax.text.tokenizer import standard_tokenizers
 
 PARTS = ("data", "vae", "image_encoder", "unet", "scorer", "base_scenes")
@@ -58,14 +56,6 @@ class Run:
         tmp.write_text(json.dumps(figures, indent=2) + "\n")
         tmp.replace(path)  # atomic: a part is finished or not, never half-written
         return figures
-
-
-def _text_encoders(config: ml_collections.ConfigDict) -> list[nnx.Module]:
-    """The two CLIP text towers, random-initialised from ``config.glyphs.seed`` and frozen: the UNet learns to
-    read them (the captions differ only in the background's name)."""
-    configs = registry.frozen_configs(config)
-    return [configs[name][0](configs[name][1], rngs=nnx.Rngs(config.glyphs.seed + k), **registry.dtypes(config))
-            for k, name in enumerate(("text_encoder", "text_encoder_2"))]
 
 
 def _held_out_scenes(config, count: int) -> np.ndarray:
@@ -115,7 +105,9 @@ def part_unet(run: Run, config) -> dict:
 
     g = config.glyphs
     vae = from_pretrained(AutoencoderKL, run / "base", subfolder="vae")
-    text_encoders, tokenizers = _text_encoders(config), standard_tokenizers(2)
+    # The two CLIP text towers stay random-initialised and frozen: the UNet learns to read them (the captions
+    # differ only in the background's name and the glyph count).
+    text_encoders, tokenizers = text_to_image.random_text_encoders(config, g.seed), standard_tokenizers(2)
     unet, metrics = text_to_image.train_unet(config, vae, text_encoders, tokenizers, seed=g.seed,
                                              num_steps=g.unet_steps, batch_size=g.unet_batch_size,
                                              learning_rate=g.unet_learning_rate, pool_size=g.unet_pool,
@@ -170,6 +162,7 @@ def part_base_scenes(run: Run, config) -> dict:
         Image.fromarray(image).save(out / f"{i:04d}.png")
         records.append(manifest.record_of(spec, image=f"{i:04d}.png", variant="base"))
     manifest.write_manifest(out / "manifest.jsonl", records)
+    Image.fromarray(report.manifest_sheet(out / "manifest.jsonl")).save(out / "sheet.png")
     summary = manifest.summarize(manifest.score_manifest(scorer.Scorer.load(run / "scorer"), out / "manifest.jsonl"))
     return {"images": len(specs), "chance": 1 / len(world.IDENTITIES), **summary}
 

@@ -86,3 +86,12 @@ def world_sheet(seed: int = 0, count: int = 6) -> np.ndarray:
             else:
                 tiles += [np.full_like(scene.image, 255)] * 2
     return grid(tiles, 5)
+
+
+def manifest_sheet(manifest_path: Path, count: int = 20, columns: int = 5) -> np.ndarray:
+    """The first ``count`` images of a manifest with their requested boxes drawn, as one grid."""
+    from realisid_jax.glyphs.manifest import read_manifest, resolve
+
+    records = read_manifest(manifest_path)[:count]
+    images = [np.asarray(Image.open(resolve(manifest_path, r.image)).convert("RGB")) for r in records]
+    return grid([draw_boxes(image, [p.box for p in r.persons]) for image, r in zip(images, records)], columns)

@@ -34,7 +34,7 @@ from safetensors.numpy import load_file, save_file
 
 from realisid_jax.face.image import warp_affine
 from realisid_jax.glyphs import world
-from realisid_jax.glyphs.identity_encoder import checkpointed_loop
+from realisid_jax.glyphs.fitting import checkpointed_loop
 
 INPUT_SIZE = 32
 CROP_MARGIN = 1.25  # crop side / glyph square side: room for box and rotation errors

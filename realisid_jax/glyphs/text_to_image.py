@@ -27,7 +27,8 @@ from flax import nnx
 from transformers import CLIPTokenizer
 
 from realisid_jax.glyphs import world
-from realisid_jax.glyphs.autoencoder import fit, init_state, render_scenes, to_model_range
+from realisid_jax.glyphs.autoencoder import render_scenes, to_model_range
+from realisid_jax.glyphs.fitting import fit, init_state
 from realisid_jax.models.layers import set_conv_impl
 from realisid_jax.models.registry import dtypes, frozen_configs
 from realisid_jax.models.unet_2d_condition import UNet2DConditionModel
