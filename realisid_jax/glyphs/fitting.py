@@ -24,6 +24,10 @@ from realisid_jax.training.checkpoint import TrainCheckpointer
 from realisid_jax.training.summary import ProgressLog, truncate_metrics
 
 
+class Interrupted(RuntimeError):
+    """A training stopped by SIGTERM before its last step (checkpointed): not a finished model."""
+
+
 class _Silent:
     """``ProgressLog``'s interface with no output (``progress=False``)."""
 
@@ -51,6 +55,9 @@ def fit(step_fn: Callable, state: dict, batch: Callable[[int], jax.Array], *, nu
 
     Returns:
       ``(state, metrics)``; metrics: ``losses`` of the steps run by this call, ``start_step``, ``seconds``.
+
+    Raises:
+      Interrupted: SIGTERM stopped the loop early (after its checkpoint), so no caller takes the state as trained.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -70,6 +77,9 @@ def fit(step_fn: Callable, state: dict, batch: Callable[[int], jax.Array], *, nu
                               log=log, learning_rate=learning_rate, meta=meta)
         finally:
             log.close()
+    if result.preempted:
+        raise Interrupted(f"training stopped by SIGTERM at step {result.step} of {num_steps}; its checkpoint is in "
+                          f"{workdir / 'checkpoints'}: run again to resume")
     return result.state, {"losses": result.losses, "start_step": start, "seconds": time.perf_counter() - began}
 
 

@@ -58,6 +58,19 @@ class Run:
         return figures
 
 
+def _text_encoders(run: Run, config) -> list:
+    """The two CLIP text towers, random-initialised and frozen (the UNet learns to read them: the captions differ
+    only in the background's name and the glyph count); those of an earlier run's ``RUN/base`` when it has them, so
+    that a UNet trained further reads the towers it was trained with."""
+    from realisid_jax.glyphs import text_to_image
+    from realisid_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
+
+    folders = [run / "base" / name for name in ("text_encoder", "text_encoder_2")]
+    if all(f.is_dir() for f in folders):
+        return [from_pretrained(cls, f) for cls, f in zip((CLIPTextModel, CLIPTextModelWithProjection), folders)]
+    return list(text_to_image.random_text_encoders(config, config.glyphs.seed))
+
+
 def _held_out_scenes(config, count: int) -> np.ndarray:
     """Scenes the base models never trained on (another seed), 1 or 2 persons."""
     seed = config.glyphs.seed + 1000
@@ -105,9 +118,7 @@ def part_unet(run: Run, config) -> dict:
 
     g = config.glyphs
     vae = from_pretrained(AutoencoderKL, run / "base", subfolder="vae")
-    # The two CLIP text towers stay random-initialised and frozen: the UNet learns to read them (the captions
-    # differ only in the background's name and the glyph count).
-    text_encoders, tokenizers = text_to_image.random_text_encoders(config, g.seed), standard_tokenizers(2)
+    text_encoders, tokenizers = _text_encoders(run, config), standard_tokenizers(2)
     unet, metrics = text_to_image.train_unet(config, vae, text_encoders, tokenizers, seed=g.seed,
                                              num_steps=g.unet_steps, batch_size=g.unet_batch_size,
                                              learning_rate=g.unet_learning_rate, pool_size=g.unet_pool,
