@@ -71,12 +71,6 @@ def _text_encoders(run: Run, config) -> list:
     return list(text_to_image.random_text_encoders(config, config.glyphs.seed))
 
 
-def _held_out_scenes(config, count: int) -> np.ndarray:
-    """Scenes the base models never trained on (another seed), 1 or 2 persons."""
-    seed = config.glyphs.seed + 1000
-    return np.stack([world.scene(seed, i, num_persons=1 + i % 2).image for i in range(count)])
-
-
 def part_data(run: Run, config) -> dict:
     start = time.time()
     g = config.glyphs
@@ -92,7 +86,8 @@ def part_vae(run: Run, config) -> dict:
     vae, metrics = autoencoder.train_vae(config, seed=g.seed, num_steps=g.vae_steps, batch_size=g.vae_batch_size,
                                          crop=g.vae_crop, learning_rate=g.vae_learning_rate,
                                          workdir=run / "work" / "vae")
-    psnr = autoencoder.evaluate_vae(vae, _held_out_scenes(config, g.eval_scenes))
+    # Held-out scenes: another seed than training's pool.
+    psnr = autoencoder.evaluate_vae(vae, autoencoder.render_scenes(g.seed + 1000, g.eval_scenes))
     export_module(vae, run / "base" / "vae", "AutoencoderKL")
     return {"psnr_db": psnr, "held_out_scenes": g.eval_scenes, "steps": g.vae_steps,
             "seconds": metrics["seconds"], "scaling_factor": metrics["scaling_factor"]}
