@@ -53,7 +53,7 @@ def get_config(variant: str = ""):
         global_branch=dict(conditioning_channels=1, conditioning_embedding_out_channels=(16, 32, 96, 256)),
     )
     # Accelerator defaults: bf16 compute, frozen base stored in bf16; the branches keep fp32 master weights and
-    # AdamW moments (param_dtype). What makes training fit a 16 GiB v5e chip (README, "Training at scale").
+    # AdamW moments (param_dtype). What makes training fit a 16 GiB v5e chip (docs/training.md).
     c.dtype = c.frozen_param_dtype = "bfloat16"
     c.attention_impl = "splash"  # TPU Pallas flash kernel (bench/README.md, "TPU attention"); GPU: cudnn, XLA:CPU: xla
     c.train.scan_layers = True  # the 10-deep transformer stacks as one lax.scan in the training step

@@ -123,7 +123,7 @@ def base_kind(base: str | Path) -> str:
 def load_base(base: str | Path, config: ml_collections.ConfigDict, *, image_encoder: str | Path | None = None,
               variant: str | None = None, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
               only: Sequence[str] | None = None) -> dict[str, nnx.Module]:
-    """The frozen models ``config`` describes, from any accepted base (README, "Weights people download").
+    """The frozen models ``config`` describes, from any accepted base (docs/weights.md).
 
     Args:
       base: a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``, ...: plain, variant, sharded or
