@@ -57,6 +57,8 @@ class _Lowerings:
     (dict(persons=(ASTRONAUT, PersonRequest(data.coffee(), (0.2, 0.7, 0.25, 0.25)))), "person 2: no usable face"),
     (dict(persons=(PersonRequest(data.astronaut(), (0.5, 0.5, 0.25, 0.25), pose=data.coffee()),)),
      "person 1: no usable face in the pose photo"),
+    (dict(persons=(PersonRequest(None, (0.5, 0.5, 0.25, 0.25)), PersonRequest(data.astronaut(), (2, 2, 0.25, 0.25)))),
+     "^person 2: box 240,240,272,272 lies wholly outside the 128x128 image"),
     (dict(scheduler="plms"), "unknown scheduler"),
     (dict(steps=0), "at least 1"),
 ])
@@ -76,6 +78,9 @@ def test_face_and_layout_previews(studio):
     assert empty.max() < 100  # no photo, no person, no box
     _, message = studio.layout_preview([ASTRONAUT], 100, SIZE)
     assert "multiples of 64" in message
+    _, message = studio.layout_preview([PersonRequest(data.astronaut(), (2, 2, 0.25, 0.25))], SIZE, SIZE)
+    assert message == "person 1: box 240,240,272,272 lies wholly outside the 128x128 image (pixels, x0,y0,x1,y1); " \
+                      "place it on the image"  # what Generate answers
 
 
 def test_second_request_does_not_recompile_and_pngs_reproduce(studio, tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""The box rule: a user box becomes the square of its longer edge around its centre, moved inside the image."""
+"""The box rule: a user box becomes the square of its longer edge around its centre, moved inside the image; a box
+wholly outside the image is refused."""
 
 import types
 
@@ -23,7 +24,7 @@ def test_non_square_box_becomes_square_around_its_centre():
     ((-5, 0, 64, 64), (0, 0, 69, 69)),            # past the left edge
     ((700, 400, 800, 450), (668, 375, 768, 475)),  # past the right edge
     ((600, 300, 780, 530), (538, 282, 768, 512)),  # square of 230 pushed back from the right and bottom
-    ((-900, -900, -800, -850), (0, 0, 100, 100)),  # entirely outside: moved to the nearest corner
+    ((-99, -60, 1, 40), (0, 0, 100, 100)),         # overlapping by a sliver: moved to the nearest corner
 ])
 def test_box_is_moved_inside_the_image(box, expected):
     used = _used(box)
@@ -36,6 +37,9 @@ def test_box_is_moved_inside_the_image(box, expected):
     ((0, 0, 513, 100), "longer edge \\(513 px\\)"),
     ((10, 10, 10, 40), "empty"),
     ((1, 2, 3), "4 numbers"),
+    ((-900, -900, -800, -850), "box -900,-900,-800,-850 lies wholly outside the 768x512 image"),
+    ((768, 100, 800, 132), "wholly outside"),  # touching the right edge: no pixel of the image
+    ((100, -40, 140, 0), "wholly outside"),
 ])
 def test_box_that_cannot_fit_is_refused(box, message):
     with pytest.raises(BoxError, match=message):

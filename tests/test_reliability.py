@@ -64,6 +64,8 @@ def _assert_one_line_error(result: tuple[int, str], message: str) -> None:
     (["--config.sampling.nonexistent=1"], "config has no field 'sampling.nonexistent'"),
     (["--config.sampling.num_inference_steps=abc"], "num_inference_steps=abc: expected int, got str"),
     (["--face", "x.png", "--box", "a,b,c,d"], "--box 'a,b,c,d' is not x0,y0,x1,y1"),
+    (["--face", "x.png", "--box", "0,0,64,64", "--face", "y.png", "--box", "900,900,1000,1000", "--height", "256",
+      "--width", "256"], "error: person 2: box 900,900,1000,1000 lies wholly outside the 256x256 image"),
 ])
 def test_sample_bad_values_refused_before_models_load(tmp_path, capsys, extra, message):
     out = tmp_path / "out"

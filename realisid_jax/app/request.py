@@ -174,6 +174,7 @@ class Studio:
             raise RequestError(f"unknown scheduler {request.scheduler!r}; choose from {sorted(SCHEDULERS)}")
         slots = [(k, p) for k, p in enumerate(request.persons) if p.reference is not None]
         persons = [Person(p.reference, p.pixel_box(height, width), p.pose, self._landmarks(k, p)) for k, p in slots]
+        _check_boxes(slots, height, width)
         seed = random.randrange(2**31) if request.seed is None else int(request.seed)
         with self._lock:
             conditions = self._prepare(persons, [k for k, _ in slots], height, width)
@@ -241,6 +242,20 @@ class Studio:
 
             self.pipeline.analyzer = FaceAnalyzer()
         return self.pipeline.analyzer
+
+
+def _check_boxes(slots: Sequence[tuple[int, PersonRequest]], height: int, width: int) -> None:
+    """The pipeline's box rule for each used slot ``(k, person)``, before any photo is analysed.
+
+    Raises:
+      RequestError: the first box ``check_box`` refuses, named by its slot as the layout preview names it (the
+        pipeline would number the persons it is given, skipping empty slots).
+    """
+    for k, person in slots:
+        try:
+            check_box(person.pixel_box(height, width), height, width)
+        except BoxError as err:
+            raise RequestError(f"person {k + 1}: {err}") from None
 
 
 def _size(height, width) -> tuple[int, int]:

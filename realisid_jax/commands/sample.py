@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--box", action="append", default=[],
                    help="x0,y0,x1,y1 face box in output pixels, per --face; made square by its longer "
                         "edge around its centre and moved inside the image, as in training (the conditioning "
-                        "sheet shows the box used); a longer edge beyond the image is refused")
+                        "sheet shows the box used); a box wholly outside the image, or whose longer edge is longer "
+                        "than the image's shorter side, is refused")
     p.add_argument("--pose", action="append", default=[],
                    help="photo whose landmarks set pose/expression, per --face ('-' = the reference's own)")
     p.add_argument("--rotation", action="append", default=[], metavar="DEG",

@@ -23,7 +23,7 @@ ImageInput = str | os.PathLike | np.ndarray
 
 
 class BoxError(ValueError):
-    """A face box that is malformed or not inside the output image."""
+    """A face box that is malformed, does not overlap the output image or does not fit in it."""
 
 
 class SizeError(ValueError):
@@ -40,8 +40,8 @@ class Person:
 
     Attributes:
       reference: photo of the person (path or HxWx3 array); its largest face is used.
-      box: ``(x0, y0, x1, y1)`` where the face goes, output-image pixels (floats allowed); made square and
-        moved inside the image by ``check_box``.
+      box: ``(x0, y0, x1, y1)`` where the face goes, output-image pixels (floats allowed), overlapping the image;
+        made square and moved inside the image by ``check_box``.
       pose: optional photo whose landmarks set pose and expression; default the reference's own.
       landmarks: optional (N, 2) landmarks in the unit frame of the square box (``ReferenceFace.landmarks``'s
         frame), given instead of a pose photo: e.g. ``face.draw.square_keypoints(30)``, a glyph turned by 30°.
@@ -98,10 +98,12 @@ def check_box(box: Sequence[float], height: int, width: int) -> np.ndarray:
     Training boxes are squares (``realisid_jax.data.prepare.fit_square``) and the landmark image c_pe is
     drawn in a square frame, so a user box becomes the square of its longer edge around its centre (no
     stretched face in the local crop, a c_loc shape seen in training), moved by the least amount that puts
-    it inside the (width x height) image.
+    it inside the (width x height) image. A box wholly outside the image is refused rather than moved: where
+    the user meant the face to go cannot be told from it.
 
     Raises:
-      BoxError: not 4 finite numbers, empty, or its longer edge longer than the image's shorter side.
+      BoxError: not 4 finite numbers, empty, not overlapping the image, or its longer edge longer than the
+        image's shorter side.
     """
     b = np.asarray(box, np.float64).reshape(-1)
     if b.size != 4 or not np.all(np.isfinite(b)):
@@ -110,6 +112,9 @@ def check_box(box: Sequence[float], height: int, width: int) -> np.ndarray:
     text = ",".join(f"{v:g}" for v in b)
     if not (x1 > x0 and y1 > y0):
         raise BoxError(f"box {text} is empty: need x1 > x0 and y1 > y0")
+    if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        raise BoxError(f"box {text} lies wholly outside the {width}x{height} image (pixels, x0,y0,x1,y1); "
+                       f"place it on the image")
     side = max(x1 - x0, y1 - y0)
     if side > min(width, height):
         raise BoxError(f"box {text} is made square by its longer edge ({side:g} px), which does not fit in the "
@@ -131,7 +136,7 @@ def prepare_persons(persons: Sequence[Person], *, height: int, width: int, max_p
     Boxes and the person count are checked before any photo is analysed, so bad input fails fast.
 
     Raises:
-      TooManyPersonsError, BoxError: as above. NoFaceError / ImageReadError / FaceTooSmallError: from the
+      TooManyPersonsError, BoxError: as above; a box's message names its person (1-based). NoFaceError / ImageReadError / FaceTooSmallError: from the
       face analysis, naming the photo.
     """
     if len(persons) > max_persons:
@@ -139,7 +144,10 @@ def prepare_persons(persons: Sequence[Person], *, height: int, width: int, max_p
                                   f"(--config.realisid.max_persons)")
     boxes = np.zeros((max_persons, 4), np.float32)
     for k, person in enumerate(persons):
-        boxes[k] = check_box(person.box, height, width)
+        try:
+            boxes[k] = check_box(person.box, height, width)
+        except BoxError as err:
+            raise BoxError(f"person {k + 1}: {err}") from None
     pixels = np.zeros((max_persons, clip_size, clip_size, 3), np.float32)
     landmarks = np.zeros((max_persons, landmark_px, landmark_px, 3), np.float32)
     references = []
