@@ -21,6 +21,7 @@ import pytest
 from realisid_jax.cli import main
 from realisid_jax.training.checkpoint import CheckpointError, TrainCheckpointer
 from realisid_jax.training.summary import truncate_metrics
+from realisid_jax.training.trainer import restore_or_start
 from realisid_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,6 +283,43 @@ def test_restore_walks_back_past_a_corrupt_newest_checkpoint(tmp_path, capfd):
             ckpt.restore(_abstract(), None, step=3)
         with pytest.raises(FileNotFoundError, match="no finished checkpoint 7"):
             ckpt.restore(_abstract(), None, step=7)
+
+
+class _Position:
+    """A stand-in input iterator whose position is one number."""
+
+    def __init__(self, position: int = 0):
+        self.position = position
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def test_train_says_whether_it_resumes_and_from_which_checkpoint(tmp_path, capsys):
+    ckpts = tmp_path / "checkpoints"
+
+    def start(resume_step=None) -> tuple[int, int, list[str]]:
+        """(step, data position, stdout lines) of a run starting in ``tmp_path``."""
+        iterator = _Position()
+        with TrainCheckpointer(ckpts, async_save=False) as ckpt:
+            _, step = restore_or_start(ckpt, str(tmp_path), _abstract, lambda: _state(0.0), iterator, resume_step)
+        return step, iterator.position, capsys.readouterr().out.splitlines()
+
+    capsys.readouterr()
+    assert start() == (0, 0, [f"starting a new run in {tmp_path}"])
+    with TrainCheckpointer(ckpts, async_save=False) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, _state(float(step)), _Position(10 * step), {"step": step})
+        ckpt.wait()
+    assert start() == (3, 30, [f"resuming from step 3 ({ckpts / '3'}), data position restored"])
+    _corrupt(ckpts / "3")
+    assert start() == (2, 20, [f"resuming from step 2 ({ckpts / '2'}), data position restored; newer step 3 did "
+                               "not restore (warnings above)"])
+    assert start(1) == (1, 10, [f"resuming from step 1 ({ckpts / '1'}), data position restored; picked by "
+                                "--resume-step (newer: 2, 3)"])
 
 
 def test_export_walks_back_past_a_corrupt_newest_checkpoint(tmp_path, capsys, monkeypatch):

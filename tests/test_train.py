@@ -213,9 +213,10 @@ class _SigtermAfter:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_sigkill_partial_checkpoint_sigterm_and_exact_resume(trainer, dataset, tmp_path):
+def test_sigkill_partial_checkpoint_sigterm_and_exact_resume(trainer, dataset, tmp_path, capsys):
     steps = 8
     reference = fit(trainer, tmp_path / "reference", steps=steps, data_dir=dataset).losses
+    assert f"starting a new run in {tmp_path / 'reference'}\n" in capsys.readouterr().out
     work = tmp_path / "run"
     ckpts = work / "checkpoints"
     log = tmp_path / "log.txt"
@@ -237,6 +238,8 @@ def test_sigkill_partial_checkpoint_sigterm_and_exact_resume(trainer, dataset, t
     # first step: a checkpoint is written and the run returns, preempted.
     result = fit(trainer, work, steps=steps, data_dir=dataset, hooks=[_SigtermAfter(finished + 1)])
     assert result.preempted and result.step == finished + 1
+    assert f"resuming from step {finished} ({ckpts / str(finished)}), data position restored\n" in \
+        capsys.readouterr().out
     assert sorted(_metrics(work)) == list(range(1, finished + 2))  # rows the killed run logged past 2: dropped
     assert not partial.exists()
     with TrainCheckpointer(ckpts, max_to_keep=3) as ckpt:

@@ -28,8 +28,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -191,10 +192,8 @@ class Trainer:
             data_iterator = _input_iterator(self.config, data_dir)
         hooks = (*hooks, *self._sample_hooks(workdir))
         with TrainCheckpointer(_join(workdir, "checkpoints"), max_to_keep=int(train.keep_checkpoints)) as ckpt:
-            if ckpt.latest_step() is not None or resume_step is not None:
-                state, start = ckpt.restore(self.abstract_state(), data_iterator, resume_step)
-            else:
-                state, start = self.initial_state(), 0
+            state, start = restore_or_start(ckpt, workdir, self.abstract_state, self.initial_state, data_iterator,
+                                            resume_step)
             batches = DeviceBatches(data_iterator, self.tokenizers, self.config, self.mesh, self.rules)
             meta = {"config": json.loads(self.config.to_json_best_effort())}
             metrics_file = None if "://" in workdir else Path(workdir) / "metrics.jsonl"
@@ -232,6 +231,41 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
                           mesh=mesh, compiler_options=compiler_options)
         return trainer.fit(workdir, data_dir=data_dir, data_iterator=data_iterator, hooks=hooks,
                            resume_step=resume_step)
+
+
+def restore_or_start(ckpt: TrainCheckpointer, workdir: str, abstract_state: Callable[[], Any],
+                     initial_state: Callable[[], Any], iterator: StatefulIterator | None,
+                     resume_step: int | None) -> tuple[Any, int]:
+    """The state a run continues from and its step: checkpoint ``resume_step``, else the newest one of ``ckpt``
+    that restores (``TrainCheckpointer.restore``), else ``initial_state()`` at step 0 when there is none.
+
+    Process 0 says which on stdout in one line, ``resuming from step N (WORKDIR/checkpoints/N), data position
+    restored`` or ``starting a new run in WORKDIR``, naming the newer checkpoints passed over (corrupt ones, each
+    with its warning on stderr, or those newer than ``resume_step``): a user must be able to tell a resumed run
+    from one that starts again.
+
+    Raises:
+      FileNotFoundError, CheckpointError: from ``TrainCheckpointer.restore``.
+    """
+    if not ckpt.all_steps() and resume_step is None:
+        _say(f"starting a new run in {workdir}")
+        return initial_state(), 0
+    state, start = ckpt.restore(abstract_state(), iterator, resume_step)
+    line = f"resuming from step {start} ({_join(_join(workdir, 'checkpoints'), str(start))})"
+    if iterator is not None:
+        line += ", data position restored"
+    newer = [str(s) for s in ckpt.all_steps() if s > start]
+    if newer and resume_step is None:
+        line += f"; newer step{'s' * (len(newer) > 1)} {', '.join(newer)} did not restore (warnings above)"
+    elif newer:
+        line += f"; picked by --resume-step (newer: {', '.join(newer)})"
+    _say(line)
+    return state, start
+
+
+def _say(line: str) -> None:
+    if jax.process_index() == 0:
+        print(line, flush=True)
 
 
 def _check_samples(config: ml_collections.ConfigDict) -> None:
