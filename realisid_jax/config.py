@@ -78,8 +78,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
     literals when they are, else kept as strings; ConfigDict keeps each field's type).
 
     Raises:
-      FileNotFoundError: no such config file. ConfigError: an override names no field, lacks ``=value``, or
-      its value does not fit the field's type (e.g. ``num_inference_steps=abc``).
+      FileNotFoundError: no such config file. ConfigError: a file that is not a Python config (it does not
+      run, has no ``get_config``, or that refuses the variant), an override that names no field, lacks
+      ``=value``, or whose value does not fit the field's type (e.g. ``num_inference_steps=abc``).
     """
     path, _, variant = str(path).partition(":")
     path = Path(path)
@@ -87,8 +88,13 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
         raise FileNotFoundError(f"config file {path} not found")
     spec = importlib.util.spec_from_file_location(f"_realisid_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(variant) if variant else module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        config = module.get_config(variant) if variant else module.get_config()
+    except (SyntaxError, ValueError, TypeError, KeyError, AttributeError, NameError, UnicodeDecodeError) as err:
+        # A text file given as the config, a typo in a variant: the user's input, so one line, not a traceback.
+        raise ConfigError(f"config {path}{':' * bool(variant)}{variant} does not load: {type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
     for item in overrides:
         _override(config, item.removeprefix("--config."))
     return config

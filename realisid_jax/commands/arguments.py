@@ -34,6 +34,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """A random seed: an integer from 0 to 2**63 - 1, the range ``jax.random.key`` takes."""
+    value = non_negative_int(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be below 2**63, got {value}")
+    return value
+
+
 def image_size(text: str) -> int:
     """An image side in pixels: a positive multiple of 64 (the VAE's factor 8 times the UNet's three 2x
     down-samplings)."""

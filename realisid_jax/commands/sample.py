@@ -12,7 +12,7 @@ import sys
 import tempfile
 
 from realisid_jax.commands.arguments import (UsageError, check_fresh_folder, check_output_folder, image_size,
-                                             non_negative_int, positive_int)
+                                             positive_int, seed)
 from realisid_jax.commands.weights import add_weight_arguments, build_pipeline, enable_compilation_cache
 from realisid_jax.config import load_config
 
@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     p.add_argument("--config", default="configs/sdxl.py:tiny", help="config file (default: configs/sdxl.py:tiny)")
     p.add_argument("--face", action="append", default=[], help="reference photo of a person (repeat per person)")
     p.add_argument("--box", action="append", default=[],
-                   help="x0,y0,x1,y1 face box in output pixels, per --face; made square by its longer "
+                   help="x0,y0,x1,y1 face box in output pixels, per --face (--box=-8,0,56,64 for one starting with "
+                        "a minus sign); made square by its longer "
                         "edge around its centre and moved inside the image, as in training (the conditioning "
                         "sheet shows the box used); a box wholly outside the image, or whose longer edge is longer "
                         "than the image's shorter side, is refused")
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out, deleting its earlier image_*.png first")
     p.add_argument("--num-images", type=positive_int, default=1)
-    p.add_argument("--seed", type=non_negative_int, default=None)
+    p.add_argument("--seed", type=seed, default=None, help="initial-noise seed, 0 to 2**63 - 1 (default: config)")
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: config)")
     p.add_argument("--height", type=image_size, default=None, help="pixels, a multiple of 64 (default: config)")
     p.add_argument("--width", type=image_size, default=None, help="pixels, a multiple of 64 (default: config)")

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     enable_compilation_cache()
 
     config = load_config(args.config, args.config_overrides)
+    _check_counts(config.train)
     _check_data(args.data, int(config.train.batch_size))
     if args.lora and args.pretrained is None:
         raise UsageError("--lora needs --pretrained: a LoRA is made for real weights")
@@ -77,11 +78,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_counts(train) -> None:
+    """The step loop batches by ``batch_size`` and checkpoints at multiples of ``checkpoint_every``: both must be
+    at least 1, found here rather than after minutes of model building.
+
+    Raises:
+      UsageError: naming the field.
+    """
+    for field in ("batch_size", "checkpoint_every"):
+        if not isinstance(train[field], int) or train[field] < 1:  # None passes the config's type check
+            raise UsageError(f"--config.train.{field} must be at least 1, got {train[field]}")
+
+
 def _check_data(data: Path, batch_size: int) -> None:
     """Checks ``--data`` before any model is built: a prepared dataset with at least one batch per process.
 
     Raises:
-      UsageError: missing, not written by ``realisid prepare-data``, or too small.
+      UsageError: missing, not written by ``realisid prepare-data``, its info file unreadable, or too small.
     """
     import jax
 
@@ -93,8 +106,12 @@ def _check_data(data: Path, batch_size: int) -> None:
     info = dataset_dir(data) / "dataset_info.json"
     if not info.is_file():
         raise UsageError(f"--data {data} is not a prepared dataset (no {info.relative_to(data)}); {hint}")
-    splits = {s["name"]: s for s in json.loads(info.read_text())["splits"]}
-    examples = sum(int(n) for n in splits.get("train", {}).get("shardLengths", []))
+    try:
+        splits = {s["name"]: s for s in json.loads(info.read_text())["splits"]}
+        examples = sum(int(n) for n in splits.get("train", {}).get("shardLengths", []))
+    except (ValueError, KeyError, TypeError) as err:  # a file cut short or edited: JSONDecodeError is a ValueError
+        raise UsageError(f"--data {data}: {info.relative_to(data)} does not read ({type(err).__name__}: {err}); "
+                         f"prepare the dataset again with `realisid prepare-data --overwrite`") from None
     processes = jax.process_count()
     if examples // processes < batch_size // processes:
         raise UsageError(f"--data {data} holds {examples} examples: fewer than one batch of "
