@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -102,6 +103,38 @@ def test_sample_warns_when_a_box_is_made_square(tmp_path, capsys, face_models):
         warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
         assert warnings == ([warning] if warning else []), warnings
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs mounted at ``tmp_path/disk``: a disk that fills up. Needs root (CI runs as root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True,
+                           text=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_sample_on_a_full_disk_keeps_no_image(small_disk, capsys, monkeypatch, face_models):
+    # The images as generated (random pixels: PNGs of ~200 KB, which the 64 KiB disk cannot hold); what is tested
+    # is the writing of the result.
+    noise = np.random.default_rng(0).integers(0, 256, (2, 256, 256, 3), np.uint8)
+
+    def pipeline(prompt, conditions, **kwargs):
+        return types.SimpleNamespace(images=noise, conditions=conditions)
+
+    monkeypatch.setattr("realisid_jax.commands.sample.build_pipeline", lambda config, args: pipeline)
+    out = small_disk / "out"
+    code, stderr = _cli(capsys, "sample", "--out", str(out), "--num-images", "2")
+    assert code == 1, stderr
+    assert [line for line in stderr.splitlines() if "error:" in line] == [
+        f"error: writing {out}/ failed: No space left on device; no image of this run was kept"], stderr
+    assert list(out.iterdir()) == []
 
 
 @pytest.fixture(scope="module")

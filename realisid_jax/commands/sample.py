@@ -169,15 +169,38 @@ def run(args) -> int:
     files = [(f"image_{i:03d}.png", Image.fromarray(img), png_info(generation.for_image(i)))
              for i, img in enumerate(result.images)]
     files.append(("conditioning_sheet.png", conditioning_sheet(result.conditions, height, width), None))
-    for name, image, info in files:
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".png.tmp")
-        os.close(fd)
-        os.chmod(tmp, 0o644)
-        image.save(tmp, format="PNG", pnginfo=info)  # images carry their request (realisid_jax.app.metadata)
-        os.replace(tmp, out / name)
+    try:
+        _write_pngs(out, files)
+    except OSError as err:  # a full disk, a quota: the run failed, not its input
+        print(f"error: writing {out}/ failed: {err.strerror or err}; no image of this run was kept", file=sys.stderr)
+        return 1
     print(f"wrote {len(result.images)} image(s) and conditioning_sheet.png to {out}/ "
           f"(references: {source})")
     return 0
+
+
+def _write_pngs(out, files) -> None:
+    """Writes each ``(name, image, pnginfo)`` to ``out/name``, all or none: each through a temporary file renamed
+    into place, so a file named ``image_*.png`` is always whole, and on a failure the files written so far are
+    removed too, so ``--out`` never holds part of a run.
+
+    Raises:
+      OSError: a write failed (e.g. no space left on the device); nothing of ``files`` is left in ``out``.
+    """
+    written = []
+    try:
+        for name, image, info in files:
+            fd, tmp = tempfile.mkstemp(dir=out, suffix=".png.tmp")
+            os.close(fd)
+            written.append(tmp)
+            os.chmod(tmp, 0o644)
+            image.save(tmp, format="PNG", pnginfo=info)  # images carry their request (realisid_jax.app.metadata)
+            os.replace(tmp, out / name)
+            written[-1] = out / name
+    except OSError:
+        for path in written:
+            os.remove(path)
+        raise
 
 
 def _apply_record(args):
