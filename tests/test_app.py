@@ -111,3 +111,18 @@ def test_from_png_without_a_record_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     with pytest.raises(MetadataError):
         read_generation(tmp_path / "plain.png")
+
+
+@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("192.168.1.5", True), ("myhost", True),
+                                          ("127.0.0.1", False), ("localhost", False), ("::1", False)])
+def test_host_other_than_loopback_warns(monkeypatch, capsys, host, warned):
+    def no_models(*_args, **_kwargs):
+        raise AssertionError("reached the model build")
+
+    monkeypatch.setattr("realisid_jax.commands.app.build_pipeline", no_models)
+    monkeypatch.setattr("realisid_jax.commands.app.enable_compilation_cache", lambda: None)
+    with pytest.raises(AssertionError, match="reached the model build"):  # warned before any model loads
+        main(["app", "--host", host])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ([f"warning: --host {host}: anyone who can reach this machine on that network can use the "
+                         "page (it has no login); the default 127.0.0.1 serves this machine only"] if warned else [])

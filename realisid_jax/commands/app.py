@@ -6,6 +6,8 @@ weights: noise, not faces) as ``realisid sample`` does. No share link, no analyt
 
 from __future__ import annotations
 
+import ipaddress
+import sys
 import tempfile
 
 from realisid_jax.commands.weights import (RANDOM_WEIGHTS_NOTE, add_weight_arguments, build_pipeline,
@@ -30,6 +32,7 @@ def run(args) -> int:
     from realisid_jax.commands.sample import DEFAULT_PROMPT
 
     config = load_config(args.config, args.config_overrides)
+    _warn_open_host(args.host)
     enable_compilation_cache()
     pipeline = build_pipeline(config, args)
     weights = {k: getattr(args, k, None) for k in WEIGHT_FLAGS}
@@ -41,3 +44,15 @@ def run(args) -> int:
     page.queue().launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
                         show_error=False, allowed_paths=[out], footer_links=[])
     return 0
+
+
+def _warn_open_host(host: str) -> None:
+    """One warning (stderr) when ``host`` is not a loopback address: the page has no login, so anyone who can
+    reach this machine on that network can use it (and the GPU)."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        loopback = False
+    if not loopback:
+        print(f"warning: --host {host}: anyone who can reach this machine on that network can use the page (it has "
+              f"no login); the default 127.0.0.1 serves this machine only", file=sys.stderr)
