@@ -15,9 +15,11 @@ The paper's MTCNN fits the same protocol once a user supplies its weights.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import sys
 from typing import Protocol
 
 import cv2
@@ -82,13 +84,10 @@ class BlazeFaceDetector:
     def __init__(self, model_path: str | os.PathLike | None = None, *, score_threshold: float = 0.5,
                  iou_threshold: float = 0.3, pad_fraction: float = 0.25, tile_divisions: int = 3,
                  min_tile_px: int = 128, num_threads: int = 1):
-        from ai_edge_litert.interpreter import Interpreter  # deferred: heavy, only this backend
-
         if model_path is None:
             from realisid_jax.assets import face_detector_model
             model_path = face_detector_model()
-        self._interp = Interpreter(model_path=str(model_path), num_threads=num_threads)
-        self._interp.allocate_tensors()
+        self._interp = tflite_interpreter(model_path, num_threads)
         self._input = self._interp.get_input_details()[0]["index"]
         outputs = {d["name"]: d["index"] for d in self._interp.get_output_details()}
         self._regressors, self._scores = outputs["regressors"], outputs["classificators"]
@@ -148,6 +147,37 @@ class BlazeFaceDetector:
         kps = raw[:, 4:4 + 2 * _BLAZE_NUM_KEYPOINTS].reshape(-1, _BLAZE_NUM_KEYPOINTS, 2)
         kps = kps + anchors[:, None, :]
         return boxes.astype(np.float32), scores.astype(np.float32), kps.astype(np.float32)
+
+
+def tflite_interpreter(model_path: str | os.PathLike, num_threads: int):
+    """An ``ai_edge_litert`` interpreter of ``model_path`` with its tensors allocated.
+
+    Allocating is when LiteRT applies its XNNPACK delegate and, the first time in a process, prints "INFO:
+    Created TensorFlow Lite XNNPACK delegate for CPU." to stderr; that line is not shown. A model that does not
+    load still raises (LiteRT puts its own error text in the exception).
+    """
+    from ai_edge_litert.interpreter import Interpreter  # deferred: heavy, only the MediaPipe backends
+
+    interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
+    with _native_stderr_discarded():
+        interpreter.allocate_tensors()
+    return interpreter
+
+
+@contextlib.contextmanager
+def _native_stderr_discarded():
+    # LiteRT logs with fprintf(stderr) and has no setting for its level: file descriptor 2 itself goes to
+    # /dev/null while the block runs.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 class HaarCascadeDetector:

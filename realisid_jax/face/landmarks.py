@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from realisid_jax.face import mesh
-from realisid_jax.face.detect import Detection
+from realisid_jax.face.detect import Detection, tflite_interpreter
 from realisid_jax.face.image import warp_affine
 
 _MESH_INPUT = 192
@@ -78,13 +78,10 @@ class FaceMeshLandmarker:
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, roi_scale: float = 1.5,
                  refine_steps: int = 1, num_threads: int = 1):
-        from ai_edge_litert.interpreter import Interpreter  # deferred: heavy, only this backend
-
         if model_path is None:
             from realisid_jax.assets import face_landmark_model
             model_path = face_landmark_model()
-        self._interp = Interpreter(model_path=str(model_path), num_threads=num_threads)
-        self._interp.allocate_tensors()
+        self._interp = tflite_interpreter(model_path, num_threads)
         self._input = self._interp.get_input_details()[0]["index"]
         by_size = {int(np.prod(d["shape"])): d["index"] for d in self._interp.get_output_details()}
         self._points, self._presence = by_size[3 * mesh.NUM_LANDMARKS], by_size[1]
