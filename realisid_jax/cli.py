@@ -8,7 +8,11 @@ Exit codes: 0 done; 2 bad input (one ``error:`` line on stderr, nothing written)
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
+import importlib.metadata
+import importlib.util
+import os
 import sys
 
 COMMANDS = ("info", "faces", "sample", "app", "prepare_data", "train", "export", "evaluate", "benchmark_prompts",
@@ -23,7 +27,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def choose_platform() -> None:
+    """On a host with no TPU chip: JAX on the CPU when nothing else could run it, and a quiet libtpu.
+
+    There ``JAX_PLATFORMS`` is set to ``cpu``, unless the user set it or a PJRT plugin for another accelerator
+    (a GPU) is installed: JAX would otherwise load libtpu (the ``tpu`` extra, 0.7 GB) to try a TPU runtime
+    that cannot start. libtpu still loads where a TPU-topology plan is compiled (``realisid info --topology``);
+    it is given the worker list and host bounds of a one-host slice (each unless set), the values a TPU VM
+    reads from its metadata server, without which it prints start-up errors (``E0000 ...
+    TPU_WORKER_HOSTNAMES``). A TPU VM is left as it is.
+    """
+    import jax
+
+    if _tpu_attached():
+        return
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
+    other_plugins = (importlib.util.find_spec("jax_plugins") is not None
+                     or bool(importlib.metadata.entry_points(group="jax_plugins")))
+    if "JAX_PLATFORMS" not in os.environ and not other_plugins:
+        os.environ["JAX_PLATFORMS"] = "cpu"  # for child processes (e.g. the spawned data-preparation workers)
+        jax.config.update("jax_platforms", "cpu")  # this process read the variable when it imported JAX
+
+
+def _tpu_attached() -> bool:
+    # TPU chips on the PCI bus, by the check JAX's own TPU set-up uses; or, where a container hides the bus, the
+    # device files libtpu opens: /dev/accel* (TPU v2-v4, v5p) or VFIO groups (v5e and later).
+    from jax._src import hardware_utils
+
+    return (hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+            or bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")))
+
+
 def main(argv: list[str] | None = None) -> int:
+    choose_platform()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if not a.startswith("--config.")]

@@ -1,4 +1,5 @@
-"""Test set-up: 8 simulated CPU devices for every sharded path, and no model hub."""
+"""Test set-up: 8 simulated CPU devices for every sharded path, and no model hub; a run that skips the browser
+test ends with the command that installs Chromium."""
 import os
 import tempfile
 
@@ -34,3 +35,19 @@ def face_models():
         assets.fetch(["face_detection_short_range.tflite", "face_landmark.tflite"])
     except assets.AssetError as err:
         pytest.skip(f"MediaPipe model files unavailable: {err}")
+
+
+# What a fresh machine lacks for the web app's browser test (.ci/run installs the same, as root).
+BROWSER_SETUP = "sudo apt-get install -y chromium chromium-driver"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter):
+    """After the summary, one line when the browser test was skipped for want of Chromium: the command that
+    installs it."""
+    result = yield
+    if any(r.nodeid.split("::")[0].endswith("test_app_browser.py") and "chromium" in str(r.longrepr)
+           for r in terminalreporter.stats.get("skipped", [])):
+        terminalreporter.write_line(f"the browser test was skipped (no chromium / chromedriver); to run it: "
+                                    f"{BROWSER_SETUP}", yellow=True)
+    return result
