@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ASSETS_STAMP := $(VENV)/.assets
 
-.PHONY: demo test test-slow install assets bench clean
+.PHONY: demo test test-slow install assets bench glyphs clean
 
 install: $(STAMP)
 
@@ -38,6 +38,19 @@ test-slow: install assets
 
 bench: install
 	$(PY) -m bench.run
+
+# The glyph-world experiment (docs/glyphs.md): base models and scorer, RealisID's branches trained and exported by
+# the unchanged train/export commands, then every variant sampled and scored. Each step resumes when re-run.
+GLYPHS ?= runs/glyphs
+REALISID := HF_HUB_OFFLINE=1 $(VENV)/bin/realisid
+glyphs: install assets
+	$(REALISID) glyphs prepare --out $(GLYPHS)
+	test -f $(GLYPHS)/data_precomputed/realisid_faces/1.0.0/empty_prompt.npz || \
+	  $(REALISID) glyphs make-data --out $(GLYPHS)/data_precomputed --precompute --base $(GLYPHS)/base
+	$(REALISID) train --config configs/sdxl.py:glyphs --workdir $(GLYPHS)/train --data $(GLYPHS)/data_precomputed \
+	  --pretrained $(GLYPHS)/base --image-encoder $(GLYPHS)/base/image_encoder --config.train.precomputed_inputs=True
+	$(REALISID) export --workdir $(GLYPHS)/train --out $(GLYPHS)/branches
+	$(REALISID) glyphs evaluate --run $(GLYPHS) --branches $(GLYPHS)/branches --out $(GLYPHS)/report
 
 clean:
 	rm -rf $(VENV) out

@@ -67,3 +67,42 @@ def test_unknown_part_is_refused(tmp_path, capsys):
     assert main(["glyphs", "prepare", "--out", str(tmp_path), "--parts", "vae,nope"]) == 2
     assert "unknown nope" in capsys.readouterr().err
     assert not (tmp_path / "parts").exists()
+
+
+def test_base_schedule_is_zero_terminal_snr_v_prediction(run):
+    from realisid_jax.realisid.components import base_scheduler_config
+    from realisid_jax.training.trainer import noise_schedule
+
+    stored = base_scheduler_config(run / "base")
+    assert stored["prediction_type"] == "v_prediction" and stored["rescale_betas_zero_snr"]
+    assert noise_schedule(run / "base").alphas_cumprod[-1] == 0  # what `realisid train` reads
+
+
+def test_branches_train_on_precomputed_world_data_and_sample(run, tmp_path):
+    """The real path of RealisID in the world: make-data --precompute, train, export, sample with branches."""
+    data, work, branches = tmp_path / "data", tmp_path / "work", tmp_path / "branches"
+    assert main(["glyphs", "make-data", "--out", str(data), "--count", "8", "--precompute", "--base",
+                 str(run / "base")]) == 0
+    assert main(["train", "--config", "configs/sdxl.py:glyphs", "--workdir", str(work), "--data", str(data),
+                 "--pretrained", str(run / "base"), "--image-encoder", str(run / "base" / "image_encoder"),
+                 "--config.train.precomputed_inputs=True", "--config.train.num_steps=2",
+                 "--config.train.batch_size=2", "--config.train.checkpoint_every=2"]) == 0
+    assert main(["export", "--workdir", str(work), "--out", str(branches)]) == 0
+    from PIL import Image
+
+    from realisid_jax.glyphs import world
+
+    reference = tmp_path / "7.png"
+    Image.fromarray(world.reference(0, 1, "7", styles=world.HELDOUT_STYLES).image).save(reference)
+    out = tmp_path / "out"
+    assert main(["sample", "--config", "configs/sdxl.py:glyphs", "--base", str(run / "base"), "--image-encoder",
+                 str(run / "base" / "image_encoder"), "--branches", str(branches), "--face", str(reference),
+                 "--box", "40,40,104,104", "--rotation", "15", "--out", str(out),
+                 "--prompt", "a glyph on a red background", "--config.sampling.num_inference_steps=2"]) == 0
+    assert (out / "image_000.png").is_file()
+
+
+def test_make_data_precompute_needs_a_base(tmp_path, capsys):
+    assert main(["glyphs", "make-data", "--out", str(tmp_path / "d"), "--count", "2", "--precompute"]) == 2
+    assert "--precompute and --base go together" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

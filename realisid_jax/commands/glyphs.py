@@ -49,6 +49,14 @@ def _register_make_data(actions) -> None:
     p.add_argument("--count", type=positive_int, default=None, help="scenes (default: config glyphs.data_count)")
     p.add_argument("--seed", type=non_negative_int, default=None, help="world seed (default: config glyphs.seed)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file[:variant] (default {DEFAULT_CONFIG})")
+    g = p.add_argument_group("precomputed training inputs (train.precomputed_inputs), as `realisid prepare-data`")
+    g.add_argument("--precompute", action="store_true",
+                   help="also store the frozen encoders' outputs (VAE posterior, text and image features)")
+    g.add_argument("--base", type=Path, default=None, help="the base pipeline folder, e.g. RUN/base (--precompute)")
+    g.add_argument("--image-encoder", type=Path, default=None,
+                   help="image encoder folder (default: the base's image_encoder/)")
+    g.add_argument("--precompute-dtype", choices=("float16", "float32"), default="float16",
+                   help="storage of the precomputed tensors (default float16)")
     p.set_defaults(func=run_make_data)
 
 
@@ -111,11 +119,21 @@ def run_make_data(args: argparse.Namespace) -> int:
     from realisid_jax.glyphs import dataset
 
     config = _glyph_config(args)
+    if args.precompute != (args.base is not None):
+        raise UsageError("--precompute and --base go together: the base holds the encoders whose outputs are stored")
+    if args.image_encoder is not None and not args.precompute:
+        raise UsageError("--image-encoder is only read with --precompute")
     out = check_output_folder(args.out)
     count = config.glyphs.data_count if args.count is None else args.count
     seed = config.glyphs.seed if args.seed is None else args.seed
+    encoder = None
+    if args.precompute:
+        from realisid_jax.data.precompute import load_input_encoder
+
+        image_encoder = args.image_encoder or args.base / "image_encoder"
+        encoder = load_input_encoder(config, args.base, image_encoder=image_encoder, dtype=args.precompute_dtype)
     dataset.write_world_dataset(out, seed=seed, count=count, size=config.train.resolution,
-                                reference_size=config.model.image_encoder.image_size)
+                                reference_size=config.model.image_encoder.image_size, encoder=encoder)
     print(f"wrote {count} glyph-world examples (seed {seed}) to {out}: "
           f"realisid train --config {args.config} --data {out} ...")
     return 0

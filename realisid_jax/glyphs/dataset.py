@@ -5,6 +5,8 @@ One example per scene; its subject is the scene's first person: ``face_box`` its
 6 keypoints (pixels), ``face_mask`` its ink, ``reference`` another appearance of the same identity (a training
 style, ink and rotation: ``world.Reference.crop``). Scenes hold 1 or 2 persons; the caption names the
 background. Micro-conditioning: the scene is the whole "photo" (``original_size`` = resolution, crop at 0, 0).
+With an ``InputEncoder`` the frozen encoders' outputs are stored too (``data.precomputed``), as
+``prepare-data --precompute`` stores them for photos.
 """
 
 from __future__ import annotations
@@ -51,9 +53,14 @@ def example(seed: int, index: int, *, size: int = 256, reference_size: int = 64,
 
 
 def write_world_dataset(out: str | os.PathLike, *, seed: int, count: int, size: int = 256,
-                        reference_size: int = 64, two_person_fraction: float = 0.3, progress: bool = True) -> Path:
+                        reference_size: int = 64, two_person_fraction: float = 0.3, encoder=None,
+                        progress: bool = True) -> Path:
     """Writes ``count`` examples of the world (``example``) as the ``realisid_faces`` TFDS dataset under ``out``
     (PNG images, 6 keypoints per subject); returns the dataset folder. Deterministic in ``seed``.
+
+    Args:
+      encoder: a ``data.precompute.InputEncoder`` (the base's frozen encoders): also store each example's
+        precomputed training inputs and the empty prompt's, for ``config.train.precomputed_inputs``.
 
     Raises:
       ValueError: ``count`` < 1.
@@ -68,5 +75,22 @@ def write_world_dataset(out: str | os.PathLike, *, seed: int, count: int, size: 
 
     metadata = {"kind": DATASET_KIND, "seed": seed, "count": count, "two_person_fraction": two_person_fraction,
                 "train_styles": list(world.TRAIN_STYLES)}
-    return builder.write_dataset(out, examples, resolution=size, reference_size=reference_size, image_format="png",
-                                 metadata=metadata, num_landmarks=world.NUM_KEYPOINTS)
+    stored, shapes = examples, None
+    if encoder is not None:
+        from realisid_jax.data.precompute import with_precomputed
+
+        shapes = encoder.shapes(size, reference_size)
+        spec = builder.features(size, reference_size, "png", num_landmarks=world.NUM_KEYPOINTS)
+        metadata["precomputed"] = {"dtype": encoder.dtype.name, "fields": shapes, **encoder.provenance}
+
+        def stored():
+            return with_precomputed(examples(), encoder, spec)
+
+    folder = builder.write_dataset(out, stored, resolution=size, reference_size=reference_size, image_format="png",
+                                   metadata=metadata, num_landmarks=world.NUM_KEYPOINTS, precomputed=shapes,
+                                   precomputed_dtype=encoder.dtype.name if encoder is not None else "float16")
+    if encoder is not None:
+        from realisid_jax.data.precomputed import write_empty_prompt
+
+        write_empty_prompt(out, encoder.empty_prompt())
+    return folder

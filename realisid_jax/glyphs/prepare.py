@@ -121,7 +121,8 @@ def part_unet(run: Run, config) -> dict:
     image_encoder = from_pretrained(CLIPVisionModelWithProjection, run / "base" / "image_encoder")
     pipeline_writer.save_pipeline_folder(run / "base", unet=unet, vae=vae, text_encoder=text_encoders[0],
                                          text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
-                                         tokenizer_2=tokenizers[1], image_encoder=image_encoder)
+                                         tokenizer_2=tokenizers[1], image_encoder=image_encoder,
+                                         scheduler_config=text_to_image.SCHEDULER_CONFIG)
     losses = metrics["losses"]
     return {"steps": g.unet_steps, "seconds": metrics["seconds"],
             "final_loss": float(np.mean(losses[-50:])) if len(losses) else None}

@@ -1,8 +1,13 @@
 """The glyph world's base text-to-image model: the SDXL-architecture UNet of ``config.model.unet`` trained from
 scratch on world scenes (random identities, no identity conditioning), and a DDIM sampler to check it.
 
-Training is SDXL's (diffusers ``train_text_to_image_sdxl.py``): epsilon prediction under the scaled-linear
-schedule (0.00085..0.012, 1000 steps), latents ``vae posterior sample * scaling_factor``, the caption encoded by
+Training is SDXL's (diffusers ``train_text_to_image_sdxl.py``) but for the noise schedule: SDXL's scaled-linear
+betas (0.00085..0.012, 1000 steps) rescaled to zero terminal SNR, with v-prediction and trailing timesteps
+(:data:`SCHEDULER_CONFIG`; Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"). A
+world scene is mostly its flat background, and SDXL's own schedule leaves enough of that colour in the last
+timestep's noisy latent (its mean over 32x32 cells) that an epsilon-predicting UNet reads the background from the
+noise instead of from the caption, then samples a random background from pure noise. Latents are
+``vae posterior sample * scaling_factor``, the caption encoded by
 both text towers (``encode_prompt_sdxl``: context and pooled embeddings), micro-conditioning time ids
 ``(256, 256, 0, 0, 256, 256)``, captions dropped to the empty prompt (``config.realisid.no_text``'s
 ``"empty_prompt"``) so that classifier-free guidance works. The text towers stay random and frozen; the UNet
@@ -39,6 +44,10 @@ from realisid_jax.schedulers.ddpm import DDPMScheduler
 from realisid_jax.text.prompt_encoding import TextEncoder, encode_prompt_sdxl
 
 SCENE_SIZE = 256
+# The base model's noise schedule (module docstring), written to its pipeline folder's scheduler/ so that
+# `realisid train` and `realisid sample` use it as they use any base's.
+SCHEDULER_CONFIG = {**SDXL_SCHEDULER_CONFIG, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                    "timestep_spacing": "trailing"}
 
 
 def build_unet(config: ml_collections.ConfigDict, seed: int = 0) -> UNet2DConditionModel:
@@ -152,14 +161,14 @@ def prepare_pool(vae: AutoencoderKL, text_encoders: Sequence[TextEncoder], token
 
 # ------------------------------------------------------------------------------------------------ training
 def noise_schedule() -> DDPMScheduler:
-    """SDXL's training noise schedule: scaled-linear betas 0.00085..0.012 over 1000 steps, epsilon prediction."""
-    return DDPMScheduler.from_config(SDXL_SCHEDULER_CONFIG)
+    """The base model's training noise schedule (:data:`SCHEDULER_CONFIG`): zero terminal SNR, v-prediction."""
+    return DDPMScheduler.from_config(SCHEDULER_CONFIG)
 
 
 def diffusion_loss(unet: UNet2DConditionModel, pool: dict[str, jax.Array], key: jax.Array, *, batch_size: int,
                    scaling_factor: float, caption_dropout: float,
                    schedule: DDPMScheduler) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Epsilon-prediction MSE on a random batch of the pool (``ScenePool.arrays``).
+    """The prediction-target MSE (``schedule.prediction_type``) on a random batch of the pool (``ScenePool.arrays``).
 
     Draws scenes (256 px, hence the time ids), a posterior sample of each (times ``scaling_factor``), timesteps uniform in [0, 1000), noise,
     and replaces each caption by the empty prompt with probability ``caption_dropout``.
@@ -179,7 +188,8 @@ def diffusion_loss(unet: UNet2DConditionModel, pool: dict[str, jax.Array], key: 
     added = {"text_embeds": pool["pooled_embeds"][caption], "time_ids": time_ids(batch_size)}
     prediction = unet(schedule.add_noise(latents, noise, timesteps), timesteps, pool["prompt_embeds"][caption],
                       added_cond_kwargs=added)
-    return jnp.mean(jnp.square(prediction.astype(jnp.float32) - noise)), {}
+    target = schedule.training_target(latents, noise, timesteps)
+    return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target)), {}
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, **loss_kw):
@@ -288,7 +298,7 @@ def _sample(graphdefs, states, scheduler, sched_state, latents, context, pooled,
 def generate(config: ml_collections.ConfigDict, unet: UNet2DConditionModel, vae: AutoencoderKL,
              text_encoders: Sequence[TextEncoder], tokenizers: Sequence[CLIPTokenizer], captions: Sequence[str], *,
              seed: int, num_inference_steps: int = 20, guidance_scale: float = 5.0) -> np.ndarray:
-    """Samples one image per caption: DDIM (SDXL's scheduler config), classifier-free guidance against the empty
+    """Samples one image per caption: DDIM (:data:`SCHEDULER_CONFIG`), classifier-free guidance against the empty
     prompt (what training's caption dropout used), one jitted loop.
 
     Args:
@@ -302,7 +312,7 @@ def generate(config: ml_collections.ConfigDict, unet: UNet2DConditionModel, vae:
     text = encode_prompt_sdxl(list(captions), tokenizers, text_encoders, negative_prompt="")
     context = jnp.concatenate([text.negative_prompt_embeds, text.prompt_embeds])
     pooled = jnp.concatenate([text.negative_pooled_prompt_embeds, text.pooled_prompt_embeds])
-    scheduler = get_scheduler("ddim", SDXL_SCHEDULER_CONFIG)
+    scheduler = get_scheduler("ddim", SCHEDULER_CONFIG)
     factor = vae_scale_factor(vae)
     shape = (len(captions), config.sampling.height // factor, config.sampling.width // factor, unet.config.in_channels)
     latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
