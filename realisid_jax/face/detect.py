@@ -11,6 +11,7 @@ Backends:
     frame-filling and small faces are found.
   * ``HaarCascadeDetector``: OpenCV's frontal-face Haar cascade (``cv2.data.haarcascades``), no
     keypoints.
+
 The paper's MTCNN fits the same protocol once a user supplies its weights.
 """
 from __future__ import annotations

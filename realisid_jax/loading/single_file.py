@@ -2,14 +2,14 @@
 
 A single ``.safetensors`` holds every frozen model under a prefix:
 
-=================  ================================================  ==========================================
-component          SDXL                                              SD 1.5
-=================  ================================================  ==========================================
-``unet``           ``model.diffusion_model.``                        same
-``vae``            ``first_stage_model.``                            same
-``text_encoder``   ``conditioner.embedders.0.transformer.`` (HF CLIP)  ``cond_stage_model.transformer.``
-``text_encoder_2`` ``conditioner.embedders.1.model.`` (OpenCLIP)     --
-=================  ================================================  ==========================================
+==================  ====================================================  ==================================
+component           SDXL                                                  SD 1.5
+==================  ====================================================  ==================================
+``unet``            ``model.diffusion_model.``                            same
+``vae``             ``first_stage_model.``                                same
+``text_encoder``    ``conditioner.embedders.0.transformer.`` (HF CLIP)    ``cond_stage_model.transformer.``
+``text_encoder_2``  ``conditioner.embedders.1.model.`` (OpenCLIP)         --
+==================  ====================================================  ==================================
 
 Each component's keys are renamed to diffusers / transformers names (``stability_keys``; the same mapping as
 diffusers' ``loaders/single_file_utils.py``), then loaded by the class's normal ``from_state_dict``, so a

@@ -1,12 +1,14 @@
 """RealisID: the local and global ControlNet branches and the ID projection (paper Eqs. 3-6, multi-person).
 
 The frozen UNet gets, at every skip connection and after the mid block,
-``local_scale * Σ_k R(i_l^k, box_k) + global_scale * (1/K) Σ_k i_g^k`` where, per person k,
+``local_scale * Σ_k R(i_l^k, box_k) + global_scale * (1/K) Σ_k i_g^k`` where, per person k:
+
   * ``i_l^k = local_branch(crop_k(z_t), t, p_id^k, c_pe^k)`` runs on the face box cropped out of the latent and
     bilinearly up-sampled to ``local_latent_size``², and ``R`` relocates each of its residual levels back into
     the box (zero outside it);
   * ``i_g^k = global_branch(z_t, t, p_id^k, c_loc^k)`` runs on the whole latent, conditioned on the person's
     location mask.
+
 Persons are padded to a static K with a validity mask and folded into the batch axis (B * K), so each branch
 runs once per denoising step. Boxes follow ``realisid_jax.realisid.ops``: ``(x0, y0, x1, y1)`` normalised to [0, 1].
 """
