@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.timing import interleaved, load_average, timed
+from realisid_jax.cli import choose_platform
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("step", "sample", "train", "compile", "memory", "mfu")
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions per contender (medians)")
     p.add_argument("--persons", default=",".join(map(str, PERSONS)), help="person counts K of the step sections")
     args = p.parse_args(argv)
+    choose_platform()  # before JAX's first device use, as the CLI does: no TPU-runtime start-up text on a CPU host
     sections = [s for s in args.only.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
     if unknown:

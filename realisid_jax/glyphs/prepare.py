@@ -161,7 +161,8 @@ def part_base_scenes(run: Run, config) -> dict:
     specs = request_specs(g.seed + 2000, g.base_scenes, size=config.sampling.height)
     images = text_to_image.generate(config, base.unet, base.vae, list(base.text_encoders), list(base.tokenizers),
                                     [s.caption for s in specs], seed=g.seed,
-                                    num_inference_steps=config.sampling.num_inference_steps)
+                                    num_inference_steps=config.sampling.num_inference_steps,
+                                    guidance_scale=config.sampling.text_guidance_scale)
     out = run / "base_scenes"
     out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -205,5 +206,6 @@ def prepare(out: str | os.PathLike, config: ml_collections.ConfigDict, *, parts=
         log(f"{part}: running")
         start = time.time()
         figures[part] = run.finish(part, {**PART_FUNCTIONS[part](run, config), "wall_seconds": time.time() - start})
-    report.write(run.root, figures)
+    # The report covers every finished part, also those of earlier runs with other ``parts``.
+    report.write(run.root, {p: f for p in PARTS if (f := figures.get(p) or run.figures(p)) is not None})
     return figures
