@@ -1,6 +1,11 @@
 """``realisid app``'s request handler (no browser): bad requests, no recompilation, PNG records that reproduce."""
 
 import argparse
+import functools
+import io
+import struct
+import time
+import zlib
 
 import jax
 import numpy as np
@@ -126,3 +131,175 @@ def test_host_other_than_loopback_warns(monkeypatch, capsys, host, warned):
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warnings == ([f"warning: --host {host}: anyone who can reach this machine on that network can use the "
                          "page (it has no login); the default 127.0.0.1 serves this machine only"] if warned else [])
+
+
+# ------------------------------------------------------------------------------------------------ bad uploads
+@functools.cache
+def _bomb(side: int = 30000) -> bytes:
+    """A side x side PNG of 110 KB: 1-bit grey rows, all zero, deflated (2.5 GiB as RGB)."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = zlib.compress(b"\0" * ((side // 8 + 1) * side), 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def _bad_uploads(folder) -> dict:
+    """A file that is not an image, a PNG cut short, a 30000x30000 PNG of 110 KB, and a 2 MB photo."""
+    files = {"not_an_image": folder / "notes.png", "truncated": folder / "cut.png", "bomb": folder / "bomb.png",
+             "too_large": folder / "big.bmp"}
+    files["not_an_image"].write_text("these are notes, not a photo\n")
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buffer, format="PNG")
+    files["truncated"].write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+
+    files["bomb"].write_bytes(_bomb())
+    Image.fromarray(np.zeros((820, 820, 3), np.uint8)).save(files["too_large"])  # ~2 MB uncompressed
+    return files
+
+
+UPLOAD_MESSAGES = {
+    "not_an_image": "notes.png is not an image (or not in a format this app reads",
+    "truncated": "cut.png is cut short or damaged (OSError: image file is truncated",
+    "bomb": "bomb.png is larger than this app reads (over 50,000,000 pixels); scale it down",
+    "too_large": "big.bmp is 1.9 MB, over the upload limit of 1 MB",
+}
+
+
+def test_unreadable_uploads_are_one_line_messages(studio, tmp_path):
+    from realisid_jax.app.request import UnreadablePhoto, read_photo
+
+    files = _bad_uploads(tmp_path)
+    assert files["bomb"].stat().st_size < 200_000
+    for kind, path in files.items():
+        photo = read_photo(path, max_bytes=2**20)
+        assert isinstance(photo, UnreadablePhoto) and str(photo).startswith(UPLOAD_MESSAGES[kind]), (kind, photo)
+        assert "\n" not in str(photo)
+        assert studio.face_preview(photo) == (None, f"⚠️ {photo}")
+        for slot in ("reference", "pose"):
+            person = (PersonRequest(photo, ASTRONAUT.box) if slot == "reference"
+                      else PersonRequest(data.astronaut(), ASTRONAUT.box, pose=photo))
+            with pytest.raises(RequestError, match=f"^person 1: the {slot} photo {path.name} "):
+                studio.generate(_request(persons=(person,)))
+    Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
+    np.testing.assert_array_equal(read_photo(tmp_path / "astronaut.png"), data.astronaut())
+
+
+# ------------------------------------------------------------------------------------- the served page (HTTP)
+USER = ("ann", "s3cret")
+
+
+@pytest.fixture(scope="module")
+def server(studio):
+    """The page as ``realisid app --auth ann:s3cret --max-upload-mb 1`` serves it, on 127.0.0.1."""
+    import socket
+
+    from realisid_jax.app.page import build_page, launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    page = build_page(studio, max_upload_mb=1)
+    launch(page, port=port, out=str(studio.out_dir), auth=USER, max_upload_mb=1, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    page.close()
+
+
+def _client(url, **kw):
+    from gradio_client import Client
+
+    return Client(url, auth=USER, verbose=False, analytics_enabled=False, **kw)
+
+
+def test_login_protects_the_page(server):
+    import httpx
+    from gradio_client import Client
+
+    assert httpx.get(server + "config").status_code == 401
+    assert httpx.post(server + "login", data={"username": USER[0], "password": "wrong"}).status_code == 400
+    with pytest.raises(Exception, match="(?i)login|auth|401"):
+        Client(server, verbose=False, analytics_enabled=False)
+    with httpx.Client() as session:
+        assert session.post(server + "login", data=dict(zip(("username", "password"), USER))).status_code == 200
+        assert session.get(server + "config").status_code == 200
+
+
+def test_bad_uploads_get_their_message_and_the_server_keeps_serving(server, tmp_path):
+    import resource
+
+    import httpx
+    from gradio_client import handle_file
+
+    client = _client(server)
+    files = _bad_uploads(tmp_path)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for kind in ("not_an_image", "truncated", "bomb"):
+        face, message = client.predict(handle_file(str(files[kind])), api_name="/face_preview")
+        assert face is None and message.startswith(f"⚠️ {UPLOAD_MESSAGES[kind]}"), (kind, message)
+    # 30000x30000 RGB would be 2.5 GiB: refused from the header, the process's peak memory barely moves.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 300_000  # KiB
+    with pytest.raises(Exception, match="exceeds the maximum file size of 1048576 bytes"):  # as the page says it
+        client.predict(handle_file(str(files["too_large"])), api_name="/face_preview")
+    with httpx.Client() as session:  # a client that does not check first: the server stops the upload on arrival
+        session.post(server + "login", data=dict(zip(("username", "password"), USER)))
+        answer = session.post(server + "gradio_api/upload", files={"files": files["too_large"].open("rb")})
+    assert answer.status_code == 413 and "maximum allowed size of 1048576 bytes" in answer.text
+    Image.fromarray(data.astronaut()).save(tmp_path / "astronaut.png")
+    face, message = client.predict(handle_file(str(tmp_path / "astronaut.png")), api_name="/face_preview")
+    assert message == "" and Image.open(face).size == (512, 512)  # still serving
+
+
+def test_two_clients_at_once_get_their_own_images_and_a_third_compiles_nothing(server, studio, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.utils import Status
+
+    astronaut, camera = tmp_path / "astronaut.png", tmp_path / "camera.png"
+    Image.fromarray(data.astronaut()).save(astronaut)
+    Image.fromarray(np.asarray(Image.fromarray(data.astronaut()).transpose(Image.FLIP_LEFT_RIGHT))).save(camera)
+
+    def arguments(prompt, seed, photo):
+        slots = [(handle_file(str(photo)), None, None, 0.5, 0.3, 0.25, 0.375)]
+        slots += [(None, None, None, 0.5, 0.5, 0.25, 0.25)] * (studio.max_persons - 1)
+        return (prompt, "", SIZE, SIZE, 2, "ddim", 7.5, 5.0, 0.5, seed, False, 1, *(v for s in slots for v in s))
+
+    requests = {"a woman in a garden": (11, astronaut), "a man on a boat": (12, camera)}
+    clients = [_client(server, download_files=str(tmp_path / f"client{i}")) for i in range(2)]
+    jobs = [client.submit(*arguments(prompt, seed, photo), api_name="/run")
+            for client, (prompt, (seed, photo)) in zip(clients, requests.items())]
+    ranks = {0: set(), 1: set()}
+    while not all(job.done() for job in jobs):
+        for i, job in enumerate(jobs):
+            status = job.status()
+            if status.code == Status.IN_QUEUE and status.rank is not None:
+                ranks[i].add(status.rank)
+        time.sleep(0.05)
+    assert {0} in (ranks[0], ranks[1]), ranks  # the waiting one was shown its place: first in the queue
+    for job, (prompt, (seed, photo)) in zip(jobs, requests.items()):
+        gallery, status, used_seed = job.result()
+        assert "Done" in status and used_seed == seed
+        record = read_generation(gallery[0]["image"])
+        assert (record.prompt, record.seed) == (prompt, seed)
+        np.testing.assert_array_equal(record.references[0], np.asarray(Image.open(photo)))
+
+    with _Lowerings() as lowerings:
+        gallery, status, _ = clients[0].predict(*arguments("a third one", 13, camera), api_name="/run")
+    assert lowerings.count == 0 and "Done" in status
+    assert read_generation(gallery[0]["image"]).prompt == "a third one"
+
+
+def test_auth_and_upload_limit_arguments(monkeypatch, capsys):
+    def no_models(*_args, **_kwargs):
+        raise AssertionError("reached the model build")
+
+    monkeypatch.setattr("realisid_jax.commands.app.build_pipeline", no_models)
+    monkeypatch.setattr("realisid_jax.commands.app.enable_compilation_cache", lambda: None)
+    for bad in (["--auth", "ann"], ["--auth", ":pw"], ["--max-upload-mb", "0"], ["--max-upload-mb", "nan"]):
+        with pytest.raises(SystemExit) as refused:
+            main(["app", *bad])
+        assert refused.value.code == 2 and f"argument {bad[0]}" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="reached the model build"):
+        main(["app", "--host", "0.0.0.0", "--auth", "ann:pw:with:colons", "--max-upload-mb", "0.5"])
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == [
+        "warning: --host 0.0.0.0: the page asks for the --auth login, but over plain HTTP: the password crosses that "
+        "network unencrypted"]

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home; must precede the import
 
 import gradio as gr  # noqa: E402
 
-from realisid_jax.app.request import MIN_BOX_FRACTION, PersonRequest, Request, RequestError, Studio  # noqa: E402
+from realisid_jax.app.request import (MAX_UPLOAD_MB, MIN_BOX_FRACTION, PersonRequest, Request,  # noqa: E402
+                                      RequestError, Studio, UnreadablePhoto, read_photo)
 from realisid_jax.schedulers import SCHEDULERS  # noqa: E402
 
 _INTRO = ("Upload a reference photo per person, place each face on the output with the box controls (fractions "
@@ -24,8 +27,34 @@ _INTRO = ("Upload a reference photo per person, place each face on the output wi
           "and moved inside the image as the pipeline uses them: the layout shows both.")
 
 
-def build_page(studio: Studio, *, default_prompt: str = "", notice: str = "") -> gr.Blocks:
-    """The page for ``studio``; ``notice`` (e.g. the random-weights warning) is shown at the top."""
+class Photo(gr.Image):
+    """A photo upload (the page's Image component) read by ``request.read_photo``: a file that gives no photo
+    (not an image, cut short, a decompression bomb, over ``max_bytes``) reaches the handlers as an
+    ``UnreadablePhoto``, which they show as the person's message, never as a server error."""
+
+    is_template = True  # drawn by the frontend's Image component
+    max_bytes: int | None = None  # set after construction: the page's props are gr.Image's constructor arguments
+
+    @classmethod
+    def upload(cls, max_bytes: int, **kwargs) -> Photo:
+        photo = cls(type="numpy", sources=["upload"], **kwargs)
+        photo.max_bytes = max_bytes
+        return photo
+
+    def preprocess(self, payload) -> np.ndarray | UnreadablePhoto | None:
+        if payload is None:
+            return None
+        name = payload.orig_name or "the upload"
+        if payload.path is None:  # an inline (data:) image, which the page's upload never sends
+            return UnreadablePhoto(name, "is not an uploaded file; upload the photo as a file")
+        return read_photo(payload.path, name, max_bytes=self.max_bytes)
+
+
+def build_page(studio: Studio, *, default_prompt: str = "", notice: str = "",
+               max_upload_mb: float = MAX_UPLOAD_MB) -> gr.Blocks:
+    """The page for ``studio``; ``notice`` (e.g. the random-weights warning) is shown at the top; photos over
+    ``max_upload_mb`` are refused (``launch`` stops larger uploads while they arrive)."""
+    max_bytes = int(max_upload_mb * 2**20)
     s = studio.config.sampling
     with gr.Blocks(title="RealisID", analytics_enabled=False) as page:
         gr.Markdown("# RealisID\n" + _INTRO)
@@ -36,15 +65,14 @@ def build_page(studio: Studio, *, default_prompt: str = "", notice: str = "") ->
             with gr.Column(scale=1):
                 for k in range(studio.max_persons):
                     with gr.Accordion(f"Person {k + 1}", open=k == 0, elem_id=f"person-accordion-{k}"):
-                        reference = gr.Image(label="reference photo", type="numpy", sources=["upload"],
-                                             elem_id=f"reference-{k}", height=220)
+                        reference = Photo.upload(label="reference photo", elem_id=f"reference-{k}", height=220,
+                                                 max_bytes=max_bytes)
                         face = gr.Image(label="detected face and landmarks", interactive=False,
                                         elem_id=f"face-{k}", height=220)
                         message = gr.Markdown(elem_id=f"person-message-{k}")
                         # A square subject's pose is a rotation; a pose photo of one always reads as upright.
-                        pose = gr.Image(label="pose / expression photo (optional)", type="numpy",
-                                        sources=["upload"], elem_id=f"pose-{k}", height=160,
-                                        visible=not studio.takes_rotation)
+                        pose = Photo.upload(label="pose / expression photo (optional)", elem_id=f"pose-{k}",
+                                            height=160, visible=not studio.takes_rotation, max_bytes=max_bytes)
                         rotation = gr.Number(label="rotation, degrees counter-clockwise (empty: upright)",
                                              value=None, elem_id=f"rotation-{k}", visible=studio.takes_rotation)
                         box = [gr.Slider(0, 1, value=v, step=1 / 64, label=label, elem_id=f"box-{key}-{k}")
@@ -118,3 +146,17 @@ def build_page(studio: Studio, *, default_prompt: str = "", notice: str = "") ->
         generate.click(run, [prompt, negative, height, width, steps, scheduler, text_scale, id_scale, id_start, seed,
                              random_seed, num_images, *slot_values], [gallery, status, seed])
     return page
+
+
+def launch(page: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, out: str | None = None,
+           auth: tuple[str, str] | None = None, max_upload_mb: float = MAX_UPLOAD_MB, block: bool = True):
+    """Serves ``page`` (queued: one Generate at a time, the others shown their place in the queue).
+
+    ``auth`` (user, password): the page asks for them (Gradio's login) before anything else. Uploads over
+    ``max_upload_mb`` are stopped while they arrive (HTTP 413, the page shows Gradio's message). ``block=False``
+    returns at once (tests); ``page.close()`` stops it.
+    """
+    return page.queue(default_concurrency_limit=1).launch(
+        server_name=host, server_port=port, share=False, ssr_mode=False, show_error=False,
+        allowed_paths=[out] if out else None, footer_links=[], auth=auth,
+        max_file_size=int(max_upload_mb * 2**20), prevent_thread_lock=not block, quiet=not block)

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from realisid_jax.app.metadata import Generation, person_photos, pixel_boxes, save_png
 from realisid_jax.face.draw import annotate, square_keypoints
 from realisid_jax.face.errors import FaceError
+from realisid_jax.face.image import pil_to_rgb8
 from realisid_jax.realisid.conditions import (BoxError, Person, SizeError, TooManyPersonsError, check_box,
                                               conditioning_sheet)
 from realisid_jax.schedulers import SCHEDULERS, get_scheduler
@@ -31,6 +34,51 @@ from realisid_jax.schedulers import SCHEDULERS, get_scheduler
 MIN_BOX_FRACTION = 1 / 16
 PREVIEW_PX = 384  # longer side of the box-layout preview
 PERSON_COLORS = ((255, 80, 80), (80, 200, 255), (255, 210, 60), (170, 110, 255), (90, 230, 120), (255, 140, 200))
+#: Default upload size limit of ``realisid app`` (``--max-upload-mb``), megabytes (2**20 bytes).
+MAX_UPLOAD_MB = 25
+#: Largest photo the app decodes (a 48-megapixel phone photo is 8000x6000): a larger one is refused from its
+#: header, before any pixel is decoded, so a small file that would unpack to gigabytes costs nothing.
+MAX_PHOTO_PIXELS = 50_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class UnreadablePhoto:
+    """An upload that gives no photo: ``str()`` is the file's name and what is wrong with it, one line."""
+
+    name: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.problem}"
+
+
+def read_photo(path: str | os.PathLike, name: str | None = None, *, max_bytes: int | None = None,
+               max_pixels: int = MAX_PHOTO_PIXELS) -> np.ndarray | UnreadablePhoto:
+    """An uploaded file as the (H, W, 3) uint8 RGB photo ``face.image.load_image`` reads from it (so ``realisid
+    sample`` given the same file sees the same pixels), or what is wrong with it.
+
+    Never raises for the file's content: a file that is not an image, is cut short or damaged, is over
+    ``max_bytes`` or holds more than ``max_pixels`` pixels (checked from the header, before decoding) is an
+    ``UnreadablePhoto`` named ``name`` (default: the file's name).
+    """
+    name = name or Path(path).name
+    size = os.path.getsize(path)
+    if max_bytes is not None and size > max_bytes:
+        return UnreadablePhoto(name, f"is {size / 2**20:.1f} MB, over the upload limit of {max_bytes / 2**20:g} MB")
+    too_large = f"larger than this app reads (over {max_pixels:,} pixels); scale it down"
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                return UnreadablePhoto(name, f"is {width}x{height} pixels, {too_large}")
+            image.load()
+            return pil_to_rgb8(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError:  # Pillow's own guard, at twice Image.MAX_IMAGE_PIXELS
+        return UnreadablePhoto(name, f"is {too_large}")
+    except Image.UnidentifiedImageError:
+        return UnreadablePhoto(name, "is not an image (or not in a format this app reads: PNG, JPEG, WebP, ...)")
+    except Exception as err:  # noqa: BLE001 - any decoder error of an uploaded file is a message, not a traceback
+        return UnreadablePhoto(name, f"is cut short or damaged ({type(err).__name__}: {err}); upload it again")
 
 
 class RequestError(ValueError):
@@ -42,16 +90,17 @@ class PersonRequest:
     """One person slot of the page.
 
     Attributes:
-      reference: (H, W, 3) uint8 RGB photo of the person, or None (slot unused).
+      reference: (H, W, 3) uint8 RGB photo of the person, None (slot unused) or an ``UnreadablePhoto`` (an
+        upload that gave no photo: ``Studio.generate`` refuses the request with its message).
       box: ``(centre x, centre y, width, height)`` of the face box, fractions of the output width / height.
-      pose: optional (H, W, 3) uint8 RGB photo whose landmarks set pose and expression.
+      pose: optional (H, W, 3) uint8 RGB photo whose landmarks set pose and expression (or ``UnreadablePhoto``).
       rotation: optional pose of a square subject (``Studio.takes_rotation`` configs): degrees counter-clockwise,
         given instead of a pose photo; None = the reference's own, upright.
     """
 
-    reference: np.ndarray | None
+    reference: np.ndarray | UnreadablePhoto | None
     box: tuple[float, float, float, float]
-    pose: np.ndarray | None = None
+    pose: np.ndarray | UnreadablePhoto | None = None
     rotation: float | None = None
 
     def pixel_box(self, height: int, width: int) -> tuple[float, float, float, float]:
@@ -107,6 +156,8 @@ class Studio:
         self.out_dir = Path(out_dir)
         self._scheduler_config = pipeline.scheduler.config
         self._lock = threading.Lock()  # the pipeline (and its scheduler slot) serves one request at a time
+        # The face analyser (TFLite interpreters) serves one photo at a time: page previews and Generate share it.
+        self._face_lock = threading.RLock()
 
     @property
     def max_persons(self) -> int:
@@ -125,8 +176,11 @@ class Studio:
         The same analysis (largest face) the pipeline will run on it."""
         if photo is None:
             return None, ""
+        if isinstance(photo, UnreadablePhoto):
+            return None, f"⚠️ {photo}"
         try:
-            face = self._analyzer().analyze(photo, policy="largest", source="this photo")[0]
+            with self._face_lock:
+                face = self._analyzer().analyze(photo, policy="largest", source="this photo")[0]
         except FaceError as err:
             return None, f"⚠️ {err}: use a photo where the face is clearly visible"
         return annotate(np.asarray(photo), [face.box], landmarks=[face.landmarks]), ""
@@ -144,7 +198,7 @@ class Studio:
         draw = ImageDraw.Draw(canvas)
         messages = []
         for k, person in enumerate(persons):
-            if person.reference is None:
+            if person.reference is None or isinstance(person.reference, UnreadablePhoto):
                 continue
             color = PERSON_COLORS[k % len(PERSON_COLORS)]
             box = person.pixel_box(height, width)
@@ -173,6 +227,10 @@ class Studio:
         if request.scheduler not in SCHEDULERS:
             raise RequestError(f"unknown scheduler {request.scheduler!r}; choose from {sorted(SCHEDULERS)}")
         slots = [(k, p) for k, p in enumerate(request.persons) if p.reference is not None]
+        for k, person in slots:
+            for kind, photo in (("reference", person.reference), ("pose", person.pose)):
+                if isinstance(photo, UnreadablePhoto):
+                    raise RequestError(f"person {k + 1}: the {kind} photo {photo}")
         persons = [Person(p.reference, p.pixel_box(height, width), p.pose, self._landmarks(k, p)) for k, p in slots]
         _check_boxes(slots, height, width)
         seed = random.randrange(2**31) if request.seed is None else int(request.seed)
@@ -195,8 +253,9 @@ class Studio:
             height=height, width=width, num_images=int(request.num_images), config=self.config_name,
             config_overrides=self.config_overrides, weights=self.weights,
             references=references, poses=poses, rotations=rotations)
-        folder = self.out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-seed{seed}"
-        folder.mkdir(parents=True, exist_ok=True)
+        # A folder of its own per request: two requests of the same second and seed never share one.
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"{time.strftime('%Y%m%d-%H%M%S')}-seed{seed}-", dir=self.out_dir))
         images = []
         for i, image in enumerate(output.images):
             images.append(folder / f"image_{i:03d}.png")
@@ -221,7 +280,8 @@ class Studio:
 
     def _prepare(self, persons: list[Person], slots: list[int], height: int, width: int):
         try:
-            return self.pipeline.prepare(persons, height, width)
+            with self._face_lock:
+                return self.pipeline.prepare(persons, height, width)
         except (SizeError, BoxError, TooManyPersonsError) as err:
             raise RequestError(str(err)) from None
         except FaceError as err:
