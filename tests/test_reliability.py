@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from realisid_jax.cli import main
+from realisid_jax.commands.arguments import UsageError
 from realisid_jax.training.checkpoint import CheckpointError, TrainCheckpointer
 from realisid_jax.training.summary import truncate_metrics
 from realisid_jax.training.trainer import restore_or_start
@@ -105,19 +106,30 @@ def test_sample_warns_when_a_box_is_made_square(tmp_path, capsys, face_models):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 64 KiB tmpfs mounted at ``tmp_path/disk``: a disk that fills up. Needs root (CI runs as root)."""
+def _tmpfs(tmp_path, size: str):
+    """A ``size`` tmpfs mounted at ``tmp_path/disk``: a disk that fills up. Needs root (CI runs as root)."""
     disk = tmp_path / "disk"
     disk.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True,
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True,
                            text=True)
     if mount.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
     yield disk
     subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs (root only)."""
+    yield from _tmpfs(tmp_path, "64k")
+
+
+@pytest.fixture
+def checkpoint_disk(tmp_path):
+    """A 1 MiB tmpfs (root only): room for a few checkpoints of ``_state``."""
+    yield from _tmpfs(tmp_path, "1m")
 
 
 def test_sample_on_a_full_disk_keeps_no_image(small_disk, capsys, monkeypatch, face_models):
@@ -397,3 +409,91 @@ def test_metrics_keep_one_row_per_step_after_resume(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
     truncate_metrics(path, 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def _fill(disk: Path) -> Path:
+    """Fills ``disk`` up with one file, which is returned (delete it to free the space)."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+def test_disk_full_during_a_checkpoint_save_stops_the_run_and_keeps_the_last_checkpoint(checkpoint_disk, tmp_path,
+                                                                                          capfd, caplog):
+    small_disk = checkpoint_disk
+    from realisid_jax.training.checkpoint import CheckpointWriteError
+    from realisid_jax.training.loop import run
+    from realisid_jax.training.summary import ProgressLog
+
+    def step_fn(state, batch):  # a state that counts its steps, and the batch (the data position) it saw
+        state = {"params": {"w": state["params"]["w"] + 1.0}, "step": jnp.int32(batch)}
+        return state, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0)}
+
+    def batches(position):
+        while True:
+            position.position += 1
+            yield position.position
+
+    filled = []
+
+    def loop(state, start, position, fill=False):
+        def fill_after_step_1(step, state):  # the disk fills up once checkpoint 1 is written, while step 2 runs
+            if fill and step == 2:
+                ckpt.wait()
+                filled.append(_fill(small_disk))
+
+        with TrainCheckpointer(small_disk / "checkpoints") as ckpt, ProgressLog(
+                tmp_path / "logs", start_step=start, num_steps=3, log_every=1) as log:
+            return run(step_fn, state, batches(position), start_step=start, num_steps=3, checkpointer=ckpt,
+                       data_iterator=position, checkpoint_every=1, log=log, learning_rate=lambda s: 0.0, meta={},
+                       hooks=[fill_after_step_1])
+
+    with pytest.raises(CheckpointWriteError) as stopped:
+        loop(_state(0.0), 0, _Position(), fill=True)
+    assert str(stopped.value) == (
+        f"writing checkpoint step 2 to {small_disk / 'checkpoints'} failed: No space left on device; the checkpoint "
+        "of step 1 is kept and restores; free space and run train again to resume from it")
+    assert isinstance(stopped.value, CheckpointError)  # the CLI prints it as one `error:` line
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and not [r for r in caplog.records if r.levelname == "ERROR"], err
+    assert sorted(p.name for p in (small_disk / "checkpoints").iterdir()) == ["1"]  # the failed write is gone
+
+    filled[0].unlink()  # space again: the re-run resumes exactly where the checkpoint of step 1 was
+    position = _Position()
+    with TrainCheckpointer(small_disk / "checkpoints") as ckpt:
+        state, step = ckpt.restore(_abstract(), position)
+    assert (step, position.position) == (1, 1)
+    result = loop(state, step, position)
+    assert result.step == 3 and int(result.state["step"]) == 3
+    np.testing.assert_array_equal(result.state["params"]["w"], np.full((4, 3), 3.0))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("cut", r"array_record-00000-of-00001 does not read, cut short or damaged \(RuntimeError: Corrupted Riegeli"),
+    ("flipped", r"array_record-00000-of-00001 example \d does not read \(RuntimeError: Corrupted Riegeli"),
+])
+def test_a_damaged_dataset_shard_is_named(small_dataset, tmp_path, damage, message):
+    import shutil
+
+    from realisid_jax.data.builder import DatasetReadError
+    from realisid_jax.data.input_pipeline import make_train_iterator
+
+    shutil.copytree(small_dataset / "realisid_faces", tmp_path / "realisid_faces")
+    shard, = (tmp_path / "realisid_faces").rglob("*.array_record-*")
+    content = bytearray(shard.read_bytes())
+    if damage == "cut":  # an interrupted copy: the index at the file's end is gone
+        shard.write_bytes(content[:len(content) // 2])
+    else:  # bytes changed in the middle: found when the example is read
+        content[len(content) // 2:len(content) // 2 + 4096] = bytes(4096)
+        shard.write_bytes(bytes(content))
+    with pytest.raises(DatasetReadError, match=message + r".*; prepare the dataset again with `realisid prepare-data "
+                                                         r"--overwrite`") as stopped:
+        for _ in make_train_iterator(tmp_path, batch_size=2, seed=0, read_threads=2, num_epochs=1):
+            pass
+    assert "\n" not in str(stopped.value) and str(shard) in str(stopped.value)  # grain adds only a note
+    assert isinstance(stopped.value, UsageError)  # the CLI prints it as one `error:` line, exit 2

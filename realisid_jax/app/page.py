@@ -17,6 +17,7 @@ import numpy as np
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home; must precede the import
 
 import gradio as gr  # noqa: E402
+import gradio.component_meta  # noqa: E402
 
 from realisid_jax.app.request import (MAX_UPLOAD_MB, MIN_BOX_FRACTION, PersonRequest, Request,  # noqa: E402
                                       RequestError, Studio, UnreadablePhoto, read_photo)
@@ -27,27 +28,34 @@ _INTRO = ("Upload a reference photo per person, place each face on the output wi
           "and moved inside the image as the pipeline uses them: the layout shows both.")
 
 
-class Photo(gr.Image):
-    """A photo upload (the page's Image component) read by ``request.read_photo``: a file that gives no photo
-    (not an image, cut short, a decompression bomb, over ``max_bytes``) reaches the handlers as an
-    ``UnreadablePhoto``, which they show as the person's message, never as a server error."""
+# Gradio writes a type stub (page.pyi) next to the module of every component class it sees defined; this one
+# needs none (and a stub would hide page.py from type checkers), so the writer is off while it is defined.
+_write_stub, gradio.component_meta.create_or_modify_pyi = (gradio.component_meta.create_or_modify_pyi,
+                                                           lambda *args, **kwargs: None)
+try:
+    class Photo(gr.Image):
+        """A photo upload (the page's Image component) read by ``request.read_photo``: a file that gives no photo
+        (not an image, cut short, a decompression bomb, over ``max_bytes``) reaches the handlers as an
+        ``UnreadablePhoto``, which they show as the person's message, never as a server error."""
 
-    is_template = True  # drawn by the frontend's Image component
-    max_bytes: int | None = None  # set after construction: the page's props are gr.Image's constructor arguments
+        is_template = True  # drawn by the frontend's Image component
+        max_bytes: int | None = None  # set after construction: the page's props are gr.Image's constructor arguments
 
-    @classmethod
-    def upload(cls, max_bytes: int, **kwargs) -> Photo:
-        photo = cls(type="numpy", sources=["upload"], **kwargs)
-        photo.max_bytes = max_bytes
-        return photo
+        @classmethod
+        def upload(cls, max_bytes: int, **kwargs) -> Photo:
+            photo = cls(type="numpy", sources=["upload"], **kwargs)
+            photo.max_bytes = max_bytes
+            return photo
 
-    def preprocess(self, payload) -> np.ndarray | UnreadablePhoto | None:
-        if payload is None:
-            return None
-        name = payload.orig_name or "the upload"
-        if payload.path is None:  # an inline (data:) image, which the page's upload never sends
-            return UnreadablePhoto(name, "is not an uploaded file; upload the photo as a file")
-        return read_photo(payload.path, name, max_bytes=self.max_bytes)
+        def preprocess(self, payload) -> np.ndarray | UnreadablePhoto | None:
+            if payload is None:
+                return None
+            name = payload.orig_name or "the upload"
+            if payload.path is None:  # an inline (data:) image, which the page's upload never sends
+                return UnreadablePhoto(name, "is not an uploaded file; upload the photo as a file")
+            return read_photo(payload.path, name, max_bytes=self.max_bytes)
+finally:
+    gradio.component_meta.create_or_modify_pyi = _write_stub
 
 
 def build_page(studio: Studio, *, default_prompt: str = "", notice: str = "",

@@ -25,18 +25,25 @@ to ``resolution`` x ``resolution``; pixel (i, j) covers ``[j, j+1) x [i, i+1)``)
 With ``prepare-data --precompute`` also the frozen encoders' outputs ``latent_mean``, ``latent_logvar``,
 ``prompt_embeds``, ``pooled_prompt_embeds`` (SDXL) and ``image_features``, float16 or float32 tensors
 (``data.precomputed``).
+
+A shard that does not read (cut short, damaged, missing) stops its reader with ``DatasetReadError``, one line
+naming the file, and the example in it when the damage is found while reading: ``open_split`` checks each shard's
+index and record count against ``dataset_info.json`` when it opens the split, and names the file of any example
+that fails to read or decode later.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from realisid_jax.commands.arguments import UsageError
 
 DATASET_NAME = "realisid_faces"
 DATASET_VERSION = "1.0.0"
@@ -44,6 +51,90 @@ NUM_LANDMARKS = 468
 IMAGE_FORMATS = ("jpeg", "png")
 
 Example = dict[str, Any]
+
+
+class DatasetReadError(UsageError):
+    """A shard file of a prepared dataset that does not read: the message is one line naming the file (and the
+    example in it, where known) and how to fix it; ``realisid`` prints it as one ``error:`` line, exit 2."""
+
+
+def _shard_error(path: Path, problem: str) -> DatasetReadError:
+    return DatasetReadError(f"{path} {problem}; prepare the dataset again with `realisid prepare-data "
+                            f"--overwrite`")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def check_shards(data_dir: str | os.PathLike, split: str, shard_lengths: Sequence[int]) -> list[Path]:
+    """The split's ``array_record`` files, each checked to open and to hold its ``shard_lengths`` examples (the
+    counts in ``dataset_info.json``): a file cut short loses its index, which is at its end.
+
+    Raises:
+      DatasetReadError: a file missing, unreadable, or with another number of examples, named.
+    """
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    folder = dataset_dir(data_dir)
+    files = sorted(folder.glob(f"{DATASET_NAME}-{split}.array_record-*"))
+    if len(files) != len(shard_lengths):
+        raise DatasetReadError(f"{folder} holds {len(files)} array_record file(s) of split {split!r}, its "
+                               f"dataset_info.json lists {len(shard_lengths)}; prepare the dataset again with "
+                               f"`realisid prepare-data --overwrite`")
+    for path, expected in zip(files, shard_lengths):
+        try:
+            reader = ArrayRecordReader(str(path))
+            try:
+                found = reader.num_records()
+            finally:
+                reader.close()
+        except (RuntimeError, OSError, ValueError) as err:
+            raise _shard_error(path, f"does not read, cut short or damaged ({_first_line(err)})") from None
+        if found != expected:
+            raise _shard_error(path, f"holds {found} examples where dataset_info.json lists {expected} (cut short?)")
+    return files
+
+
+class NamedSource:
+    """A random-access data source whose read errors name the shard file and the example in it.
+
+    Args:
+      source: ``tfds.data_source`` of a split (examples numbered shard after shard).
+      files, shard_lengths: the split's shard files and their example counts, in order.
+    """
+
+    def __init__(self, source, files: Sequence[Path], shard_lengths: Sequence[int]):
+        self._source = source
+        self._files = list(files)
+        self._starts = np.cumsum([0, *shard_lengths])
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index):
+        try:
+            return self._source[index]
+        except (RuntimeError, OSError, ValueError) as err:
+            raise self._error(int(index), err) from None
+
+    def __getitems__(self, indices):
+        try:
+            return self._source.__getitems__(indices)
+        except (RuntimeError, OSError, ValueError):
+            return [self[i] for i in indices]  # the one that fails names itself
+
+    def __getattr__(self, name: str):  # dataset_info and the rest of the tfds source
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._source, name)
+
+    def _error(self, index: int, error: BaseException) -> DatasetReadError:
+        k = min(max(int(np.searchsorted(self._starts, index, side="right")) - 1, 0), len(self._files) - 1)
+        within = index - int(self._starts[k])
+        split = f" (example {index} of the split)" if len(self._files) > 1 else ""
+        return _shard_error(self._files[k], f"example {within}{split} does not read ({_first_line(error)})")
 
 
 def features(resolution: int, reference_size: int, image_format: str = "jpeg", *,
@@ -158,11 +249,15 @@ def open_split(data_dir: str | os.PathLike, split: str = "train", *,
     """The split as a random-access ``tfds`` data source of decoded numpy examples.
 
     ``skip_decoding`` names features returned as their stored bytes (e.g. ``("face_mask",)`` when
-    a reader does not need them). Images decode to uint8 arrays, texts to ``bytes``.
+    a reader does not need them). Images decode to uint8 arrays, texts to ``bytes``. The source is a
+    ``NamedSource``: an example that does not read raises ``DatasetReadError`` naming its file and index.
 
     Raises:
       tfds.core.DatasetNotFoundError (a ``FileNotFoundError``-like error): no dataset there.
+      DatasetReadError: a shard file missing, cut short or damaged (``check_shards``).
     """
     decoders = {name: tfds.decode.SkipDecoding() for name in skip_decoding} or None
-    return tfds.data_source(DATASET_NAME, split=split, data_dir=os.fspath(data_dir),
-                            decoders=decoders, download=False)
+    source = tfds.data_source(DATASET_NAME, split=split, data_dir=os.fspath(data_dir),
+                              decoders=decoders, download=False)
+    lengths = [int(n) for n in source.dataset_info.splits[split].shard_lengths]
+    return NamedSource(source, check_shards(data_dir, split, lengths), lengths)

@@ -12,13 +12,18 @@ A checkpoint ``<workdir>/checkpoints/<step>/`` holds three items:
 Atomicity: orbax writes a step into ``<step>.orbax-checkpoint-tmp-<n>`` and renames it when every item is
 finalised, so a process killed during a write leaves a temporary folder that ``latest_step`` ignores and
 the previous checkpoint restores unchanged; the next run deletes such temporary folders when it starts.
+A write that fails (a full disk, a quota) raises ``CheckpointWriteError`` (one line: the step, the folder, the
+reason, the checkpoint kept) and its temporary folder is removed at once, so the space it took is free again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import logging
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +36,47 @@ from etils import epath
 class CheckpointError(RuntimeError):
     """A checkpoint that does not restore (truncated or missing files, another model's shapes); the message is
     one line naming the step and the file or folder, with the underlying error's first line."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (no space left on the device, a quota, a permission): the message is one line
+    naming the step, the folder and the reason, and the newest finished checkpoint, which still restores."""
+
+
+#: How a full disk or a quota reads in OSError numbers and in TensorStore's messages (orbax wraps them in
+#: ValueError: ``RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']``).
+_DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded|os_error_code='(28|122)'")
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """``"No space left on device"`` / ``"Disk quota exceeded"`` when ``error`` (or its cause) is one, else None."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error.strerror
+        found = _DISK_FULL.search(str(error))
+        if found:
+            return "Disk quota exceeded" if found.group(0) in ("Disk quota exceeded", "os_error_code='122'") \
+                else "No space left on device"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _QuietDiskFull(logging.Filter):
+    """Drops orbax's ERROR records (a traceback each, from its writer threads) of a write that failed for lack of
+    space: ``CheckpointWriteError`` says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += " " + str(record.exc_info[1])
+        return record.levelno < logging.ERROR or not _DISK_FULL.search(text)
+
+
+_QUIET_DISK_FULL = _QuietDiskFull()
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""
 
 
 def _summary(step: int, directory: epath.Path, error: BaseException) -> str:
@@ -112,6 +158,11 @@ class TrainCheckpointer:
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("train", "data", "meta"))
+        self._async = async_save
+        self._pending: int | None = None  # the step being written (async), until ``wait`` returns
+        self._failed = False  # a write failed (reported): orbax may raise its error again on wait and close
+        if not read_only:
+            logging.getLogger("absl").addFilter(_QUIET_DISK_FULL)  # a logger keeps one copy of a filter
 
     def latest_step(self) -> int | None:
         """Newest finalised step, or ``None``; temporary (unfinished) step folders are not counted."""
@@ -124,11 +175,22 @@ class TrainCheckpointer:
         """Starts writing checkpoint ``step`` (returns before the arrays are on disk when async).
 
         The iterator's position is read now, so call it right after the step that consumed the batch.
+
+        Raises:
+          CheckpointWriteError: this write, or the previous asynchronous one, failed (e.g. the disk is full);
+            its temporary folder is removed, the checkpoints finished before it are kept.
         """
         items = {"train": ocp.args.StandardSave(train_state), "meta": ocp.args.JsonSave(meta)}
         if iterator is not None:
             items["data"] = IteratorStateSave(iterator)
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.wait()  # a failed asynchronous write is reported as its own step's
+        self._pending = step
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise self._write_failed(err) from err
+        if not self._async:  # written: nothing pending
+            self._pending = None
 
     def restore(self, abstract_train_state: Any, iterator: StatefulIterator | None,
                 step: int | None = None) -> tuple[Any, int]:
@@ -189,11 +251,40 @@ class TrainCheckpointer:
             raise CheckpointError(_summary(step, self.directory, err)) from err
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous writes are finalised."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous writes are finalised.
+
+        Raises:
+          CheckpointWriteError: the pending write failed (its temporary folder is removed).
+        """
+        try:
+            self._manager.wait_until_finished()
+        except (OSError, ValueError, RuntimeError) as err:
+            if not (self._failed and self._pending is None):
+                raise self._write_failed(err) from err
+            # else: orbax repeats the error of a write already reported as CheckpointWriteError
+        self._pending = None
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except (OSError, ValueError, RuntimeError):
+                if not self._failed:
+                    raise
+
+    def _write_failed(self, error: BaseException) -> CheckpointWriteError:
+        """The one-line error for the failed write of step ``self._pending``; removes its temporary folder."""
+        step, self._pending, self._failed = self._pending, None, True
+        if "://" not in str(self.directory):  # a local disk: free what the failed write took
+            for tmp in Path(str(self.directory)).glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        reason = _disk_full(error) or f"{type(error).__name__}: {_first_line(error)[:300]}"
+        kept = [s for s in self.all_steps() if s != step]
+        then = (f"the checkpoint of step {kept[-1]} is kept and restores; free space and run train again to resume "
+                f"from it" if kept else "no checkpoint was written before it")
+        return CheckpointWriteError(f"writing checkpoint step {step} to {self.directory} failed: {reason}; {then}")
 
     def __enter__(self) -> TrainCheckpointer:
         return self
