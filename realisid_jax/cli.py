@@ -88,6 +88,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from realisid_jax.assets import AssetError
     from realisid_jax.commands.arguments import UsageError
     from realisid_jax.config import ConfigError
+    from realisid_jax.data.builder import DatasetReadError
     from realisid_jax.realisid.conditions import BoxError, SizeError, TooManyPersonsError
     from realisid_jax.app.metadata import MetadataError
     from realisid_jax.face.errors import FaceError
@@ -98,7 +99,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (FileNotFoundError, NotADirectoryError, UsageError, ConfigError, AssetError, BoxError, SizeError,
             TooManyPersonsError, FaceError, TokenizerError, CheckpointMismatchError, CheckpointError,
-            WorkdirLockedError, MetadataError, LoraError)
+            WorkdirLockedError, MetadataError, LoraError, DatasetReadError)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from realisid_jax.commands.arguments import UsageError
 
 DATASET_NAME = "realisid_faces"
 DATASET_VERSION = "1.0.0"
@@ -53,7 +52,7 @@ IMAGE_FORMATS = ("jpeg", "png")
 Example = dict[str, Any]
 
 
-class DatasetReadError(UsageError):
+class DatasetReadError(ValueError):
     """A shard file of a prepared dataset that does not read: the message is one line naming the file (and the
     example in it, where known) and how to fix it; ``realisid`` prints it as one ``error:`` line, exit 2."""
 
