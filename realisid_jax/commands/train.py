@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Handler of ``realisid train``: 0 when finished or stopped by SIGTERM, 1 on a non-finite loss."""
+    """Handler of ``realisid train``: 0 when finished or stopped by SIGTERM, 1 on a non-finite loss or a checkpoint
+    that could not be written (the previous one is kept)."""
     # distributed start-up must precede any JAX backend use, hence the imports here.
     from realisid_jax.training import distributed
 
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--lora needs --pretrained: a LoRA is made for real weights")
     if "://" not in args.workdir:
         check_output_folder(args.workdir, flag="--workdir")
+    from realisid_jax.training.checkpoint import CheckpointWriteError
     from realisid_jax.training.loop import NonFiniteLossError
     from realisid_jax.training.trainer import train
 
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(config, args.workdir, data_dir=args.data, pretrained=args.pretrained,
                        image_encoder=args.image_encoder, variant=args.variant, loras=args.lora or (),
                        resume_step=args.resume_step)
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, CheckpointWriteError) as err:  # a failed run, not bad input: exit 1
         print(f"error: {err}", file=sys.stderr)
         return 1
     status = "stopped by SIGTERM" if result.preempted else "finished"
