@@ -2,10 +2,11 @@
 
 Resumes from the newest checkpoint in ``DIR/checkpoints`` that restores (a newer corrupt one is skipped with a
 warning; ``--resume-step N`` picks one), and says so in one line at start: ``resuming from step N
-(DIR/checkpoints/N), data position restored`` (naming newer steps passed over) or ``starting a new run in DIR``. One run per work directory: a second one stops at once, naming the
-holder (``realisid_jax.training.workdir_lock``). SIGTERM (e.g. a TPU
-preemption) writes a checkpoint and exits 0; a NaN/inf loss stops with exit code 1 and leaves the last good
-checkpoint in place. Multi-host: see ``realisid_jax.training.distributed`` and ``launch/README.md``.
+(DIR/checkpoints/N), data position restored`` (naming newer steps passed over) or ``starting a new run in DIR``.
+One run per work directory: a second one stops at once, naming the holder (``realisid_jax.training.workdir_lock``).
+SIGTERM (e.g. a TPU preemption) writes a checkpoint and exits 0; a NaN/inf loss or a checkpoint that cannot be
+written (a full disk) stops with exit code 1 and leaves the last good checkpoint in place. Multi-host: see
+``realisid_jax.training.distributed`` and ``launch/README.md``.
 """
 
 from __future__ import annotations

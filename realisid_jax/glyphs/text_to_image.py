@@ -168,10 +168,12 @@ def noise_schedule() -> DDPMScheduler:
 def diffusion_loss(unet: UNet2DConditionModel, pool: dict[str, jax.Array], key: jax.Array, *, batch_size: int,
                    scaling_factor: float, caption_dropout: float,
                    schedule: DDPMScheduler) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The prediction-target MSE (``schedule.prediction_type``) on a random batch of the pool (``ScenePool.arrays``).
+    """The prediction-target MSE (``schedule.prediction_type``) on a random batch of the pool
+    (``ScenePool.arrays``).
 
-    Draws scenes (256 px, hence the time ids), a posterior sample of each (times ``scaling_factor``), timesteps uniform in [0, 1000), noise,
-    and replaces each caption by the empty prompt with probability ``caption_dropout``.
+    Draws scenes (256 px, hence the time ids), a posterior sample of each (times ``scaling_factor``), timesteps
+    uniform in [0, 1000), noise, and replaces each caption by the empty prompt with probability
+    ``caption_dropout``.
 
     Returns:
       ``(loss, {})``: scalar float32 loss.
