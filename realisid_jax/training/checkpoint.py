@@ -75,6 +75,20 @@ class _QuietDiskFull(logging.Filter):
 _QUIET_DISK_FULL = _QuietDiskFull()
 
 
+class _QuietFailedReads(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records of orbax's array reads: when one array of a
+    checkpoint fails to read, its sibling reads fail too and nobody awaits them, so the garbage collector logs each
+    one (a traceback and a JSON spec dump) at some later moment, in the middle of another command's output. The
+    failed restore is already reported as one ``CheckpointError`` line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage().startswith("Task exception was never retrieved")
+                    and "orbax/checkpoint" in record.getMessage())
+
+
+_QUIET_FAILED_READS = _QuietFailedReads()
+
+
 def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else ""
 
@@ -161,8 +175,9 @@ class TrainCheckpointer:
         self._async = async_save
         self._pending: int | None = None  # the step being written (async), until ``wait`` returns
         self._failed = False  # a write failed (reported): orbax may raise its error again on wait and close
+        logging.getLogger("asyncio").addFilter(_QUIET_FAILED_READS)  # a logger keeps one copy of a filter
         if not read_only:
-            logging.getLogger("absl").addFilter(_QUIET_DISK_FULL)  # a logger keeps one copy of a filter
+            logging.getLogger("absl").addFilter(_QUIET_DISK_FULL)
 
     def latest_step(self) -> int | None:
         """Newest finalised step, or ``None``; temporary (unfinished) step folders are not counted."""
