@@ -39,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
         # all-zero context and pooled embeds, diffusers' SDXL default (force_zeros_for_empty_prompt), kept for
         # parity with diffusers' pipelines; branches trained with "empty_prompt" never saw zeros.
         no_text="empty_prompt",
+        # The class of the trainable part, as an import path, so that a subclass (another branch, another
+        # relocation) is built by the components, the trainer and the pipeline alike, from the command line too:
+        # --config.realisid.branches_class=my_package.heads:HeadBranchRealisID (realisid.branches.branches_class).
+        branches_class="realisid_jax.realisid.branches:RealisID",
     ))
     c.sampling = ml_collections.ConfigDict(dict(
         height=1024, width=1024, num_inference_steps=30, scheduler="ddim",

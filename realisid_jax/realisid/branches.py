@@ -16,6 +16,7 @@ runs once per denoising step. Boxes follow ``realisid_jax.realisid.ops``: ``(x0,
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -217,3 +218,45 @@ class RealisID(nnx.Module):
         crop_ids = jnp.stack([box_h, box_w, zeros, zeros, zeros + pixels, zeros + pixels], axis=-1)
         local = {**folded, "time_ids": crop_ids}
         return folded, local
+
+
+# The default of ``config.realisid.branches_class``; a config without the field builds this class too.
+DEFAULT_BRANCHES_CLASS = "realisid_jax.realisid.branches:RealisID"
+
+
+def branches_class(config: Any) -> type[RealisID]:
+    """The class of RealisID's trainable part that ``config.realisid.branches_class`` names: an import path,
+    ``"package.module:Class"`` (or ``"package.module.Class"``), of ``RealisID`` or a subclass of it. The
+    components, the trainer's initial weights and the pipeline all build their branches with it, so a subclass
+    (an extra branch, another relocation) is trained, checkpointed and sampled with no other wiring
+    (docs/guides/extending.md). A class defined in a script or notebook is ``"__main__:Class"``.
+
+    Returns:
+      the class (``RealisID`` for the default, or when the config has no such field).
+
+    Raises:
+      ValueError: the path names no importable module, no attribute of it, or something that is not a
+        ``RealisID`` subclass (one line, naming the field).
+    """
+    path = str(config.realisid.get("branches_class", DEFAULT_BRANCHES_CLASS))
+    if path == DEFAULT_BRANCHES_CLASS:
+        return RealisID
+    module_name, colon, attr = path.partition(":")
+    if not colon:
+        module_name, _, attr = path.rpartition(".")
+    where = f"config.realisid.branches_class={path!r}"
+    if not module_name or not attr:
+        raise ValueError(f"{where}: give an import path, package.module:Class")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{where}: cannot import {module_name!r} ({err})") from err
+    cls = module
+    for name in attr.split("."):
+        if not hasattr(cls, name):
+            raise ValueError(f"{where}: {module_name!r} has no {attr!r}")
+        cls = getattr(cls, name)
+    if not (isinstance(cls, type) and issubclass(cls, RealisID)):
+        raise ValueError(f"{where}: {attr!r} is not a subclass of {DEFAULT_BRANCHES_CLASS.replace(':', '.')}")
+    return cls
+

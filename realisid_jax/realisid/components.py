@@ -32,7 +32,7 @@ from realisid_jax.models.modeling_utils import init_rngs
 from realisid_jax.models.registry import FROZEN, dtypes, frozen_configs
 from realisid_jax.models.unet_2d_condition import UNet2DConditionModel
 from realisid_jax.models.vae import AutoencoderKL
-from realisid_jax.realisid.branches import RealisID, RealisIDConfig
+from realisid_jax.realisid.branches import RealisID, RealisIDConfig, branches_class
 from realisid_jax.sharding import DEFAULT_RULES, Rules
 from realisid_jax.text.tokenizer import load_tokenizer, standard_tokenizers
 
@@ -86,13 +86,14 @@ def build_components(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Compo
     ``nnx.eval_shape`` or a jit with ``out_shardings`` to get them abstract or born sharded."""
     kw = dtypes(config)
     models = {name: cls(cfg, rngs=rngs, **kw) for name, (cls, cfg) in frozen_configs(config).items()}
-    return _with_frozen(models, RealisID(RealisIDConfig.from_config(config), rngs=rngs,
-                                         **dtypes(config, trainable=True)))
+    return _with_frozen(models, branches_class(config)(RealisIDConfig.from_config(config), rngs=rngs,
+                                                       **dtypes(config, trainable=True)))
 
 
 def abstract_branches(config: ml_collections.ConfigDict) -> RealisID:
-    """The ``RealisID`` branches of ``config`` with ``ShapeDtypeStruct`` parameters."""
-    return RealisID.abstract(RealisIDConfig.from_config(config), **dtypes(config, trainable=True))
+    """The ``RealisID`` branches of ``config`` (of its ``realisid.branches_class``) with ``ShapeDtypeStruct``
+    parameters."""
+    return branches_class(config).abstract(RealisIDConfig.from_config(config), **dtypes(config, trainable=True))
 
 
 def abstract_components(config: ml_collections.ConfigDict) -> Components:
@@ -106,7 +107,8 @@ def random_components(config: ml_collections.ConfigDict, seed: int = 0) -> Compo
     rngs = nnx.Rngs(seed)
     kw = dtypes(config)
     models = {name: cls(cfg, rngs=rngs, **kw) for name, (cls, cfg) in frozen_configs(config).items()}
-    return _with_frozen(models, RealisID.from_unet(models["unet"], RealisIDConfig.from_config(config), rngs=rngs))
+    return _with_frozen(models, branches_class(config).from_unet(models["unet"], RealisIDConfig.from_config(config),
+                                                                 rngs=rngs))
 
 
 def base_kind(base: str | Path) -> str:
@@ -209,7 +211,8 @@ def pretrained_components(config: ml_collections.ConfigDict, pretrained: str | P
                        only=only)
     merge_loras(models, loras)
     if fresh_branches:
-        realisid = RealisID.from_unet(models["unet"], RealisIDConfig.from_config(config), rngs=nnx.Rngs(seed))
+        realisid = branches_class(config).from_unet(models["unet"], RealisIDConfig.from_config(config),
+                                                    rngs=nnx.Rngs(seed))
     else:
         realisid = abstract_branches(config)
     return _with_frozen(models, realisid)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from realisid_jax.loading.lora import merge_loras
 from realisid_jax.loading.pipeline_folder import load_pipeline_folder
 from realisid_jax.models.registry import FROZEN, dtypes
-from realisid_jax.realisid.branches import RealisID, RealisIDConfig
+from realisid_jax.realisid.branches import RealisIDConfig, branches_class
 from realisid_jax.realisid.components import (
     Components,
     apply_kernel_config,
@@ -214,7 +214,7 @@ class RealisIDPipeline:
         else:
             models = load_base(base, config, image_encoder=image_encoder, mesh=mesh, rules=rules)
             tokenizers, scheduler_config = base_tokenizers(base, config), base_scheduler_config(base)
-        realisid = RealisID.from_unet(models["unet"], RealisIDConfig.from_config(config))
+        realisid = branches_class(config).from_unet(models["unet"], RealisIDConfig.from_config(config))
         if branches is not None:
             realisid = load_branches(branches, realisid=realisid, mesh=mesh, rules=rules, **kw)
         components = Components(**{name: models.get(name) for name in FROZEN}, realisid=realisid)

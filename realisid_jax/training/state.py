@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from realisid_jax.data.precomputed import ENCODERS
 from realisid_jax.models.layer_scan import set_scan_layers
 from realisid_jax.models.modeling_utils import fast_compile_options, init_rngs
-from realisid_jax.realisid.branches import RealisID, RealisIDConfig
+from realisid_jax.realisid.branches import RealisIDConfig, branches_class
 from realisid_jax.realisid.components import (
     BRANCH_PARAMS,
     Components,
@@ -121,8 +121,8 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
     Returns:
       ``(setup, abstract_params, make_params)``: the branch parameters' shapes (pure dict of
       ``ShapeDtypeStruct``) and a function giving their initial values, sharded: both ControlNets copied from
-      the frozen UNet (``RealisID.from_unet``, eager: its copies keep the UNet's shardings, the new small
-      parts are then moved onto theirs). A resumed run does not call it.
+      the frozen UNet (``from_unet`` of ``config.realisid.branches_class``, eager: its copies keep the UNet's
+      shardings, the new small parts are then moved onto theirs). A resumed run does not call it.
 
     Raises:
       ValueError: only one of ``pretrained`` / ``image_encoder`` given (raw inputs), or ``loras`` without them.
@@ -152,9 +152,10 @@ def build_models(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, *,
     branch_params = abstract_params["realisid"]
     param_shardings = state_shardings(branch_params, mesh, rules)
     branch_config = RealisIDConfig.from_config(config)
+    branches_cls = branches_class(config)
 
     def make_params() -> dict:
-        branches = RealisID.from_unet(unet, branch_config, rngs=nnx.Rngs(seed + 1))
+        branches = branches_cls.from_unet(unet, branch_config, rngs=nnx.Rngs(seed + 1))
         # Copies of a UNet stored in frozen_param_dtype (bf16) become the branches' param_dtype (fp32 masters).
         return jax.tree.map(lambda x, a, sharding: _onto(x.astype(a.dtype), sharding),
                             nnx.state(branches, nnx.Param).to_pure_dict(), branch_params.to_pure_dict(),
