@@ -16,7 +16,7 @@ import os
 import sys
 
 COMMANDS = ("info", "faces", "sample", "app", "prepare_data", "train", "export", "evaluate", "benchmark_prompts",
-            "convert", "glyphs")
+            "convert", "glyphs", "sample_batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
