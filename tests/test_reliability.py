@@ -149,6 +149,46 @@ def test_sample_on_a_full_disk_keeps_no_image(small_disk, capsys, monkeypatch, f
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("reference_size, kept", [
+    (32, 4),  # the per-photo results (~25 KB) fit on the 64 KiB disk, the dataset's array_record shard (128 KiB) not
+    (224, None),  # the disk fills up while the per-photo results are cached (the astronaut's takes 68 KB)
+])
+def test_prepare_data_on_a_full_disk_keeps_no_dataset_that_looks_complete(small_disk, tmp_path, capsys, monkeypatch,
+                                                                          face_models, reference_size, kept):
+    from realisid_jax.data.sample_data import write_sample_source
+
+    src, out = tmp_path / "src", small_disk / "out"
+    write_sample_source(src, 2)
+    prepare = ("prepare-data", "--src", str(src), "--out", str(out), "--resolution", "64", "--reference-size",
+               str(reference_size), "--workers", "0", "--min-face-px", "8")
+    code, stderr = _cli(capsys, *prepare)
+    assert code == 1, stderr
+    assert [line for line in stderr.splitlines() if "error:" in line] == [
+        f"error: writing {out}/ failed: No space left on device; no part of the dataset was kept; free space and run "
+        f"prepare-data again (it reuses the per-photo results in {out}/_work/)"], stderr
+    assert "Traceback" not in stderr
+    # No summary, no dataset file, no temporary file: only the per-photo results cached, each one whole.
+    assert [p for p in out.rglob("*") if p.is_file() and p.parent.parent.parent.name != "_work"] == []
+    cached = len(list(out.rglob("*.npz")))
+    assert cached == kept if kept else cached < 4, cached
+
+    def trained(*args, **kwargs):
+        raise AssertionError("reached the model build")
+
+    monkeypatch.setattr("realisid_jax.training.trainer.train", trained)
+    train = ("train", "--config", "configs/sdxl.py:tiny", "--workdir", str(tmp_path / "work"), "--data", str(out),
+             "--config.train.batch_size=2")
+    _assert_one_line_error(_cli(capsys, *train), f"--data {out} is not a prepared dataset")
+
+    subprocess.run(["mount", "-o", "remount,size=1m", str(small_disk)], check=True)  # space again
+    code, stderr = _cli(capsys, *prepare, "--overwrite")
+    assert code == 0, stderr
+    summary = json.loads((out / "prepare_summary.json").read_text())
+    assert (summary["analysed"], summary["cached"], summary["written"]) == (4 - cached, cached, 2)  # results kept
+    with pytest.raises(AssertionError, match="reached the model build"):  # the dataset passes train's checks
+        main(list(train))
+
+
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
     """A prepared dataset of 6 examples at 64 px."""
@@ -491,7 +531,7 @@ def test_disk_full_during_a_checkpoint_save_stops_the_run_and_keeps_the_last_che
     ("cut", r"array_record-00000-of-00001 does not read, cut short or damaged \(RuntimeError: Corrupted Riegeli"),
     ("flipped", r"array_record-00000-of-00001 example \d does not read \(RuntimeError: Corrupted Riegeli"),
 ])
-def test_a_damaged_dataset_shard_is_named(small_dataset, tmp_path, damage, message):
+def test_a_damaged_dataset_shard_is_named(small_dataset, tmp_path, capsys, monkeypatch, damage, message):
     import shutil
 
     from realisid_jax.data.builder import DatasetReadError
@@ -513,3 +553,13 @@ def test_a_damaged_dataset_shard_is_named(small_dataset, tmp_path, damage, messa
     from realisid_jax.cli import _user_errors
 
     assert isinstance(stopped.value, _user_errors())  # the CLI prints it as one `error:` line, exit 2
+    if damage == "cut":  # its index is gone: `train` names the file before it builds any model
+        def trained(*args, **kwargs):
+            raise AssertionError("a damaged shard reached the model build")
+
+        monkeypatch.setattr("realisid_jax.training.trainer.train", trained)
+        work = tmp_path / "work"
+        result = _cli(capsys, "train", "--config", "configs/sdxl.py:tiny", "--workdir", str(work), "--data",
+                      str(tmp_path), "--config.train.batch_size=2")
+        _assert_one_line_error(result, f"error: {shard} does not read, cut short or damaged (RuntimeError: Corrupted")
+        assert not work.exists()

@@ -75,7 +75,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Handler: prepares the dataset, prints the summary JSON; 2 on an input error."""
+    """Handler: prepares the dataset, prints the summary JSON; 2 on an input error, 1 when the disk fills up (no
+    part of the dataset is kept)."""
+    from realisid_jax.data.builder import DatasetWriteError
     from realisid_jax.data.prepare import PrepareOptions, prepare_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -105,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except DatasetWriteError as err:  # a full disk, a quota: the run failed, not its input
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2))
     return 0
 

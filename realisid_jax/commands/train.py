@@ -94,14 +94,16 @@ def _check_counts(train) -> None:
 
 
 def _check_data(data: Path, batch_size: int) -> None:
-    """Checks ``--data`` before any model is built: a prepared dataset with at least one batch per process.
+    """Checks ``--data`` before any model is built: a prepared dataset with at least one batch per process, whose
+    shard files open and hold the examples its info file lists.
 
     Raises:
       UsageError: missing, not written by ``realisid prepare-data``, its info file unreadable, or too small.
+      DatasetReadError: a shard file missing, cut short or damaged, named.
     """
     import jax
 
-    from realisid_jax.data.builder import dataset_dir
+    from realisid_jax.data.builder import check_shards, dataset_dir
 
     hint = f"prepare one with `realisid prepare-data --src PHOTOS --out {data}`"
     if not data.is_dir():
@@ -111,11 +113,13 @@ def _check_data(data: Path, batch_size: int) -> None:
         raise UsageError(f"--data {data} is not a prepared dataset (no {info.relative_to(data)}); {hint}")
     try:
         splits = {s["name"]: s for s in json.loads(info.read_text())["splits"]}
-        examples = sum(int(n) for n in splits.get("train", {}).get("shardLengths", []))
+        shard_lengths = [int(n) for n in splits.get("train", {}).get("shardLengths", [])]
     except (ValueError, KeyError, TypeError) as err:  # a file cut short or edited: JSONDecodeError is a ValueError
         raise UsageError(f"--data {data}: {info.relative_to(data)} does not read ({type(err).__name__}: {err}); "
                          f"prepare the dataset again with `realisid prepare-data --overwrite`") from None
-    processes = jax.process_count()
+    # A shard cut short (an interrupted copy) is found in milliseconds here, not after minutes of model building.
+    check_shards(data, "train", shard_lengths)
+    examples, processes = sum(shard_lengths), jax.process_count()
     if examples // processes < batch_size // processes:
         raise UsageError(f"--data {data} holds {examples} examples: fewer than one batch of "
                          f"{batch_size // processes} per process ({processes} process(es)); add photos or lower "

@@ -33,7 +33,9 @@ that fails to read or decode later.
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -55,6 +57,30 @@ Example = dict[str, Any]
 class DatasetReadError(ValueError):
     """A shard file of a prepared dataset that does not read: the message is one line naming the file (and the
     example in it, where known) and how to fix it; ``realisid`` prints it as one ``error:`` line, exit 2."""
+
+
+class DatasetWriteError(RuntimeError):
+    """Writing a prepared dataset failed for lack of space (a full disk, a quota): the message is one line naming
+    the folder and the reason; ``realisid prepare-data`` prints it as one ``error:`` line, exit 1 (the run failed,
+    not its input)."""
+
+
+#: How a full disk or a quota reads in OSError numbers and in the messages of array_record's writer (a
+#: ``RuntimeError``: ``write() failed: No space left on device; writing FILE; at byte N``).
+_DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded")
+
+
+def disk_full(error: BaseException | None) -> str | None:
+    """``"No space left on device"`` / ``"Disk quota exceeded"`` when ``error`` or an error in its chain of causes
+    (a worker process's error re-raised, a writer's error wrapped by TFDS) is one, else None."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error.strerror
+        found = _DISK_FULL.search(str(error))
+        if found:
+            return found.group(0)
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _shard_error(path: Path, problem: str) -> DatasetReadError:

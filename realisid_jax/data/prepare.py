@@ -48,15 +48,16 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from realisid_jax.data import builder
-from realisid_jax.data.sources import SourceItem, scan_sources
+from realisid_jax.data.sources import SourceItem, SourceScan, scan_sources
 from realisid_jax.face.errors import FaceTooSmallError, ImageReadError, NoFaceError
 
 if TYPE_CHECKING:  # JAX and the models are imported only when encoding (not in the analysis workers)
@@ -265,9 +266,19 @@ def _save_result(file: Path, result: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     file.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(file, buffer.getvalue())
+
+
+def _write_atomic(file: Path, data: bytes) -> None:
+    """Writes ``data`` to ``file`` through a temporary file renamed into place: ``file`` is whole or absent, and a
+    failed write (a full disk) leaves no temporary file either."""
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, file)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _skip_of(file: Path) -> dict[str, str] | None:
@@ -341,6 +352,11 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
                     encoder: InputEncoder | None = None) -> dict[str, Any]:
     """Build (or resume building) the training dataset of ``src`` in ``out``.
 
+    A run that stops leaves no dataset that reads as finished: the dataset is written into a temporary folder
+    renamed into place, then ``skipped.jsonl``, then the summary, which marks a finished run; a failure while
+    writing them removes all three (and a previous run's, which they replace). The per-photo results cached so
+    far are whole files and are kept for the next run.
+
     Args:
       src: folder of photos with captions (see the module docstring).
       out: output folder: the dataset goes to ``out/realisid_faces/1.0.0``, the per-photo cache to
@@ -362,9 +378,25 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
 
     Raises:
       FileNotFoundError: ``src`` missing. ValueError: a bad ``captions.jsonl``, or no usable photo.
+      builder.DatasetWriteError: no space left on the device (or a quota) while caching a result or writing the
+        dataset.
     """
-    start = time.monotonic()
     out = Path(out)
+    try:
+        return _prepare_dataset(src, out, options, workers, encoder)
+    except Exception as err:
+        reason = builder.disk_full(err)
+        if reason is None:
+            raise
+        raise builder.DatasetWriteError(
+            f"writing {out}/ failed: {reason}; no part of the dataset was kept; free space and run prepare-data "
+            f"again (it reuses the per-photo results in {out / WORK_DIR}/)") from None
+
+
+def _prepare_dataset(src: str | os.PathLike, out: Path, options: PrepareOptions, workers: int,
+                     encoder: InputEncoder | None) -> dict[str, Any]:
+    """``prepare_dataset`` with a full disk's error as raised."""
+    start = time.monotonic()
     cache = out / WORK_DIR / options.fingerprint()
     scan = scan_sources(src, skip_dirs=(WORK_DIR,))
     items = scan.photos
@@ -428,15 +460,18 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
 
         stored = precomputed_examples
 
-    dataset = builder.write_dataset(
-        out, stored, resolution=options.resolution, reference_size=options.reference_size,
-        image_format=options.image_format, metadata=metadata, precomputed=shapes,
-        precomputed_dtype=encoder.dtype.name if encoder is not None else "float16")
-    if encoder is not None:
-        from realisid_jax.data.precomputed import write_empty_prompt
+    def write_dataset() -> Path:
+        dataset = builder.write_dataset(
+            out, stored, resolution=options.resolution, reference_size=options.reference_size,
+            image_format=options.image_format, metadata=metadata, precomputed=shapes,
+            precomputed_dtype=encoder.dtype.name if encoder is not None else "float16")
+        if encoder is not None:
+            from realisid_jax.data.precomputed import write_empty_prompt
 
-        write_empty_prompt(out, encoder.empty_prompt())
-    summary = {
+            write_empty_prompt(out, encoder.empty_prompt())
+        return dataset
+
+    return _write_all_or_nothing(out, write_dataset, lambda dataset: {
         "sources": len(items),
         "written": len(good),
         "analysed": len(tasks),
@@ -450,19 +485,41 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
         "options": dataclasses.asdict(options),
         "dataset": str(dataset),
         "seconds": round(time.monotonic() - start, 2),
-    }
-    if encoder is not None:
-        summary["precomputed"] = metadata["precomputed"]
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    with open(out / SKIPPED_FILE, "w", encoding="utf-8") as f:
-        for reason, entries in sorted(skipped.items()):
-            for entry in entries:
-                f.write(json.dumps({"reason": reason, **entry}) + "\n")
-        for entry in scan.orphans:
-            f.write(json.dumps({"reason": "orphan_caption", **entry}) + "\n")
-        for name in scan.others:
-            f.write(json.dumps({"reason": "not_a_photo", "file": name,
-                                "message": "neither a photo nor a caption"}) + "\n")
+        **({"precomputed": metadata["precomputed"]} if encoder is not None else {}),
+    }, _skipped_lines(skipped, scan))
+
+
+def _skipped_lines(skipped: dict[str, list[dict[str, str]]], scan: SourceScan) -> list[dict[str, str]]:
+    """The rows of ``skipped.jsonl``: skipped photos by reason, captions naming no photo, other files."""
+    rows = [{"reason": reason, **entry} for reason, entries in sorted(skipped.items()) for entry in entries]
+    rows += [{"reason": "orphan_caption", **entry} for entry in scan.orphans]
+    rows += [{"reason": "not_a_photo", "file": name, "message": "neither a photo nor a caption"}
+             for name in scan.others]
+    return rows
+
+
+def _write_all_or_nothing(out: Path, write_dataset: Callable[[], Path],
+                          summary_of: Callable[[Path], dict[str, Any]], skipped: list[dict[str, str]]
+                          ) -> dict[str, Any]:
+    """Writes the dataset (``write_dataset``, returning its folder), ``skipped.jsonl`` and the summary
+    (``summary_of(folder)``), the summary last; returns the summary.
+
+    ``prepare-data`` takes a summary for a finished run, ``train`` a ``dataset_info.json`` for a finished dataset:
+    a previous run's summary goes before anything is replaced, and a failure removes whatever was written, so
+    neither reads as finished.
+    """
+    files = [out / SUMMARY_FILE, out / SKIPPED_FILE]
+    for file in files:
+        file.unlink(missing_ok=True)
+    try:
+        summary = summary_of(write_dataset())
+        _write_atomic(out / SKIPPED_FILE, "".join(json.dumps(row) + "\n" for row in skipped).encode())
+        _write_atomic(out / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
+    except BaseException:
+        shutil.rmtree(builder.dataset_dir(out), ignore_errors=True)
+        for file in files:
+            file.unlink(missing_ok=True)
+        raise
     return summary
 
 
