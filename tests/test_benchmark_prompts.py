@@ -17,6 +17,7 @@ from tiny_sdxl import build_tiny_sdxl
 
 from realisid_jax.cli import main
 from realisid_jax.config import load_config
+from realisid_jax.realisid.batch import BatchSampler
 from realisid_jax.realisid.pipeline import RealisIDPipeline
 
 pytestmark = pytest.mark.usefixtures("face_models")
@@ -37,9 +38,9 @@ def no_model_build(monkeypatch):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--num-images", "2"], "must be a positive multiple of 8, the number of batch shards of the mesh (data=8, "
-                            "fsdp=1, tensor=1): pass --num-images 8"),
-    (["--num-images", "3", MESH], "multiple of 2"),
+    (["--batch-size", "2"], "--batch-size 2 must be a positive multiple of 8, the mesh's batch shards; pass "
+                            "--batch-size 8"),
+    (["--batch-size", "3", MESH], "multiple of 2"),
     (["--num-images", "2", MESH, "--identities", "GREY"], "no face found in"),
     (["--num-images", "2", MESH, "--persons", "2"], "--persons 2 needs between 1 and 1"),
 ])
@@ -68,14 +69,14 @@ def _tiny_aesthetic(path, width):
 
 def test_grid_on_the_sharded_pipeline_then_evaluate(tmp_path, capsys, monkeypatch):
     batch_specs = []
-    place = RealisIDPipeline._place
+    place = BatchSampler.place
 
     def spy(self, host):
         placed = place(self, host)
-        batch_specs.append(placed["latents"].sharding.spec)
+        batch_specs.append(placed.latents.sharding.spec)
         return placed
 
-    monkeypatch.setattr(RealisIDPipeline, "_place", spy)
+    monkeypatch.setattr(BatchSampler, "place", spy)
     base, clip_vision, _, _ = build_tiny_sdxl(tmp_path / "sdxl")  # clip_vision: transformers save_pretrained
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a person in a garden\n")

@@ -115,7 +115,7 @@ def test_interrupted_run_writes_its_batch_and_exits_0(runs):
 def test_resume_makes_the_rest_each_image_once_with_its_record(runs):
     rc, stdout, stderr = runs["second"]
     assert rc == 0, stderr
-    assert "2 images" in stdout and "5 already there" in stdout and "64x128" in stdout
+    assert "2 images" in stdout and "5 already there" in stdout and "128x64" in stdout
     images = runs["after_second"]
     assert sorted(images) == [f"{n}.png" for n in NAMES]  # no temporary file left
     for name, (mtime, _) in runs["after_first"].items():

@@ -1,17 +1,19 @@
 """``realisid benchmark-prompts --out DIR``: generate the evaluation grid and the manifest ``evaluate`` reads.
 
 Grid (paper's protocol: identities x prompts x images, at face sizes 1/4 … 1/7 of the image edge):
-every identity photo x every prompt x every ``--face-sizes`` denominator x every ``--seeds`` seed, each call
-making ``--num-images`` images: the batch, split over the mesh axes that the config's rules give the batch
-(``activation_batch``: ``data`` x ``fsdp`` of ``--config.mesh.shape``), so it must be a multiple of their
-size. ``--persons K`` > 1 puts K identities (consecutive ones, cyclically) side by side in each image, the
-multi-person setting. Face boxes are squares of side ``round(edge / d)`` (edge = the image's longer side),
-centred at 2/5 of the height, spread evenly across the width. Bad input (batch size, sizes, boxes, photos
-without a usable face) is reported before any model is built or file written.
+every identity photo x every prompt x every ``--face-sizes`` denominator x every ``--seeds`` seed, each cell
+making ``--num-images`` images. The cells run as ``realisid sample-batch`` requests (one per cell): their images
+share device batches of ``--batch-size``, split over the mesh axes that the config's rules give the batch
+(``activation_batch``: ``data`` x ``fsdp`` of ``--config.mesh.shape``), so it must be a multiple of their size;
+a re-run into the same folder makes only the images not there yet. ``--persons K`` > 1 puts K identities
+(consecutive ones, cyclically) side by side in each image, the multi-person setting. Face boxes are squares of
+side ``round(edge / d)`` (edge = the image's longer side), centred at 2/5 of the height, spread evenly across the
+width. Bad input (batch size, sizes, boxes, photos without a usable face) is reported before any model is built
+or file written.
 
-Writes ``DIR/images/<id>.png``, ``DIR/refs/<identity>.png`` (the identity photos, so that the folder is
-self-contained) and ``DIR/manifest.json`` (``realisid_jax.eval.manifest``); then run
-``realisid evaluate --generated DIR --out REPORT``.
+Writes ``DIR/images/<id>.png`` (with their generation records), ``DIR/refs/<identity>.png`` (the identity
+photos, so that the folder is self-contained) and ``DIR/manifest.json`` (``realisid_jax.eval.manifest``); then
+run ``realisid evaluate --generated DIR --out REPORT``.
 
 The paper's 40 CelebA-HQ identities and 35 prompts are not distributed with it: pass your identity photos
 (``--identities``) and prompts (``--prompts FILE``, one per line). The built-in prompts below are this
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from realisid_jax.commands.weights import add_weight_arguments, build_pipeline, enable_compilation_cache
+from realisid_jax.realisid.batch import batch_shards
 
 DEFAULT_PROMPTS = (
     "a photo of a person, portrait, natural light",
@@ -94,26 +96,6 @@ def plan_grid(identities: Sequence[str], prompts: Sequence[str], denominators: S
             for g, p, d, s in itertools.product(groups, range(len(prompts)), denominators, seeds)]
 
 
-def batch_shards(mesh, rules) -> int:
-    """How many ways the pipeline splits the image batch: the product of the sizes of the mesh axes that
-    ``rules`` map ``"activation_batch"`` to (``sharding.data_sharding``; ``data`` x ``fsdp`` by default).
-    A batch that is not a multiple of it would silently be replicated instead."""
-    target = dict(rules)["activation_batch"]
-    axes = (target,) if isinstance(target, str) else tuple(target or ())
-    return math.prod(mesh.shape[a] for a in axes)
-
-
-def check_num_images(num_images: int, mesh, rules) -> None:
-    """Raises ValueError unless ``num_images`` is a positive multiple of ``batch_shards(mesh, rules)``."""
-    shards = batch_shards(mesh, rules)
-    if num_images < 1 or num_images % shards:
-        sizes = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
-        suggestion = shards * max(1, math.ceil(num_images / shards))
-        raise ValueError(f"--num-images {num_images} must be a positive multiple of {shards}, the number of "
-                         f"batch shards of the mesh ({sizes}): pass --num-images {suggestion} or another "
-                         "--config.mesh.shape")
-
-
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``benchmark-prompts`` subcommand; its handler is ``args.func(args) -> int``."""
     p = subparsers.add_parser("benchmark-prompts", help="generate the evaluation grid and its manifest",
@@ -126,7 +108,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--face-sizes", nargs="+", type=int, default=[4, 5, 6, 7],
                    help="face box side = image edge / D for each D (default: 4 5 6 7)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--num-images", type=int, default=2, help="images per call, the sharded batch (default: 2)")
+    p.add_argument("--num-images", type=int, default=2, help="images per cell (default: 2)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per device batch, a multiple of the mesh's batch shards (default: one per shard)")
     p.add_argument("--persons", type=int, default=1, help="persons per image (default: 1)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: config)")
     p.add_argument("--height", type=int, default=None)
@@ -157,25 +141,23 @@ def _identity_photos(paths: Sequence[Path]) -> dict[str, Path | np.ndarray]:
     return photos
 
 
-def check_references(config, cells: Sequence[GridCell], photos: dict[str, Path | np.ndarray], height: int,
-                     width: int) -> None:
-    """Prepares the conditions of each identity group once (``pipeline.prepare_conditions``: size, boxes,
-    person count, a usable face in every photo), so that bad input fails before any model is built.
+def grid_requests(config, cells: Sequence[GridCell], photos: dict[str, Path | np.ndarray], *, num_images: int,
+                  height: int, width: int, steps: int | None) -> list:
+    """One ``sample-batch`` request (``realisid.batch.SampleRequest``) per cell, id ``cell.image_id(0)`` without
+    its ``-0`` (so image ``j`` is ``cell.image_id(j)``), the config's defaults filled in.
 
     Raises:
-      SizeError, BoxError, TooManyPersonsError, FaceError (NoFaceError, ImageReadError, ...): naming the photo.
+      ValueError: ``num_images`` below 1.
     """
+    from realisid_jax.realisid.batch import SampleRequest
     from realisid_jax.realisid.conditions import Person
-    from realisid_jax.face.analysis import FaceAnalyzer
-    from realisid_jax.realisid.pipeline import prepare_conditions
 
-    analyzer = FaceAnalyzer()
-    first = {}
-    for cell in cells:
-        first.setdefault(cell.identities, cell)
-    for cell in first.values():
-        persons = [Person(photos[name], box) for name, box in zip(cell.identities, cell.boxes)]
-        prepare_conditions(config, persons, height, width, analyzer)
+    if num_images < 1:
+        raise ValueError(f"--num-images {num_images} must be at least 1")
+    return [SampleRequest(id=cell.image_id(0)[:-2], prompt=cell.prompt, seed=cell.seed, height=height, width=width,
+                          num_inference_steps=steps, num_images=num_images,
+                          persons=tuple(Person(photos[n], box) for n, box in zip(cell.identities, cell.boxes)))
+            .with_defaults(config.sampling) for cell in cells]
 
 
 def _write_refs(photos: dict[str, Path | np.ndarray], refs: Path) -> dict[str, Path]:
@@ -202,15 +184,14 @@ def _prompts(path: Path | None) -> list[str]:
 
 def generate(pipeline, cells: Sequence[GridCell], photos: dict[str, Path], out: Path, *, num_images: int,
              height: int, width: int, steps: int | None, progress: bool = True) -> Path:
-    """Runs every cell through ``pipeline`` (a ``RealisIDPipeline``), writes the images and the manifest;
-    returns the manifest's path. Paths in the manifest are relative to ``out``."""
+    """Runs every cell through ``pipeline`` one call per cell (a ``RealisIDPipeline``, or a stand-in with its
+    call signature), writes the images and the manifest; returns the manifest's path. Paths in the manifest are
+    relative to ``out``. The command itself batches the cells instead (``run``, ``sample_batch``)."""
     from PIL import Image
 
     from realisid_jax.realisid.conditions import Person
-    from realisid_jax.eval.manifest import ManifestEntry, ManifestPerson, write_manifest
 
     (out / "images").mkdir(parents=True, exist_ok=True)
-    entries = []
     for i, cell in enumerate(cells):
         if progress:
             print(f"[{i + 1}/{len(cells)}] {cell.image_id(0)[:-2]}", file=sys.stderr, flush=True)
@@ -218,17 +199,26 @@ def generate(pipeline, cells: Sequence[GridCell], photos: dict[str, Path], out: 
         result = pipeline(cell.prompt, persons, num_images=num_images, seed=cell.seed, height=height, width=width,
                           num_inference_steps=steps, progress=False)
         for j, image in enumerate(np.asarray(result.images)):
-            name = f"images/{cell.image_id(j)}.png"
-            Image.fromarray(image).save(out / name)
-            entries.append(ManifestEntry(cell.image_id(j), name, cell.prompt, tuple(
-                ManifestPerson(str(photos[n].relative_to(out)), box, identity=n)
-                for n, box in zip(cell.identities, cell.boxes)), seed=cell.seed))
+            Image.fromarray(image).save(out / f"images/{cell.image_id(j)}.png")
+    return write_grid_manifest(cells, photos, out, num_images=num_images)
+
+
+def write_grid_manifest(cells: Sequence[GridCell], photos: dict[str, Path], out: Path, *, num_images: int) -> Path:
+    """Writes ``out/manifest.json`` (``realisid_jax.eval.manifest``) for every image of ``cells``, references
+    ``photos`` (under ``out``) given relative to ``out``; returns its path."""
+    from realisid_jax.eval.manifest import ManifestEntry, ManifestPerson, write_manifest
+
+    entries = [ManifestEntry(cell.image_id(j), f"images/{cell.image_id(j)}.png", cell.prompt, tuple(
+        ManifestPerson(str(photos[n].relative_to(out)), box, identity=n)
+        for n, box in zip(cell.identities, cell.boxes)), seed=cell.seed)
+        for cell in cells for j in range(num_images)]
     return write_manifest(out, entries)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Handler of ``realisid benchmark-prompts``: 0, or 2 for unusable arguments (reported before any model
-    is built or file written)."""
+    """Handler of ``realisid benchmark-prompts``: 0 (also when SIGTERM stopped it; a re-run finishes), or 2 for
+    unusable arguments (reported before any model is built or file written)."""
+    from realisid_jax.commands.sample_batch import Conditions, check_batch_size, generation_recorder, sample_requests
     from realisid_jax.config import load_config
     from realisid_jax.sharding import make_mesh
 
@@ -237,23 +227,32 @@ def run(args: argparse.Namespace) -> int:
     width = args.width or config.sampling.width
     try:
         mesh = make_mesh(tuple(config.mesh.shape))
-        check_num_images(args.num_images, mesh, config.mesh.rules)
+        batch_size = check_batch_size(args.batch_size, mesh, config.mesh.rules)
         prompts = _prompts(args.prompts)
         photos = _identity_photos(args.identities)
         cells = plan_grid(list(photos), prompts, args.face_sizes, args.seeds, persons=args.persons,
                           height=height, width=width)
-        check_references(config, cells, photos, height, width)
+        requests = grid_requests(config, cells, photos, num_images=args.num_images, height=height, width=width,
+                                 steps=args.steps)
+        conditions = Conditions(config)
+        conditions.check(requests)  # every identity photo and box before any model is built
     except (ValueError, OSError) as err:  # the face and condition errors are ValueErrors too
         print(f"error: {err}", file=sys.stderr)
         return 2
     sizes = ", ".join(f"1/{d}" for d in args.face_sizes)
-    print(f"{len(cells)} calls x {args.num_images} images = {len(cells) * args.num_images} images "
+    print(f"{len(cells)} cells x {args.num_images} images = {len(cells) * args.num_images} images "
           f"({len(photos)} identities, {len(prompts)} prompts, face sizes {sizes}, seeds {args.seeds}; "
-          f"batch split {batch_shards(mesh, config.mesh.rules)} ways)")
+          f"batches of {batch_size}, batch split {batch_shards(mesh, config.mesh.rules)} ways)")
     out = args.out.resolve()
+    refs = _write_refs(photos, out / "refs")
     enable_compilation_cache()
     pipeline = build_pipeline(config, args)
-    manifest = generate(pipeline, cells, _write_refs(photos, out / "refs"), out, num_images=args.num_images,
-                        height=height, width=width, steps=args.steps)
+    summary = sample_requests(pipeline, requests, out, conditions=conditions, batch_size=batch_size,
+                              record=generation_recorder(args, config))
+    print(f"benchmark-prompts: {summary.line()}")
+    if summary.stopped:
+        print("stopped by SIGTERM after the current batch; re-run the same command to finish")
+        return 0
+    manifest = write_grid_manifest(cells, refs, out, num_images=args.num_images)
     print(f"wrote {manifest}; next: realisid evaluate --generated {out} --out REPORT_DIR")
     return 0

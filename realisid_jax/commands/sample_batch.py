@@ -171,7 +171,8 @@ class Conditions:
         """The request's ``PersonConditions``. Raises the ``prepare_conditions`` errors."""
         from realisid_jax.realisid.pipeline import prepare_conditions
 
-        key = (request.height, request.width, tuple((p.reference, tuple(p.box), p.pose) for p in request.persons))
+        key = (request.height, request.width, tuple((_photo_key(p.reference), tuple(p.box), _photo_key(p.pose))
+                                                    for p in request.persons))
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
@@ -182,17 +183,23 @@ class Conditions:
             self._cache.popitem(last=False)
         return conditions
 
-    def check(self, requests: Sequence, path: Path | str) -> None:
+    def check(self, requests: Sequence, path: Path | str | None = None) -> None:
         """Prepares every request's persons (size, boxes, person count, a usable face in every photo).
 
         Raises:
-          RequestError: naming the request's line.
+          RequestError: naming the request's line of ``path`` (without ``path``: the request's id).
         """
         for request in requests:
             try:
                 self(request)
             except (ValueError, OSError) as err:  # the face and condition errors are ValueErrors
-                raise RequestError(f"{path} line {request.line}: {_message(err)}") from None
+                where = f"request {request.id}" if path is None else f"{path} line {request.line}"
+                raise RequestError(f"{where}: {_message(err)}") from None
+
+
+def _photo_key(photo):
+    # A file by its path, an in-memory photo (numpy array, unhashable) by identity: it lives as long as its request.
+    return None if photo is None else str(photo) if isinstance(photo, (str, Path)) else id(photo)
 
 
 def _message(err: BaseException) -> str:
@@ -330,9 +337,9 @@ def _write_held(out: Path, images_array, rows: Sequence, record) -> None:
     for shard in images_array.addressable_shards:
         if shard.replica_id != 0:
             continue
-        rows = range(*shard.index[0].indices(images_array.shape[0])) if shard.index else range(images_array.shape[0])
+        held = range(*shard.index[0].indices(images_array.shape[0])) if shard.index else range(images_array.shape[0])
         data = None
-        for offset, row in enumerate(rows):
+        for offset, row in enumerate(held):
             if row >= len(rows):
                 continue
             data = np.asarray(shard.data) if data is None else data
@@ -370,7 +377,7 @@ def check_batch_size(batch_size: int | None, mesh, rules) -> int:
     Raises:
       RequestError: not a positive multiple of the batch shards (the batch would be replicated, not split).
     """
-    from realisid_jax.commands.benchmark_prompts import batch_shards
+    from realisid_jax.realisid.batch import batch_shards
 
     shards = batch_shards(mesh, rules)
     if batch_size is None:
