@@ -269,7 +269,10 @@ def test_sample_either_runs_or_refuses_in_one_line(pool, monkeypatch, case):
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
     """``--data`` folders: prepared-looking ones of 16 and 4 examples (what ``train`` checks before building its
-    models is the dataset's info file), one whose info is not JSON, one without info."""
+    models is the dataset's info file and that its shard holds that many records), one whose info is not JSON, one
+    without info."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
     from realisid_jax.data.builder import dataset_dir
 
     root = tmp_path_factory.mktemp("datasets")
@@ -279,6 +282,12 @@ def datasets(tmp_path_factory):
         dataset_dir(root / name).mkdir(parents=True)
         text = info if isinstance(info, str) else json.dumps(info)
         (dataset_dir(root / name) / "dataset_info.json").write_text(text)
+        for lengths in ([] if isinstance(info, str) else [s["shardLengths"] for s in info["splits"]]):
+            path = dataset_dir(root / name) / "realisid_faces-train.array_record-00000-of-00001"
+            writer = ArrayRecordWriter(str(path), "group_size:1")
+            for _ in range(int(lengths[0])):
+                writer.write(b"an example")
+            writer.close()
     (root / "empty").mkdir()
     (root / "a_file").write_text("not a dataset")
     return root
