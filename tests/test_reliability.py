@@ -563,3 +563,35 @@ def test_a_damaged_dataset_shard_is_named(small_dataset, tmp_path, capsys, monke
                       str(tmp_path), "--config.train.batch_size=2")
         _assert_one_line_error(result, f"error: {shard} does not read, cut short or damaged (RuntimeError: Corrupted")
         assert not work.exists()
+
+
+def test_a_damaged_example_stops_training_at_its_step_and_keeps_the_checkpoints(tmp_path):
+    from realisid_jax.data.builder import DatasetReadError
+    from realisid_jax.training.loop import run
+    from realisid_jax.training.summary import ProgressLog
+
+    damaged = DatasetReadError("DATA/realisid_faces-train.array_record-00000-of-00001 example 5 does not read "
+                               "(RuntimeError: Corrupted Riegeli/records file); prepare the dataset again")
+
+    def batches(position):  # the batch of step 3 holds the damaged example
+        while True:
+            if position.position == 2:
+                raise damaged
+            position.position += 1
+            yield position.position
+
+    def step_fn(state, batch):
+        return {"params": {"w": state["params"]["w"] + 1.0}, "step": jnp.int32(batch)}, {
+            "loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0)}
+
+    position = _Position()
+    with pytest.raises(DatasetReadError) as stopped, TrainCheckpointer(tmp_path / "checkpoints") as ckpt, ProgressLog(
+            tmp_path / "logs", start_step=0, num_steps=5, log_every=1) as log:
+        run(step_fn, _state(0.0), batches(position), start_step=0, num_steps=5, checkpointer=ckpt,
+            data_iterator=position, checkpoint_every=1, log=log, learning_rate=lambda s: 0.0, meta={})
+    assert stopped.value is damaged  # the CLI prints it as one `error:` line, exit 2
+    position = _Position()
+    with TrainCheckpointer(tmp_path / "checkpoints", read_only=True) as ckpt:
+        assert ckpt.all_steps() == [1, 2]
+        state, step = ckpt.restore(_abstract(), position)
+    assert (step, position.position, int(state["step"])) == (2, 2, 2)
