@@ -61,8 +61,10 @@ def get_config(variant: str = ""):
         _tiny(c)
     elif variant == "glyphs":
         _glyphs(c)
+    elif variant == "micro":
+        _micro(c)
     elif variant:
-        raise ValueError(f"configs/sdxl.py has no variant {variant!r} (variants: tiny, glyphs)")
+        raise ValueError(f"configs/sdxl.py has no variant {variant!r} (variants: tiny, glyphs, micro)")
     return c
 
 
@@ -91,6 +93,20 @@ def _tiny(c) -> None:
     c.attention_impl, c.conv_impl = "chunked", "im2col"  # the XLA:CPU kernels (tests, demo)
     c.train.scan_layers = False  # the tests' reference steps layer by layer; tests/test_layer_scan.py checks the scan
     c.dtype = c.frozen_param_dtype = "float32"  # parity with PyTorch in the tests
+
+
+def _micro(c) -> None:
+    """The tiny model cut to one layer per block and tower, with the TPU kernels (XLA attention and convs), its
+    rows of layers scanned, trained from precomputed inputs at 64 px: the smallest program with every part of the
+    TPU training step (both branches, the frozen UNet, Eq. 7, AdamW), for ahead-of-time plans that compile in a
+    minute (tests/test_tpu_aot.py, bench/fsdp_peak.py)."""
+    _tiny(c)
+    c.model["unet"]["layers_per_block"] = 1
+    for name in ("text_encoder", "text_encoder_2", "image_encoder"):
+        c.model[name]["num_hidden_layers"] = 1
+    c.attention_impl, c.conv_impl = "xla", "xla"
+    c.train.update(scan_layers=True, precomputed_inputs=True)
+    c.sampling.height = c.sampling.width = 64
 
 
 def _glyphs(c) -> None:

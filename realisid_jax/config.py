@@ -26,7 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
     # chunked (XLA:CPU) | None (JAX picks); convolutions xla | im2col (XLA:CPU, small maps as one matmul).
     c.attention_impl = "xla"
     c.conv_impl = "xla"
-    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=DEFAULT_RULES))
+    # gather_weights: each conv / linear layer all-gathers its FSDP-sharded kernel just before use (ZeRO-3), so
+    # activations stay sharded over the batch (models.layers.GatheredKernel).
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=DEFAULT_RULES, gather_weights=True))
     c.realisid = ml_collections.ConfigDict(dict(
         max_persons=4,            # K, static: persons are padded with a validity mask
         local_scale=1.0,          # conditioning_scale of the local branch

@@ -1,5 +1,7 @@
 """Mesh construction and the logical-axis rules machinery."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -55,3 +57,40 @@ def test_two_matmuls_under_the_default_rules_are_exact_on_every_mesh():
             out = jax.jit(lambda a, b, c: constrain((a @ b) @ c, ("activation_batch", "activation_length",
                                                                    "activation_embed")))(*args)
         np.testing.assert_allclose(np.asarray(out), ref, atol=1e-3, rtol=1e-4)
+
+
+def test_gathered_weights_keep_the_values_and_gather_each_kernel_whole():
+    """``mesh.gather_weights``: under FSDP each layer's kernel is all-gathered whole before use (ZeRO-3), the
+    loss and gradients unchanged; the choice survives ``set_conv_impl`` in either order."""
+    from flax import nnx
+
+    from realisid_jax.models.layers import GatheredKernel, conv, linear, set_conv_impl, set_weight_gathering
+    from realisid_jax.models.unet_blocks import FEATURE_MAP
+    from realisid_jax.sharding import state_shardings
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv, self.proj = conv(8, 32, 3, rngs=rngs), linear(32, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.proj(jax.nn.silu(self.conv(x)))
+
+    mesh = make_mesh((1, 8, 1))
+    x = np.random.default_rng(0).standard_normal((8, 8, 8, 8)).astype(np.float32)
+
+    def loss_and_grads(gather):
+        model = Net(nnx.Rngs(0))
+        set_weight_gathering(model, gather)
+        set_conv_impl(model, "xla")
+        assert isinstance(model.conv.conv_general_dilated, GatheredKernel) == gather
+        graphdef, params = nnx.split(model)
+        params = jax.device_put(params, state_shardings(params, mesh, DEFAULT_RULES))
+        loss = jax.jit(jax.value_and_grad(lambda p, x: (nnx.merge(graphdef, p)(constrain(x, FEATURE_MAP)) ** 2).mean()))
+        with use_mesh(mesh):
+            return loss(params, x), loss.lower(params, x).compile().as_text()
+
+    (plain, plain_grads), _ = loss_and_grads(False)
+    (gathered, grads), program = loss_and_grads(True)
+    np.testing.assert_allclose(gathered, plain, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, plain_grads)
+    assert re.search(r"f32\[3,3,8,32\]\{[^}]*\} all-gather", program), "the conv kernel is not gathered whole"

@@ -100,9 +100,12 @@ class ControlNetConditioningEmbedding(nnx.Module):
         self.conv_out = zero_conv(block_out_channels[-1], conditioning_embedding_channels, 3, **kw)
 
     def __call__(self, conditioning: jax.Array) -> jax.Array:
-        x = jax.nn.silu(self.conv_in(conditioning))
+        # Its widths are small (16-256) and its maps large (the pixel resolution): unconstrained, an FSDP
+        # partitioner shards these activations over their few channels, each shard padded to the TPU's 128
+        # lanes, and gathers the batch instead of the weights.
+        x = constrain(jax.nn.silu(self.conv_in(conditioning)), FEATURE_MAP)
         for block in self.blocks:
-            x = jax.nn.silu(block(x))
+            x = constrain(jax.nn.silu(block(x)), FEATURE_MAP)
         return self.conv_out(x)
 
 

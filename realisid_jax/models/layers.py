@@ -7,7 +7,8 @@ to PyTorch's (``weight``) with the transposes a state dict needs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,8 @@ CONV_IMPLS = ("xla", "im2col")
 def set_conv_impl(model: nnx.Module, impl: str) -> None:
     """Selects every ``nnx.Conv`` of ``model``'s convolution: ``"xla"`` (``jax.lax.conv_general_dilated``, TPU
     and GPU) or ``"im2col"`` (``im2col_conv_general_dilated``, faster on XLA:CPU; same maths). The config's
-    ``conv_impl``; a static attribute, so it is part of the graph definition a jit traces.
+    ``conv_impl``; a static attribute, so it is part of the graph definition a jit traces. Keeps each conv's
+    ``set_weight_gathering`` choice.
 
     Raises:
       ValueError: ``impl`` is none of ``CONV_IMPLS``.
@@ -69,7 +71,39 @@ def set_conv_impl(model: nnx.Module, impl: str) -> None:
     function = im2col_conv_general_dilated if impl == "im2col" else jax.lax.conv_general_dilated
     for _, module in nnx.iter_modules(model):
         if isinstance(module, nnx.Conv):
-            module.conv_general_dilated = function
+            gathered = isinstance(module.conv_general_dilated, GatheredKernel)
+            module.conv_general_dilated = GatheredKernel(function) if gathered else function
+
+
+@dataclasses.dataclass(frozen=True)
+class GatheredKernel:
+    """A ``lax.conv_general_dilated`` / ``lax.dot_general`` whose kernel (``rhs``, already in the compute dtype)
+    is constrained to be whole on every device before use: under FSDP an all-gather of one layer's weights just
+    before that layer, and a reduce-scatter of their gradient after it (ZeRO-3, maxtext's FSDP).
+
+    Left to itself, the SPMD partitioner keeps the weights sharded over their output channels and moves the
+    activations instead (all-gathers of the batch, channel-sharded maps): cheap-looking for the narrow layers,
+    but each activation shard of a few channels is padded to the TPU's 128 lanes, and the peak per chip grows
+    with the chips (docs/training.md, ``bench/fsdp_peak.py``). The identity without an active mesh.
+    """
+
+    op: Callable
+
+    def __call__(self, lhs, rhs, *args, **kwargs):
+        return self.op(lhs, constrain(rhs, (None,) * rhs.ndim), *args, **kwargs)
+
+
+def set_weight_gathering(model: nnx.Module, gather: bool) -> None:
+    """Wraps (``gather``) or unwraps every ``nnx.Conv`` and ``nnx.Linear`` kernel op of ``model`` in
+    ``GatheredKernel``: the config's ``mesh.gather_weights``. Same values either way; a static attribute, so
+    call it before ``nnx.split`` / jit."""
+    for _, module in nnx.iter_modules(model):
+        name = {nnx.Conv: "conv_general_dilated", nnx.Linear: "dot_general"}.get(type(module))
+        if name is None:
+            continue
+        op = getattr(module, name)
+        op = op.op if isinstance(op, GatheredKernel) else op
+        setattr(module, name, GatheredKernel(op) if gather else op)
 
 
 def im2col_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

@@ -27,7 +27,7 @@ from realisid_jax.loading.pipeline_folder import load_model_folders
 from realisid_jax.loading.single_file import load_single_file
 from realisid_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
 from realisid_jax.models.clip_vision import CLIPVisionModelWithProjection
-from realisid_jax.models.layers import set_conv_impl
+from realisid_jax.models.layers import set_conv_impl, set_weight_gathering
 from realisid_jax.models.modeling_utils import init_rngs
 from realisid_jax.models.registry import FROZEN, dtypes, frozen_configs
 from realisid_jax.models.unet_2d_condition import UNet2DConditionModel
@@ -76,8 +76,10 @@ def _with_frozen(models: dict[str, nnx.Module], realisid: RealisID) -> Component
 
 def apply_kernel_config(components: Components, config: ml_collections.ConfigDict) -> None:
     """The config's kernel choices that are static attributes of the modules (read when a jit traces them):
-    ``conv_impl`` for every convolution. Call before ``nnx.split``; the pipeline, the trainer and the plans do."""
+    ``conv_impl`` for every convolution, ``mesh.gather_weights`` for every conv and linear layer. Call before
+    ``nnx.split``; the pipeline, the trainer and the plans do."""
     set_conv_impl(components, config.conv_impl)
+    set_weight_gathering(components, config.mesh.gather_weights)
 
 
 def build_components(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Components:
