@@ -11,6 +11,10 @@ import io
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -183,3 +187,31 @@ def test_bad_request_line_is_refused_before_any_model(tmp_path, monkeypatch, lin
     assert rc == 2 and message in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: ")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_images_of_one(runs, folder, tmp_path):
+    """2 processes x 4 CPU devices (``jax.distributed`` on localhost, one 8-device mesh) write the images of the
+    1-process 8-device run, each image once."""
+    root, weights = folder
+    out = tmp_path / "two"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "realisid_jax.cli", "sample-batch", *COMMON, "--requests", str(root / "requests.jsonl"),
+         "--out", str(out), *weights], stdout=logs[i].open("w"), stderr=subprocess.STDOUT,
+        cwd=Path(__file__).resolve().parents[1],
+        env=dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+                 JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+        for i in range(2)]
+    codes = [p.wait(timeout=1200) for p in procs]
+    assert codes == [0, 0], "\n\n".join(log.read_text()[-3000:] for log in logs)
+    assert "7 images" in logs[0].read_text() and "sample-batch:" not in logs[1].read_text()  # one summary
+    images = _snapshot(out)
+    assert sorted(images) == [f"{n}.png" for n in NAMES]
+    for name, (_, pixels) in runs["after_second"].items():
+        assert np.abs(images[name][1].astype(int) - pixels.astype(int)).max() <= 1, name
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(e["id"] for e in manifest) == NAMES
