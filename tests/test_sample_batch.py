@@ -165,6 +165,22 @@ def test_one_device_gives_the_same_images(runs, folder):
         assert np.abs(one - eight).max() <= 1, name
 
 
+def test_requests_group_by_size_person_bucket_steps_and_scheduler():
+    config = load_config(COMMON[1], COMMON[2:])
+    person = batch.Person("astronaut.png", BOX)
+
+    def request(name, persons=1, **kw):
+        return batch.SampleRequest(id=name, prompt="p", persons=(person,) * persons, **kw).with_defaults(config.sampling)
+
+    requests = [request("a", num_images=2), request("b", 2), request("c", 3), request("d", scheduler="euler"),
+                request("e", num_inference_steps=3), request("f", height=64), request("g")]
+    groups = sample_batch.plan_groups(requests, max_persons=4)
+    assert {str(k): [f"{r.id}-{j}" for r, j in v] for k, v in groups.items()} == {
+        "128x128/1p/2 steps/ddim": ["a-0", "a-1", "g-0"], "128x128/2p/2 steps/ddim": ["b-0"],
+        "128x128/4p/2 steps/ddim": ["c-0"], "128x128/1p/2 steps/euler": ["d-0"],
+        "128x128/1p/3 steps/ddim": ["e-0"], "128x64/1p/2 steps/ddim": ["f-0"]}
+
+
 @pytest.mark.parametrize("line, message", [
     ("{not json", "line 2: Expecting property name"),
     (json.dumps(dict(prompt="x", steps=3)), "line 2: unknown field(s) steps"),

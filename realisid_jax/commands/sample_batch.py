@@ -254,8 +254,7 @@ class Summary:
 
 
 def sample_requests(pipeline, requests: Sequence, out: Path, *, conditions: Conditions, batch_size: int,
-                    record: Callable | None = None, progress: bool = True,
-                    after_batch: Callable[[int], None] | None = None) -> Summary:
+                    record: Callable | None = None, progress: bool = True) -> Summary:
     """Samples every image of ``requests`` not yet in ``out/images`` and writes it with its record.
 
     Args:
@@ -264,7 +263,6 @@ def sample_requests(pipeline, requests: Sequence, out: Path, *, conditions: Cond
       conditions: the prepared persons of each request.
       batch_size: images per device batch (``check_batch_size``).
       record: ``(request, conditions, index) -> Generation`` for the image's PNG record; None writes none.
-      after_batch: called with the batch's number after each batch (tests).
 
     Returns:
       ``Summary``; ``stopped`` when SIGTERM ended the run after a batch.
@@ -280,15 +278,15 @@ def sample_requests(pipeline, requests: Sequence, out: Path, *, conditions: Cond
 
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
     groups = plan_groups(requests, pipeline.config.realisid.max_persons)
-    todo = OrderedDict()
-    summary = Summary()
+    todo, already = OrderedDict(), []
     for key, images in groups.items():
         done = finished(out, [r.image_name(j) for r, j in images])
         todo[key] = [image for image, d in zip(images, done) if not d]
-        summary.skipped += int(done.sum())
+        already += [image for image, d in zip(images, done) if d]
+    summary = Summary(skipped=len(already))
     main = jax.process_index() == 0
     if main:
-        _rewrite_manifest(out, [image for images in groups.values() for image in images])
+        _rewrite_manifest(out, already)
     batches = [(key, images[i:i + batch_size]) for key, images in todo.items()
                for i in range(0, len(images), batch_size)]
     sampler = BatchSampler(pipeline, batch_size)
@@ -312,8 +310,6 @@ def sample_requests(pipeline, requests: Sequence, out: Path, *, conditions: Cond
             summary.made += len(images)
             summary.per_group[str(key)] = summary.per_group.get(str(key), 0) + len(images)
             bar.update(len(images))
-            if after_batch is not None:
-                after_batch(n)
             stop = guard.requested()  # collective: after every process's writes, so the manifest lines are true
             if main:
                 _append_manifest(out, images)
@@ -355,11 +351,12 @@ def _entry(request, index: int) -> dict:
 
 
 def _rewrite_manifest(out: Path, images: Sequence) -> None:
-    """``manifest.jsonl`` anew from the images on disk (a line cut by a kill is dropped), atomically."""
+    """``manifest.jsonl`` anew, atomically, for the ``(request, index)`` images already made (a line that a kill
+    cut short, or one of an image not there, is dropped)."""
     import os
     import tempfile
 
-    lines = [json.dumps(_entry(r, j)) + "\n" for r, j in images if (out / IMAGES / f"{r.image_name(j)}.png").is_file()]
+    lines = [json.dumps(_entry(r, j)) + "\n" for r, j in images]
     fd, tmp = tempfile.mkstemp(dir=out, suffix=".jsonl.tmp")
     with os.fdopen(fd, "w") as f:
         f.writelines(lines)
