@@ -2,7 +2,8 @@
 layer's weights before use (``mesh.gather_weights``): the TPU compiler's own figures, compiled on this host.
 
     python -m bench.fsdp_peak [--config configs/sdxl.py:micro] [--topology v5e:2x4] [--chips 1 2 4 8]
-                              [--per-device-batch 1] [--resolution 64] [--dump DIR]
+                              [--gather-weights False True] [--per-device-batch 1] [--resolution 64]
+                              [--dump DIR] [--config.a.b=value ...]
 
 Per-chip batch fixed, so an ideal FSDP keeps the activations' share constant and divides the state by the chips.
 ``--dump DIR`` also writes the compiler's buffer assignment per program (``XLA_FLAGS=--xla_dump_to``) and prints
@@ -59,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chips", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--per-device-batch", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--gather-weights", nargs="+", default=["False", "True"], choices=["False", "True"])
     parser.add_argument("--dump", type=Path, help="write the compiler's buffer assignments here")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
     if args.dump:  # read by the compiler when JAX first initialises
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + f" --xla_dump_to={args.dump} --xla_dump_hlo_pass_re=NONE").strip()
@@ -71,14 +73,14 @@ def main(argv: list[str] | None = None) -> int:
 
     choose_platform()  # as `realisid info --topology`: libtpu compiles, with no TPU-runtime start-up text
     devices = topology_devices(args.topology)
-    print(f"{args.config}, {args.topology} ({devices[0].device_kind}), per-chip batch {args.per_device_batch}, "
+    print(f"{args.config} {' '.join(overrides)}, {args.topology} ({devices[0].device_kind}), per-chip batch {args.per_device_batch}, "
           f"{args.resolution} px; MiB per chip")
     print(f"{'gather_weights':>14} {'chips':>5} {'state':>8} {'temp':>8} {'peak':>8} {'GFLOP':>8} {'compile s':>9}")
-    for gather in (False, True):
-        config = load_config(args.config, [f"mesh.gather_weights={gather}"])
+    for gather in args.gather_weights:
+        config = load_config(args.config, [*overrides, f"mesh.gather_weights={gather}"])
         for chips in args.chips:
             f = compile_figures(config, chips, devices, args.per_device_batch, args.resolution)
-            print(f"{str(gather):>14} {chips:>5} {f['state_bytes'] / MIB:8.2f} {f['temp_bytes'] / MIB:8.2f} "
+            print(f"{gather:>14} {chips:>5} {f['state_bytes'] / MIB:8.2f} {f['temp_bytes'] / MIB:8.2f} "
                   f"{f['peak_bytes'] / MIB:8.2f} {f['flops'] / 1e9:8.3f} {f['compile_seconds']:9.0f}", flush=True)
             for line in largest_temporaries(args.dump) if args.dump else []:
                 print(f"{'':>16}{line}")

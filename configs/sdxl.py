@@ -107,6 +107,9 @@ def _micro(c) -> None:
     c.attention_impl, c.conv_impl = "xla", "xla"
     c.train.update(scan_layers=True, precomputed_inputs=True)
     c.sampling.height = c.sampling.width = 64
+    # Left to the partitioner, maps of these few channels are split over the chips, each shard padded to the
+    # TPU's 128 lanes, and the peak per chip grows with the chips (docs/training.md).
+    c.mesh.gather_weights = True
 
 
 def _glyphs(c) -> None:

@@ -15,6 +15,8 @@ import importlib.util
 import os
 import sys
 
+from realisid_jax.errors import first_line
+
 COMMANDS = ("info", "faces", "sample", "app", "prepare_data", "train", "export", "evaluate", "benchmark_prompts",
             "convert", "glyphs", "sample_batch")
 
@@ -81,7 +83,7 @@ def _one_line(error: BaseException) -> str:
         text = f"{error.strerror}: {error.filename}" if error.filename else error.strerror
     else:
         text = str(error)
-    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return first_line(text) or type(error).__name__
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

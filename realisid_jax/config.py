@@ -13,6 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
+from realisid_jax.errors import first_line
 from realisid_jax.sharding import DEFAULT_RULES
 
 
@@ -26,9 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
     # chunked (XLA:CPU) | None (JAX picks); convolutions xla | im2col (XLA:CPU, small maps as one matmul).
     c.attention_impl = "xla"
     c.conv_impl = "xla"
-    # gather_weights: each conv / linear layer all-gathers its FSDP-sharded kernel just before use (ZeRO-3), so
-    # activations stay sharded over the batch (models.layers.GatheredKernel).
-    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=DEFAULT_RULES, gather_weights=True))
+    # gather_weights: each conv / linear layer all-gathers its FSDP-sharded kernel just before use (ZeRO-3,
+    # models.layers.GatheredKernel) instead of the SPMD partitioner's own choice; it pays at tiny widths only
+    # (docs/training.md, "FSDP and the peak per chip").
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=DEFAULT_RULES, gather_weights=False))
     c.realisid = ml_collections.ConfigDict(dict(
         max_persons=4,            # K, static: persons are padded with a validity mask
         local_scale=1.0,          # conditioning_scale of the local branch
@@ -100,7 +102,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
     except (SyntaxError, ValueError, TypeError, KeyError, AttributeError, NameError, UnicodeDecodeError) as err:
         # A text file given as the config, a typo in a variant: the user's input, so one line, not a traceback.
         raise ConfigError(f"config {path}{':' * bool(variant)}{variant} does not load: {type(err).__name__}: "
-                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+                          f"{first_line(err)}") from err
     for item in overrides:
         _override(config, item.removeprefix("--config."))
     return config

@@ -12,7 +12,8 @@
     models/                       diffusers / transformers mirrors
     face/, schedulers/            host-side face analysis; samplers
     config                        config files
-    sharding, assets, folders     mesh and rules; offline assets; local folders only
+    sharding, assets, folders,    mesh and rules; offline assets; local folders only; errors in one line
+    errors
 
 Every import is read from the source (lazy ones inside functions included), so a deferred import cannot hide
 an arrow that runs back up.
@@ -41,7 +42,7 @@ LAYERS = [
     {"models"},
     {"face", "schedulers"},
     {"config"},
-    {"sharding", "assets", "folders"},
+    {"sharding", "assets", "folders", "errors"},
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 

@@ -33,9 +33,7 @@ that fails to read or decode later.
 """
 from __future__ import annotations
 
-import errno
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -45,6 +43,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from realisid_jax.errors import first_line
 
 DATASET_NAME = "realisid_faces"
 DATASET_VERSION = "1.0.0"
@@ -67,30 +66,13 @@ class DatasetWriteError(RuntimeError):
 
 #: How a full disk or a quota reads in OSError numbers and in the messages of array_record's writer (a
 #: ``RuntimeError``: ``write() failed: No space left on device; writing FILE; at byte N``).
-_DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded")
-
-
-def disk_full(error: BaseException | None) -> str | None:
-    """``"No space left on device"`` / ``"Disk quota exceeded"`` when ``error`` or an error in its chain of causes
-    (a worker process's error re-raised, a writer's error wrapped by TFDS) is one, else None."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return error.strerror
-        found = _DISK_FULL.search(str(error))
-        if found:
-            return found.group(0)
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def _shard_error(path: Path, problem: str) -> DatasetReadError:
     return DatasetReadError(f"{path} {problem}; prepare the dataset again with `realisid prepare-data "
                             f"--overwrite`")
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
+    return f"{type(error).__name__}: {first_line(error)[:200]}"
 
 
 def check_shards(data_dir: str | os.PathLike, split: str, shard_lengths: Sequence[int]) -> list[Path]:

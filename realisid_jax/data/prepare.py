@@ -58,6 +58,7 @@ import numpy as np
 
 from realisid_jax.data import builder
 from realisid_jax.data.sources import SourceItem, SourceScan, scan_sources
+from realisid_jax.errors import disk_full
 from realisid_jax.face.errors import FaceTooSmallError, ImageReadError, NoFaceError
 
 if TYPE_CHECKING:  # JAX and the models are imported only when encoding (not in the analysis workers)
@@ -385,7 +386,7 @@ def prepare_dataset(src: str | os.PathLike, out: str | os.PathLike, *,
     try:
         return _prepare_dataset(src, out, options, workers, encoder)
     except Exception as err:
-        reason = builder.disk_full(err)
+        reason = disk_full(err)
         if reason is None:
             raise
         raise builder.DatasetWriteError(

@@ -81,10 +81,11 @@ class GatheredKernel:
     is constrained to be whole on every device before use: under FSDP an all-gather of one layer's weights just
     before that layer, and a reduce-scatter of their gradient after it (ZeRO-3, maxtext's FSDP).
 
-    Left to itself, the SPMD partitioner keeps the weights sharded over their output channels and moves the
-    activations instead (all-gathers of the batch, channel-sharded maps): cheap-looking for the narrow layers,
-    but each activation shard of a few channels is padded to the TPU's 128 lanes, and the peak per chip grows
-    with the chips (docs/training.md, ``bench/fsdp_peak.py``). The identity without an active mesh.
+    Left to itself, the SPMD partitioner may keep a kernel sharded over its output channels and move the
+    activations instead (all-gathers of the batch, channel-sharded maps). At SDXL's widths its choices give the
+    lower peak and fewer FLOPs per chip; at tiny widths each activation shard of a few channels is padded to
+    the TPU's 128 lanes and the peak per chip grows with the chips, which this prevents (docs/training.md,
+    ``bench/fsdp_peak.py``). The identity without an active mesh.
     """
 
     op: Callable
@@ -98,9 +99,9 @@ def set_weight_gathering(model: nnx.Module, gather: bool) -> None:
     ``GatheredKernel``: the config's ``mesh.gather_weights``. Same values either way; a static attribute, so
     call it before ``nnx.split`` / jit."""
     for _, module in nnx.iter_modules(model):
-        name = {nnx.Conv: "conv_general_dilated", nnx.Linear: "dot_general"}.get(type(module))
-        if name is None:
+        if not isinstance(module, nnx.Conv | nnx.Linear):
             continue
+        name = "conv_general_dilated" if isinstance(module, nnx.Conv) else "dot_general"
         op = getattr(module, name)
         op = op.op if isinstance(op, GatheredKernel) else op
         setattr(module, name, GatheredKernel(op) if gather else op)

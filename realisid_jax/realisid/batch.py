@@ -23,7 +23,8 @@ from flax import nnx, struct
 
 from realisid_jax.models.vae import VAE_SCALE_FACTOR
 from realisid_jax.realisid.conditions import Person, PersonConditions
-from realisid_jax.realisid.pipeline import RealisIDPipeline, _decode, person_bucket
+from realisid_jax.realisid.pipeline import (RealisIDPipeline, _decode, guided_noise_pred, person_bucket,
+                                            three_way_text)
 from realisid_jax.schedulers import get_scheduler
 from realisid_jax.sharding import data_sharding
 
@@ -240,33 +241,23 @@ def _sample(graphdef, scheduler, state, sched_state, inputs: BatchInputs):
     """ID encoding, the guided denoising loop (paper Eq. 8, as ``pipeline._denoise`` with per-image persons and
     scales) and the VAE decode of one batch: (B, H, W, 3) uint8."""
     models = nnx.merge(graphdef, state)
-    unet, realisid = models.unet, models.realisid
     b, k = inputs.reference_pixels.shape[:2]
     hidden = models.image_encoder(inputs.reference_pixels.reshape(b * k, *inputs.reference_pixels.shape[2:]))
     features = hidden.hidden_states[-2].reshape(b, k, *hidden.hidden_states[-2].shape[1:])
-    id_embedding, no_id = realisid.encode_id(features), realisid.encode_id(jnp.zeros_like(features))  # (B, K, T, D)
-    prompt_embeds, negative_embeds, pooled, negative_pooled = inputs.text
-    context = jnp.concatenate([negative_embeds, prompt_embeds, prompt_embeds])
-    added = None
-    if pooled is not None:
-        added = {"text_embeds": jnp.concatenate([negative_pooled, pooled, pooled]),
-                 "time_ids": jnp.tile(inputs.time_ids, (3, 1))}
-    boxes3, valid3, marks3 = (jnp.concatenate([x] * 3) for x in (inputs.boxes, inputs.valid, inputs.landmark_images))
+    encode_id = models.realisid.encode_id
+    id_embedding, no_id = encode_id(features), encode_id(jnp.zeros_like(features))  # (B, K, T, D)
+    context, added = three_way_text(inputs.text, inputs.time_ids)
+    persons3 = tuple(jnp.concatenate([x] * 3) for x in (inputs.boxes, inputs.valid, inputs.landmark_images))
     per_image = lambda x: x.reshape(b, 1, 1, 1)  # noqa: E731 - (B,) scales against (B, h, w, C)
     text_scale, id_scale = per_image(inputs.text_scale), per_image(inputs.id_scale)
 
     def body(i, carry):
         x, scheduler_carry = carry
         x_in = scheduler.scale_model_input(sched_state, x, i)
-        t = sched_state.timesteps[i]
         with_id = jnp.where(per_image(i >= inputs.id_start_step), id_embedding, no_id)
         p_id = jnp.concatenate([no_id, no_id, with_id])
-        x3 = jnp.concatenate([x_in] * 3)
-        down, mid = realisid.residuals(x3, t, p_id, boxes3, valid3, marks3, added)
-        eps = unet(x3, t, context, added_cond_kwargs=added, down_block_additional_residuals=down,
-                   mid_block_additional_residual=mid)
-        e_none, e_text, e_id = jnp.split(eps, 3)
-        eps = e_none + text_scale * (e_text - e_none) + id_scale * (e_id - e_text)
+        eps = guided_noise_pred(models, x_in, sched_state.timesteps[i], p_id, persons3, context, added,
+                                text_scale, id_scale)
         return scheduler.step(sched_state, eps.astype(x.dtype), i, x, scheduler_carry)
 
     latents = inputs.latents * sched_state.init_noise_sigma

@@ -385,33 +385,63 @@ def _denoise(graphdef, scheduler, state, sched_state, carry, inputs: DenoiseInpu
     carry) and is returned advanced; the bounds are traced, so the whole loop and a single step share one
     executable."""
     models = nnx.merge(graphdef, state)
-    unet, realisid = models.unet, models.realisid
     n = carry[0].shape[0]
-    prompt_embeds, negative_embeds, pooled, negative_pooled = inputs.text
-    context = jnp.concatenate([negative_embeds, prompt_embeds, prompt_embeds])
-    added = None
-    if pooled is not None:
-        added = {"text_embeds": jnp.concatenate([negative_pooled, pooled, pooled]),
-                 "time_ids": jnp.tile(inputs.time_ids, (3, 1))}
+    context, added = three_way_text(inputs.text, inputs.time_ids)
     per_image = lambda x: jnp.broadcast_to(x, (n, *x.shape))  # noqa: E731 - persons are shared by the N images
-    boxes3, valid3, marks3 = (jnp.concatenate([x] * 3) for x in (inputs.boxes, inputs.valid, inputs.landmark_images))
+    persons3 = tuple(jnp.concatenate([x] * 3) for x in (inputs.boxes, inputs.valid, inputs.landmark_images))
     id_embedding, no_id = inputs.id_embedding, inputs.no_id
 
     def body(i, carry):
         x, scheduler_carry = carry
         x_in = scheduler.scale_model_input(sched_state, x, i)
-        t = sched_state.timesteps[i]
         with_id = jnp.where(i >= guidance.id_start_step, id_embedding, no_id)
         p_id = jnp.concatenate([per_image(no_id), per_image(no_id), per_image(with_id)])
-        x3 = jnp.concatenate([x_in] * 3)
-        down, mid = realisid.residuals(x3, t, p_id, boxes3, valid3, marks3, added)
-        eps = unet(x3, t, context, added_cond_kwargs=added, down_block_additional_residuals=down,
-                   mid_block_additional_residual=mid)
-        e_none, e_text, e_id = jnp.split(eps, 3)
-        eps = e_none + guidance.text_scale * (e_text - e_none) + guidance.id_scale * (e_id - e_text)
+        eps = guided_noise_pred(models, x_in, sched_state.timesteps[i], p_id, persons3, context, added,
+                                guidance.text_scale, guidance.id_scale)
         return scheduler.step(sched_state, eps.astype(x.dtype), i, x, scheduler_carry)
 
     return jax.lax.fori_loop(start, stop, body, carry)
+
+
+def three_way_text(text, time_ids):
+    """The text context and SDXL added conditions of Eq. 8's three predictions (ε_none, ε_t, ε_t&i) stacked on
+    the batch axis: negative, prompt, prompt.
+
+    Args:
+      text: ``(prompt_embeds (N, 77, D), negative_embeds, pooled (N, P) or None, negative_pooled)``.
+      time_ids: (N, 6) SDXL micro-conditioning (unused for SD 1.5, whose ``pooled`` is None).
+
+    Returns:
+      ``(context (3N, 77, D), added_cond_kwargs or None)``.
+    """
+    prompt_embeds, negative_embeds, pooled, negative_pooled = text
+    context = jnp.concatenate([negative_embeds, prompt_embeds, prompt_embeds])
+    if pooled is None:
+        return context, None
+    return context, {"text_embeds": jnp.concatenate([negative_pooled, pooled, pooled]),
+                     "time_ids": jnp.tile(time_ids, (3, 1))}
+
+
+def guided_noise_pred(models, x_in, t, p_id, persons3, context, added, text_scale, id_scale):
+    """Paper Eq. 8: ε = ε_none + λ_t (ε_t - ε_none) + λ_i (ε_t&i - ε_t), the three predictions as one batch.
+
+    Args:
+      models: the merged ``Components`` (``unet`` and ``realisid`` used).
+      x_in: (N, h, w, C) scaled model input; ``t`` the step's timestep.
+      p_id: (3N, K, T, D) ID tokens of the three predictions (no ID, no ID, the persons' or no ID before the
+        ID start); ``persons3``: boxes, validity and landmark images, each tripled on the batch axis.
+      context, added: ``three_way_text``'s.
+      text_scale, id_scale: λ_t and λ_i, scalars or broadcastable against (N, h, w, C).
+
+    Returns:
+      (N, h, w, C) guided noise prediction, in the UNet's dtype.
+    """
+    x3 = jnp.concatenate([x_in] * 3)
+    down, mid = models.realisid.residuals(x3, t, p_id, *persons3, added)
+    eps = models.unet(x3, t, context, added_cond_kwargs=added, down_block_additional_residuals=down,
+                      mid_block_additional_residual=mid)
+    e_none, e_text, e_id = jnp.split(eps, 3)
+    return e_none + text_scale * (e_text - e_none) + id_scale * (e_id - e_text)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

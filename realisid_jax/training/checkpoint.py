@@ -19,7 +19,6 @@ reason, the checkpoint kept) and its temporary folder is removed at once, so the
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import re
@@ -32,6 +31,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from realisid_jax.errors import DISK_FULL, disk_full, first_line
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that does not restore (truncated or missing files, another model's shapes); the message is
@@ -43,24 +44,6 @@ class CheckpointWriteError(CheckpointError):
     naming the step, the folder and the reason, and the newest finished checkpoint, which still restores."""
 
 
-#: How a full disk or a quota reads in OSError numbers and in TensorStore's messages (orbax wraps them in
-#: ValueError: ``RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']``).
-_DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded|os_error_code='(28|122)'")
-
-
-def _disk_full(error: BaseException) -> str | None:
-    """``"No space left on device"`` / ``"Disk quota exceeded"`` when ``error`` (or its cause) is one, else None."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return error.strerror
-        found = _DISK_FULL.search(str(error))
-        if found:
-            return "Disk quota exceeded" if found.group(0) in ("Disk quota exceeded", "os_error_code='122'") \
-                else "No space left on device"
-        error = error.__cause__ or error.__context__
-    return None
-
-
 class _QuietDiskFull(logging.Filter):
     """Drops orbax's ERROR records (a traceback each, from its writer threads) of a write that failed for lack of
     space: ``CheckpointWriteError`` says it in one line."""
@@ -69,7 +52,7 @@ class _QuietDiskFull(logging.Filter):
         text = record.getMessage()
         if record.exc_info and record.exc_info[1] is not None:
             text += " " + str(record.exc_info[1])
-        return record.levelno < logging.ERROR or not _DISK_FULL.search(text)
+        return record.levelno < logging.ERROR or not DISK_FULL.search(text)
 
 
 _QUIET_DISK_FULL = _QuietDiskFull()
@@ -89,14 +72,10 @@ class _QuietFailedReads(logging.Filter):
 _QUIET_FAILED_READS = _QuietFailedReads()
 
 
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else ""
-
-
 def _summary(step: int, directory: epath.Path, error: BaseException) -> str:
     # orbax/TensorStore errors run to dozens of lines ending in a JSON spec dump: keep the first line and name
     # the first file of the step it mentions (else the step's folder).
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = first_line(error)
     step_dir = f"{directory}/{step}"
     found = re.findall(re.escape(step_dir) + r"[^\s'\"]*", str(error))
     where = max(found, key=len).rstrip(".,:;)]}") if found else step_dir
@@ -295,7 +274,7 @@ class TrainCheckpointer:
         if "://" not in str(self.directory):  # a local disk: free what the failed write took
             for tmp in Path(str(self.directory)).glob(f"{step}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(tmp, ignore_errors=True)
-        reason = _disk_full(error) or f"{type(error).__name__}: {_first_line(error)[:300]}"
+        reason = disk_full(error) or f"{type(error).__name__}: {first_line(error)[:300]}"
         kept = [s for s in self.all_steps() if s != step]
         then = (f"the checkpoint of step {kept[-1]} is kept and restores; free space and run train again to resume "
                 f"from it" if kept else "no checkpoint was written before it")
