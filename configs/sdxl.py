@@ -55,7 +55,7 @@ def get_config(variant: str = ""):
     # Accelerator defaults: bf16 compute, frozen base stored in bf16; the branches keep fp32 master weights and
     # AdamW moments (param_dtype). What makes training fit a 16 GiB v5e chip (docs/training.md).
     c.dtype = c.frozen_param_dtype = "bfloat16"
-    c.attention_impl = "splash"  # TPU Pallas flash kernel (bench/README.md, "TPU attention"); GPU: cudnn, XLA:CPU: xla
+    c.attention_impl = "splash"  # TPU Pallas flash kernel (docs/benchmarks.md); GPU: cudnn, XLA:CPU: xla
     c.train.scan_layers = True  # the 10-deep transformer stacks as one lax.scan in the training step
     if variant == "tiny":
         _tiny(c)

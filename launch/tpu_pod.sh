@@ -40,8 +40,14 @@ for arg in "$@"; do
 done
 
 if [[ -n ${TOPOLOGY:-} ]]; then
+  overrides=()  # the plan takes the config overrides only, not train's --data, --pretrained, ...
+  for arg in "$@"; do
+    if [[ $arg == --config.* ]]; then
+      overrides+=("$arg")
+    fi
+  done
   plan=("$(dirname "$0")/../.venv/bin/realisid" info --train --topology "$TOPOLOGY" --config "$CONFIG"
-        "--config.mesh.shape=${MESH}" "$@")
+        "--config.mesh.shape=${MESH}" ${overrides[@]+"${overrides[@]}"})
   if [[ ${DRY_RUN:-0} == 1 ]]; then
     printf '%q ' "${plan[@]}"
     echo

@@ -49,7 +49,9 @@ def _describe(config, name: str) -> dict:
     sections = _SECTIONS.get(name, (name,))
     described = {section: _plain(config.model[section]) for section in sections}
     if name == "realisid":
-        described["realisid"] = _plain(config.realisid)
+        # branches_class names code, not weights (a subclass with other parameters fails the restore, naming
+        # them): caches converted before the field existed stay valid.
+        described["realisid"] = {k: v for k, v in _plain(config.realisid).items() if k != "branches_class"}
     return described
 
 

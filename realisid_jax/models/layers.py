@@ -52,7 +52,7 @@ def conv(in_features: int, out_features: int, kernel_size: int = 3, *, rngs: nnx
 
 # XLA:CPU runs k x k convolutions on small maps (the 1280-channel 4x4 / 8x8 levels of the SD UNet) at a third
 # of its matmul speed; as one (pixels, k*k*C_in) x (k*k*C_in, C_out) matmul they ran 2-3x faster here, and no
-# slower up to 16x16 (bench/README.md). The patch matrix is k*k times the input, so larger maps keep the conv.
+# slower up to 16x16 (docs/benchmarks.md). The patch matrix is k*k times the input, so larger maps keep the conv.
 _IM2COL_MAX_PIXELS = 16 * 16
 CONV_IMPLS = ("xla", "im2col")
 
@@ -188,7 +188,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, heads: int, *,
 
 # XLA:CPU: full (B, heads, Lq, Lk) logits of the UNet's self-attention (e.g. 8 x 1024 x 1024 float32 = 32 MiB)
 # leave the caches between the max, exp, sum and second matmul passes; blocks of queries whose logits fit in
-# ~4 MiB ran the 32x32-latent self-attention 3x faster here (bench/README.md). Exact same maths.
+# ~4 MiB ran the 32x32-latent self-attention 3x faster here (docs/benchmarks.md). Exact same maths.
 _CHUNK_MIN_LOGITS = 512 * 512
 _CHUNK_LOGITS_BYTES = 4 * 2**20
 

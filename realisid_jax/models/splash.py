@@ -21,11 +21,11 @@ from realisid_jax.sharding import active_rules, logical_to_spec
 _MAX_BLOCK = {2: 1024, 4: 512}
 _LANES = 128  # blocks are whole multiples of the TPU's 128 lanes
 # Block rows x head_dim per kernel, so that wide heads take shorter blocks: 1024 x 512 forward, 512 x 512 backward
-# compile for v5e at the VAE's head_dim 512 (bench/README.md, "TPU attention").
+# compile for v5e at the VAE's head_dim 512 (docs/benchmarks.md, "TPU attention").
 _FORWARD_ELEMENTS, _BACKWARD_ELEMENTS = 2**19, 2**18
 # Keys shorter than this stay on XLA attention: the UNet's text (77) and ID (16) cross-attention, the CLIP towers
 # (77 / 257 tokens). XLA fuses their small logits whole, and padded to a 128-key block they cost the kernel
-# 1.2-2.7x XLA's roofline estimate; 256 keys are a wash, 1024 a 2.2x gain (bench/README.md, "TPU attention").
+# 1.2-2.7x XLA's roofline estimate; 256 keys are a wash, 1024 a 2.2x gain (docs/benchmarks.md, "TPU attention").
 # maxdiffusion does the same (flash_min_seq_length).
 MIN_KEYS = 512
 
