@@ -39,6 +39,7 @@ for arg in "$@"; do
   remote+=" $(printf '%q' "$arg")"
 done
 
+plan=()
 if [[ -n ${TOPOLOGY:-} ]]; then
   overrides=()  # the plan takes the config overrides only, not train's --data, --pretrained, ...
   for arg in "$@"; do
@@ -48,22 +49,6 @@ if [[ -n ${TOPOLOGY:-} ]]; then
   done
   plan=("$(dirname "$0")/../.venv/bin/realisid" info --train --topology "$TOPOLOGY" --config "$CONFIG"
         "--config.mesh.shape=${MESH}" ${overrides[@]+"${overrides[@]}"})
-  if [[ ${DRY_RUN:-0} == 1 ]]; then
-    printf '%q ' "${plan[@]}"
-    echo
-  elif ! "${plan[@]}"; then
-    echo "error: the training step does not fit a $TOPOLOGY chip (plan above); nothing launched" >&2
-    exit 1
-  fi
 fi
-
-cmd=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$remote")
-if [[ -n ${PROJECT:-} ]]; then
-  cmd+=(--project "$PROJECT")
-fi
-if [[ ${DRY_RUN:-0} == 1 ]]; then
-  printf '%q ' "${cmd[@]}"
-  echo
-else
-  exec "${cmd[@]}"
-fi
+source "$(dirname "$0")/on_workers.sh"
+run_on_workers "the training step does not fit a ${TOPOLOGY:-} chip (plan above)"

@@ -36,24 +36,6 @@ for arg in "$@"; do
   remote+=" $(printf '%q' "$arg")"
 done
 
-if [[ -n ${TOPOLOGY:-} ]]; then
-  plan=("$(dirname "$0")/../.venv/bin/realisid" info --sample --topology "$TOPOLOGY" --config "$CONFIG")
-  if [[ ${DRY_RUN:-0} == 1 ]]; then
-    printf '%q ' "${plan[@]}"
-    echo
-  elif ! "${plan[@]}"; then
-    echo "error: sampling could not be planned for $TOPOLOGY (above); nothing launched" >&2
-    exit 1
-  fi
-fi
-
-cmd=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$remote")
-if [[ -n ${PROJECT:-} ]]; then
-  cmd+=(--project "$PROJECT")
-fi
-if [[ ${DRY_RUN:-0} == 1 ]]; then
-  printf '%q ' "${cmd[@]}"
-  echo
-else
-  exec "${cmd[@]}"
-fi
+plan=("$(dirname "$0")/../.venv/bin/realisid" info --sample --topology "${TOPOLOGY:-}" --config "$CONFIG")
+source "$(dirname "$0")/on_workers.sh"
+run_on_workers "sampling could not be planned for ${TOPOLOGY:-} (above)"
