@@ -15,7 +15,7 @@ import importlib.util
 import os
 import sys
 
-from realisid_jax.errors import first_line
+from realisid_jax.errors import one_line
 
 COMMANDS = ("info", "faces", "sample", "app", "prepare_data", "train", "export", "evaluate", "benchmark_prompts",
             "convert", "glyphs", "sample_batch")
@@ -73,17 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except _user_errors() as e:
         # Bad input is reported as one clear message, not a traceback.
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-
-
-def _one_line(error: BaseException) -> str:
-    # OSError's str() carries "[Errno 2] ..."; multi-line messages (e.g. a spec dump) are cut to their first line.
-    if isinstance(error, OSError) and error.strerror:
-        text = f"{error.strerror}: {error.filename}" if error.filename else error.strerror
-    else:
-        text = str(error)
-    return first_line(text) or type(error).__name__
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -17,6 +17,14 @@ def first_line(error: BaseException | str) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def one_line(error: BaseException) -> str:
+    """An error as the one line the CLI prints after ``error:``: an OSError's reason and file (its ``str`` adds
+    ``[Errno N]``), else the message's first line, else the error's type name."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    return first_line(error) or type(error).__name__
+
+
 def disk_full(error: BaseException | None) -> str | None:
     """``"No space left on device"`` / ``"Disk quota exceeded"`` when ``error`` or an error in its chain of causes
     (a worker process's error re-raised, a writer's error wrapped by orbax or TFDS) is one, else None."""

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from realisid_jax.commands.weights import add_weight_arguments, build_pipeline, enable_compilation_cache
+from realisid_jax.errors import one_line
 
 MANIFEST = "manifest.jsonl"
 IMAGES = "images"
@@ -194,18 +195,12 @@ class Conditions:
                 self(request)
             except (ValueError, OSError) as err:  # the face and condition errors are ValueErrors
                 where = f"request {request.id}" if path is None else f"{path} line {request.line}"
-                raise RequestError(f"{where}: {_message(err)}") from None
+                raise RequestError(f"{where}: {one_line(err)}") from None
 
 
 def _photo_key(photo):
     # A file by its path, an in-memory photo (numpy array, unhashable) by identity: it lives as long as its request.
     return None if photo is None else str(photo) if isinstance(photo, (str, Path)) else id(photo)
-
-
-def _message(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -449,7 +444,7 @@ def run(args: argparse.Namespace) -> int:
         summary = sample_requests(pipeline, requests, out, conditions=conditions, batch_size=batch_size,
                                   record=generation_recorder(args, config))
     except OSError as err:  # a full disk, a quota: the run failed, not its input
-        print(f"error: writing {out}/ failed: {_message(err)}; the images written so far are whole and kept; "
+        print(f"error: writing {out}/ failed: {one_line(err)}; the images written so far are whole and kept; "
               f"re-run to finish", file=sys.stderr)
         return 1
     if main:
