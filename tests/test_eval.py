@@ -284,6 +284,23 @@ class PasteFacePipeline:
         return argparse.Namespace(images=np.stack([canvas] * num_images))
 
 
+def _paste_grid(pipeline, cells, photos, out, *, num_images, height, width, steps):
+    """The grid's images from the stand-in pipeline, one call per cell, with the command's manifest."""
+    from PIL import Image
+
+    from realisid_jax.commands.benchmark_prompts import write_grid_manifest
+    from realisid_jax.realisid.conditions import Person
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for cell in cells:
+        persons = [Person(str(photos[name]), box) for name, box in zip(cell.identities, cell.boxes)]
+        result = pipeline(cell.prompt, persons, num_images=num_images, seed=cell.seed, height=height, width=width,
+                          num_inference_steps=steps, progress=False)
+        for j, image in enumerate(np.asarray(result.images)):
+            Image.fromarray(image).save(out / f"images/{cell.image_id(j)}.png")
+    return write_grid_manifest(cells, photos, out, num_images=num_images)
+
+
 def test_benchmark_grid_then_evaluate(tmp_path, photos, analyzer):
     from realisid_jax.commands import benchmark_prompts as bp
 
@@ -297,8 +314,7 @@ def test_benchmark_grid_then_evaluate(tmp_path, photos, analyzer):
     cells = bp.plan_grid(list(identities), ["a"], [4, 7], [3], persons=2, height=512, width=512)
     assert [c.identities for c in cells[::2]] == [("astronaut", "flipped"), ("flipped", "astronaut")]
     pipeline = PasteFacePipeline(analyzer)
-    manifest = bp.generate(pipeline, cells, identities, out, num_images=2, height=512, width=512, steps=2,
-                           progress=False)
+    manifest = _paste_grid(pipeline, cells, identities, out, num_images=2, height=512, width=512, steps=2)
     assert pipeline.calls == [("a", 3, 2)] * 4
     entries = read_manifest(out)
     assert len(entries) == 8 and manifest == out / "manifest.json"

@@ -1,7 +1,5 @@
 """Mesh construction and the logical-axis rules machinery."""
 
-import re
-
 import jax
 import numpy as np
 import pytest
@@ -60,8 +58,9 @@ def test_two_matmuls_under_the_default_rules_are_exact_on_every_mesh():
 
 
 def test_gathered_weights_keep_the_values_and_gather_each_kernel_whole():
-    """``mesh.gather_weights``: under FSDP each layer's kernel is all-gathered whole before use (ZeRO-3), the
-    loss and gradients unchanged; the choice survives ``set_conv_impl`` in either order."""
+    """``mesh.gather_weights`` wraps every conv and linear kernel op, survives ``set_conv_impl`` and leaves the
+    loss and gradients of an FSDP-sharded step unchanged. (Where it changes the program, the reduced TPU step's
+    peak per chip: tests/test_tpu_aot.py, slow.)"""
     from flax import nnx
 
     from realisid_jax.models.layers import GatheredKernel, conv, linear, set_conv_impl, set_weight_gathering
@@ -83,14 +82,14 @@ def test_gathered_weights_keep_the_values_and_gather_each_kernel_whole():
         set_weight_gathering(model, gather)
         set_conv_impl(model, "xla")
         assert isinstance(model.conv.conv_general_dilated, GatheredKernel) == gather
+        assert isinstance(model.proj.dot_general, GatheredKernel) == gather
         graphdef, params = nnx.split(model)
         params = jax.device_put(params, state_shardings(params, mesh, DEFAULT_RULES))
         loss = jax.jit(jax.value_and_grad(lambda p, x: (nnx.merge(graphdef, p)(constrain(x, FEATURE_MAP)) ** 2).mean()))
         with use_mesh(mesh):
-            return loss(params, x), loss.lower(params, x).compile().as_text()
+            return loss(params, x)
 
-    (plain, plain_grads), _ = loss_and_grads(False)
-    (gathered, grads), program = loss_and_grads(True)
+    plain, plain_grads = loss_and_grads(False)
+    gathered, grads = loss_and_grads(True)
     np.testing.assert_allclose(gathered, plain, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, plain_grads)
-    assert re.search(r"f32\[3,3,8,32\]\{[^}]*\} all-gather", program), "the conv kernel is not gathered whole"

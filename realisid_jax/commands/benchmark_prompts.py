@@ -182,27 +182,6 @@ def _prompts(path: Path | None) -> list[str]:
     return prompts
 
 
-def generate(pipeline, cells: Sequence[GridCell], photos: dict[str, Path], out: Path, *, num_images: int,
-             height: int, width: int, steps: int | None, progress: bool = True) -> Path:
-    """Runs every cell through ``pipeline`` one call per cell (a ``RealisIDPipeline``, or a stand-in with its
-    call signature), writes the images and the manifest; returns the manifest's path. Paths in the manifest are
-    relative to ``out``. The command itself batches the cells instead (``run``, ``sample_batch``)."""
-    from PIL import Image
-
-    from realisid_jax.realisid.conditions import Person
-
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    for i, cell in enumerate(cells):
-        if progress:
-            print(f"[{i + 1}/{len(cells)}] {cell.image_id(0)[:-2]}", file=sys.stderr, flush=True)
-        persons = [Person(str(photos[name]), box) for name, box in zip(cell.identities, cell.boxes)]
-        result = pipeline(cell.prompt, persons, num_images=num_images, seed=cell.seed, height=height, width=width,
-                          num_inference_steps=steps, progress=False)
-        for j, image in enumerate(np.asarray(result.images)):
-            Image.fromarray(image).save(out / f"images/{cell.image_id(j)}.png")
-    return write_grid_manifest(cells, photos, out, num_images=num_images)
-
-
 def write_grid_manifest(cells: Sequence[GridCell], photos: dict[str, Path], out: Path, *, num_images: int) -> Path:
     """Writes ``out/manifest.json`` (``realisid_jax.eval.manifest``) for every image of ``cells``, references
     ``photos`` (under ``out``) given relative to ``out``; returns its path."""

@@ -21,10 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from realisid_jax.models.vae import VAE_SCALE_FACTOR
 from realisid_jax.realisid.conditions import Person, PersonConditions
-from realisid_jax.realisid.pipeline import (RealisIDPipeline, _decode, guided_noise_pred, person_bucket,
-                                            three_way_text)
+from realisid_jax.realisid.pipeline import (RealisIDPipeline, _decode, guided_noise_pred, id_start_step,
+                                            initial_noise, micro_conditioning, person_bucket, three_way_text)
 from realisid_jax.schedulers import get_scheduler
 from realisid_jax.sharding import data_sharding
 
@@ -155,8 +154,7 @@ class BatchSampler:
 
     @functools.lru_cache(maxsize=64)
     def _noise(self, seed: int, num_images: int, latent_shape: tuple[int, ...]) -> np.ndarray:
-        # As RealisIDPipeline.__call__ draws it: one key per request, row j for image j.
-        return np.asarray(jax.random.normal(jax.random.key(seed), (num_images, *latent_shape), jnp.float32))
+        return np.asarray(initial_noise(seed, (num_images, *latent_shape)))
 
     def host_inputs(self, key: GroupKey, rows: Sequence[Row]) -> BatchInputs:
         """The numpy ``BatchInputs`` of ``rows`` (at most ``batch_size``; the rest is padded with copies of the
@@ -168,9 +166,7 @@ class BatchSampler:
         if not 0 < len(rows) <= self.batch_size:
             raise ValueError(f"a batch holds 1 to {self.batch_size} rows, got {len(rows)}")
         rows = list(rows) + [rows[-1]] * (self.batch_size - len(rows))
-        channels = self.pipeline.config.model.unet["in_channels"]
-        latent_shape = (key.height // VAE_SCALE_FACTOR, key.width // VAE_SCALE_FACTOR, channels)
-        steps = key.steps
+        latent_shape = self.pipeline.latent_shape(key.height, key.width)
         latents, texts, pixels, boxes, valid, marks, scales = [], [], [], [], [], [], []
         for row in rows:
             r, c, k = row.request, row.conditions, key.slots
@@ -180,13 +176,13 @@ class BatchSampler:
             boxes.append(c.boxes[:k])
             valid.append(c.valid[:k])
             marks.append(c.landmark_images[:k])
-            scales.append((r.text_guidance_scale, r.id_guidance_scale, math.floor(r.id_start_fraction * steps)))
+            start = id_start_step(r.id_start_fraction, key.steps)
+            scales.append((r.text_guidance_scale, r.id_guidance_scale, start))
         text = tuple(None if parts[0] is None else np.concatenate(parts) for parts in zip(*texts))
         scales = np.asarray(scales, np.float64)
-        time_ids = np.tile(np.array([[key.height, key.width, 0, 0, key.height, key.width]], np.float32),
-                           (len(rows), 1))
-        return BatchInputs(np.stack(latents), text, time_ids, np.stack(pixels), np.stack(boxes), np.stack(valid),
-                           np.stack(marks), scales[:, 0].astype(np.float32), scales[:, 1].astype(np.float32),
+        return BatchInputs(np.stack(latents), text, micro_conditioning(key.height, key.width, len(rows)),
+                           np.stack(pixels), np.stack(boxes), np.stack(valid), np.stack(marks),
+                           scales[:, 0].astype(np.float32), scales[:, 1].astype(np.float32),
                            scales[:, 2].astype(np.int32))
 
     def place(self, host: BatchInputs) -> BatchInputs:

@@ -304,17 +304,16 @@ class RealisIDPipeline:
         guidance = Guidance(
             jnp.float32(s.text_guidance_scale if text_guidance_scale is None else text_guidance_scale),
             jnp.float32(s.id_guidance_scale if id_guidance_scale is None else id_guidance_scale),
-            jnp.int32(math.floor(fraction * steps)))
+            jnp.int32(id_start_step(fraction, steps)))
         text = self.encode_prompt(prompt, negative_prompt if negative_prompt is not None else s.negative_prompt or None,
                                   num_images)
-        latent_shape = (num_images, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR,
-                        self.config.model.unet["in_channels"])
+        latent_shape = (num_images, *self.latent_shape(height, width))
         if latents is None:
-            latents = jax.random.normal(jax.random.key(seed), latent_shape, jnp.float32)
+            latents = initial_noise(seed, latent_shape)
         elif tuple(latents.shape) != latent_shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {latent_shape}")
         latents = jnp.asarray(latents, jnp.float32) * sched_state.init_noise_sigma
-        time_ids = np.tile(np.array([[height, width, 0, 0, height, width]], np.float32), (num_images, 1))
+        time_ids = micro_conditioning(height, width, num_images)
         with self._mesh_context():
             inputs = self._place(dict(latents=latents, text=text, time_ids=time_ids, conditions=conditions,
                                       num_images=num_images))
@@ -334,6 +333,10 @@ class RealisIDPipeline:
             latents = carry[0]
             images = _decode(self._graphdef, self._state, latents)
         return SamplingOutput(np.asarray(images), np.asarray(latents), conditions)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(height/8, width/8, C): one image's latent."""
+        return height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR, self.config.model.unet["in_channels"]
 
     def _mesh_context(self):
         import contextlib
@@ -359,6 +362,24 @@ class RealisIDPipeline:
         batched = {k: v for k, v in arrays.items() if k != "reference_pixels"}
         placed = jax.tree.map(lambda x: jax.device_put(x, data_sharding(self.mesh, x.shape, self.rules)), batched)
         return {**placed, "reference_pixels": arrays["reference_pixels"]}
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
+    """The initial noise of a request: ``(num_images, h, w, C)`` float32 standard normal from ``key(seed)``, image
+    ``j`` row ``j`` (before ``init_noise_sigma``). ``sample`` and ``sample-batch`` both draw it here, so a PNG
+    record re-runs with either."""
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def micro_conditioning(height: int, width: int, num_images: int) -> np.ndarray:
+    """SDXL's ``time_ids`` of uncropped ``height`` x ``width`` images: (num_images, 6) float32
+    ``(H, W, 0, 0, H, W)`` (original size, crop top-left, target size)."""
+    return np.tile(np.array([[height, width, 0, 0, height, width]], np.float32), (num_images, 1))
+
+
+def id_start_step(fraction: float, steps: int) -> int:
+    """The first of ``steps`` denoising steps with the ID (paper's delayed ID conditioning: ε_t&i = ε_t before)."""
+    return math.floor(fraction * steps)
 
 
 def person_bucket(count: int, max_persons: int) -> int:
