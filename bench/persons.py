@@ -40,12 +40,13 @@ def measure(config_path: str, persons: int, max_persons: int, steps: int) -> tup
     conditions = _conditions(config, persons, max_persons)
     size = dict(height=config.sampling.height, width=config.sampling.width)
     denoise, calls = pipeline_module._denoise, []
-    pipeline_module._denoise = lambda *a: calls.append(a) or denoise(*a)  # records the pipeline's arguments
+    # Records the pipeline's arguments (one step: the ID from the start, three predictions).
+    pipeline_module._denoise = lambda *a, **kw: calls.append((a, kw)) or denoise(*a, **kw)
     try:
         pipe("a photo", conditions, num_inference_steps=1, progress=False, **size)
     finally:
         pipeline_module._denoise = denoise
-    cost = denoise.lower(*calls[0]).compile().cost_analysis()
+    cost = denoise.lower(*calls[0][0], **calls[0][1]).compile().cost_analysis()
     flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
     pipe("a photo", conditions, num_inference_steps=steps, progress=False, **size)  # compiles the decode too
     start = time.perf_counter()

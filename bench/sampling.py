@@ -1,4 +1,5 @@
-"""Guided sampling (paper Eq. 8, three predictions per step): the pipeline's jitted ``_denoise`` loop and a
+"""Guided sampling (paper Eq. 8: two predictions per step before the ID starts, three after): the pipeline's
+jitted denoising phases (``pipeline.denoise``) and a
 PyTorch loop doing the same work (DDIM, same timesteps, same guidance, same branch batch)."""
 
 from __future__ import annotations
@@ -73,16 +74,17 @@ def jax_sampler(models: Models, inputs: SamplingInputs):
             if value is not None:
                 a[i] = jax.tree.map(jnp.asarray, value)
         carry = (a[0], scheduler.init_carry(sched_state, a[0]))
-        guidance = pipeline.Guidance(jnp.float32(TEXT_SCALE), jnp.float32(ID_SCALE), jnp.int32(start))
-        out = pipeline._denoise(graphdef, scheduler, model_state, sched_state, carry, pipeline.DenoiseInputs(*a[1:]),
-                                guidance, jnp.int32(0), jnp.int32(inputs.steps))
+        guidance = pipeline.Guidance(jnp.float32(TEXT_SCALE), jnp.float32(ID_SCALE))
+        out = pipeline.denoise(graphdef, scheduler, model_state, sched_state, carry, pipeline.DenoiseInputs(*a[1:]),
+                               guidance, start)
         return out[0].block_until_ready()
 
     return run, pipeline._denoise
 
 
 def torch_sampler(models: Models, inputs: SamplingInputs):
-    """The same loop in PyTorch: branches and UNet on the 3N batch of every step, DDIM (eta 0) update."""
+    """The same loop in PyTorch: branches and UNet on the 2N batch (ε_none, ε_t) of the steps before the ID starts
+    and the 3N batch of the others, DDIM (eta 0) update."""
     state = get_scheduler("ddim", None).set_timesteps(inputs.steps)
     timesteps = np.asarray(state.timesteps)
     a_t, a_prev = np.asarray(state.alpha_prod_t), np.asarray(state.alpha_prod_t_prev)
@@ -91,11 +93,14 @@ def torch_sampler(models: Models, inputs: SamplingInputs):
     prompt, negative, pooled, negative_pooled = (t(x) for x in inputs.text)
     latents = t(inputs.latents).permute(0, 3, 1, 2).contiguous()
     n = latents.shape[0]
-    context = torch.cat([negative, prompt, prompt])
-    added = None
-    if pooled is not None:
-        added = {"text_embeds": torch.cat([negative_pooled, pooled, pooled]),
-                 "time_ids": t(inputs.time_ids).repeat(3, 1)}
+
+    def text(k):  # ε_none, ε_t and, for k = 3, ε_t&i
+        added = None
+        if pooled is not None:
+            added = {"text_embeds": torch.cat([negative_pooled] + [pooled] * (k - 1)),
+                     "time_ids": t(inputs.time_ids).repeat(k, 1)}
+        return torch.cat([negative] + [prompt] * (k - 1)), added
+
     id_embedding, no_id = t(inputs.id_embedding), t(inputs.no_id)
     boxes, valid, marks = t(inputs.boxes), t(inputs.valid), t(inputs.landmark_images)
     per_image = lambda x: x.expand(n, *x.shape)  # noqa: E731
@@ -104,16 +109,22 @@ def torch_sampler(models: Models, inputs: SamplingInputs):
     def run():
         x = latents
         for i, step_t in enumerate(timesteps):
-            with_id = id_embedding if i >= start else no_id
-            ids = torch.cat([per_image(no_id), per_image(no_id), per_image(with_id)])
-            x3 = torch.cat([x] * 3)
-            down, mid = torch_residuals(models, x3, int(step_t), ids, torch.cat([boxes] * 3),
-                                        torch.cat([valid] * 3), torch.cat([marks] * 3), added)
-            eps = models.torch_unet(x3, int(step_t), context, added_cond_kwargs=added,
-                                    down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                                    return_dict=False)[0]
-            e_none, e_text, e_id = eps.chunk(3)
-            eps = e_none + TEXT_SCALE * (e_text - e_none) + ID_SCALE * (e_id - e_text)
+            k = 3 if i >= start else 2
+            context, added = text(k)
+            # As the JAX loop: on SD 1.5 (no added conditions) ε_none and ε_t share one branch pass.
+            ids = [per_image(no_id)] * (1 if added is None else 2) + [per_image(id_embedding)] * (k - 2)
+            m = len(ids)
+            down, mid = torch_residuals(models, torch.cat([x] * m), int(step_t), torch.cat(ids),
+                                        torch.cat([boxes] * m), torch.cat([valid] * m), torch.cat([marks] * m), added)
+            if m < k:
+                down, mid = [torch.cat([r[:n], r]) for r in down], torch.cat([mid[:n], mid])
+            e = models.torch_unet(torch.cat([x] * k), int(step_t), context, added_cond_kwargs=added,
+                                  down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                                  return_dict=False)[0]
+            e_none, e_text = e[:n], e[n:2 * n]
+            eps = e_none + TEXT_SCALE * (e_text - e_none)
+            if k == 3:
+                eps = eps + ID_SCALE * (e[2 * n:] - e_text)
             x0 = (x - (1 - a_t[i]) ** 0.5 * eps) / a_t[i] ** 0.5
             x = a_prev[i] ** 0.5 * x0 + (1 - a_prev[i]) ** 0.5 * eps
         return x

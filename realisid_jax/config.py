@@ -55,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
         id_start_fraction=0.2,     # delayed subject conditioning: ID off for the first 20% of steps
         num_images_per_prompt=1, seed=0,
         negative_prompt="",
+        # Storage of the branches when sampling, cast once at load: "" = the compute dtype (``dtype``; bf16 on
+        # accelerators: what makes SDXL sampling fit one 16 GiB v5e chip, docs/sampling.md). Training keeps its
+        # fp32 masters and exported branches their dtype.
+        param_dtype="",
     ))
     c.train = ml_collections.ConfigDict(dict(
         resolution=1024, batch_size=16, learning_rate=1e-5, weight_decay=1e-2, warmup_steps=1000,

@@ -110,10 +110,11 @@ def test_batch_of_four_on_eight_devices_equals_one_device(parts, branches):
 
 def test_no_recompilation_across_seeds_prompts_boxes_and_scales(parts, branches):
     pipe = _pipeline(parts, branches)
-    pipe(PROMPT, [_astronaut((30, 20, 94, 84))], height=H, width=W, num_inference_steps=STEPS, progress=False)
+    pipe(PROMPT, [_astronaut((30, 20, 94, 84))], height=H, width=W, num_inference_steps=STEPS,
+         id_start_fraction=0.5, progress=False)  # both phases: before the ID (two predictions) and with it
     compiled = _denoise._cache_size()
     pipe("another prompt", [_astronaut((10, 40, 60, 90))], height=H, width=W, num_inference_steps=STEPS, seed=7,
-         text_guidance_scale=3.0, id_guidance_scale=2.0, id_start_fraction=0.5, progress=False)
+         text_guidance_scale=3.0, id_guidance_scale=2.0, id_start_fraction=0.75, progress=False)
     assert _denoise._cache_size() == compiled
 
 

@@ -17,12 +17,16 @@ def register(subparsers) -> None:
                    help="also the per-device memory of the training step (XLA memory analysis, FSDP over "
                         "--devices simulated CPU devices; compiles, runs nothing)")
     p.add_argument("--sample", action="store_true",
-                   help="also the per-chip memory of sampling one image with one person (the guided denoising "
-                        "loop and the VAE decode), on the fewest chips of --topology that hold it")
+                   help="also the per-chip memory and time of sampling one image (the guided denoising phases "
+                        "and the VAE decode), on the fewest chips of --topology that hold it")
     p.add_argument("--devices", type=int, nargs="+", default=[8, 64],
                    help="simulated CPU devices to plan for (XLA:CPU's estimate)")
     p.add_argument("--per-device-batch", type=positive_int, default=1,
                    help="training examples per device for --train (global batch: this x devices)")
+    p.add_argument("--persons", type=positive_int, nargs="+", default=[1],
+                   help="person slots to plan --sample / --max-batch for (e.g. 1 4)")
+    p.add_argument("--max-batch", action="store_true",
+                   help="the largest batch of images one chip of --topology samples, found by compiling")
     p.add_argument("--topology", nargs="+", default=None,
                    help="TPU topologies to compile for instead (e.g. v5e:2x4 v4:2x2x1 v5p:2x2x1 v6e:2x2): the "
                         "TPU compiler's per-chip figures")
@@ -43,8 +47,10 @@ def parameter_counts(config) -> dict[str, int]:
 
 
 def run(args) -> int:
-    if args.sample and args.topology and len(args.topology) != 1:
-        raise UsageError("--sample plans one --topology at a time")
+    if (args.sample or args.max_batch) and args.topology and len(args.topology) != 1:
+        raise UsageError("--sample and --max-batch plan one --topology at a time")
+    if args.max_batch and not args.topology:
+        raise UsageError("--max-batch needs a TPU --topology (its chip's HBM is what the batch fills)")
     if (args.train or args.sample) and not args.topology:
         import jax
 
@@ -66,9 +72,13 @@ def run(args) -> int:
         return 1
     if args.train and not args.topology:
         print_memory_plan(config, args.devices, args.per_device_batch)
+    status = 0
     if args.sample:
-        return print_sample_plan(config, args.topology[0] if args.topology else None, max(args.devices))
-    return 0
+        status |= print_sample_plan(config, args.topology[0] if args.topology else None, max(args.devices),
+                                    args.persons)
+    if args.max_batch:
+        status |= print_max_batch(config, args.topology[0], args.persons)
+    return status
 
 
 def print_memory_plan(config, devices: list[int], per_device_batch: int = 1) -> None:
@@ -86,11 +96,6 @@ def print_memory_plan(config, devices: list[int], per_device_batch: int = 1) -> 
 
 
 GIB = 2.0**30
-
-
-def _estimate(seconds: float) -> str:
-    # The compiler's roofline time is meaningless for tiny programs (negative values were seen): not shown.
-    return f"{seconds:.3f}" if seconds > 0 else "n/a"
 
 
 def _tpu_devices(topology: str) -> list:
@@ -137,46 +142,106 @@ def print_tpu_train_plans(config, topologies: list[str], per_device_batch: int =
         fits_all &= p.peak_bytes <= hbm
         print(f"{topology:>10} {hosts:>5} {len(devices):>7} {p.state_bytes / GIB:>13.2f} {p.argument_bytes / GIB:>9.2f} "
               f"{p.temp_bytes / GIB:>11.2f} {p.peak_bytes / GIB:>7.2f} {hbm / GIB:>5.0f}  {fits:<12} "
-              f"{p.flops / 1e12:>10.2f} {_estimate(p.optimal_seconds):>11} {p.compile_seconds:>9.0f} "
+              f"{p.roofline.flops / 1e12:>10.2f} {p.roofline.seconds:>11.3f} {p.compile_seconds:>9.0f} "
               f"{host_peak_rss_bytes() / GIB:>8.1f}", flush=True)
-    print("(GiB per chip; TFLOP and s/step are the compiler's per-chip cost analysis, s/step its roofline "
-          "estimate, not a measurement)")
+    print("(GiB per chip; TFLOP and s/step per chip: the compiler's cost analysis and roofline time, completed for "
+          "the kernels it does not cost (training/roofline.py); an estimate, not a measurement)")
     return fits_all
 
 
-def print_sample_plan(config, topology: str | None, cpu_devices: int) -> int:
-    """Sampling one image with one person on 1, 2, 4, ... chips of ``topology`` (weights FSDP-sharded) until
-    it fits a chip's HBM; without a topology on ``cpu_devices`` simulated CPU devices (no HBM to compare)."""
+def _sample_row(plan, chip) -> str:
+    """One plan's figures per chip: weights and temporaries of the largest program, its peak, TFLOP per image and,
+    on TPU, the estimated seconds per image (roofline), images/s per chip, the chip-peak bound and their ratio."""
+    d = plan.programs["denoise"]
+    if chip is None:  # XLA:CPU: memory and FLOPs only
+        flops = plan.per_image(lambda f: f["flops"])
+        timing = f"{'-':>9} {'-':>10} {'-':>9} {'-':>6}"
+    else:
+        flops = plan.per_image(lambda f: f["roofline"].flops)
+        seconds = plan.per_image(lambda f: f["roofline"].seconds)
+        bound = flops / (chip.peak_flops * plan.num_devices)
+        timing = (f"{seconds:>9.3f} {1 / (seconds * plan.num_devices):>10.3f} {bound:>9.3f} "
+                  f"{seconds / bound:>6.2f}")
+    compile_s = sum(f["compile_seconds"] for f in plan.programs.values())
+    return (f"{d['argument_bytes'] / GIB:>7.2f} {d['temp_bytes'] / GIB:>11.2f} {plan.peak_bytes / GIB:>7.2f} "
+            f"{flops / 1e12:>12.2f} {timing} {compile_s:>9.0f}")
+
+
+_SAMPLE_HEADER = (f"{'weights':>7} {'temporaries':>11} {'peak':>7} {'TFLOP/image':>12} {'s/image':>9} "
+                  f"{'images/s':>10} {'bound s':>9} {'ratio':>6} {'compile s':>9}")
+_SAMPLE_NOTE = ("(GiB per chip: the largest program, a step with the ID. TFLOP per image: every step and the decode, "
+                "the compiler's cost analysis plus the kernels it does not cost (splash) estimated from their "
+                "operands; s/image: the compiler's roofline time (each op at the chip's peak FLOP/s or HBM "
+                "bandwidth) plus those kernels' at the same peaks, an estimate, not a measurement; images/s per "
+                "chip; bound: TFLOP per image at the chip's bf16 peak; ratio = s/image / bound. "
+                "training/roofline.py)")
+
+
+def print_sample_plan(config, topology: str | None, cpu_devices: int, persons: list[int]) -> int:
+    """Sampling one image with each of ``persons`` on 1, 2, 4, ... chips of ``topology`` (weights FSDP-sharded)
+    until it fits a chip's HBM; without a topology on ``cpu_devices`` simulated CPU devices (no HBM to
+    compare). Returns 1 if it fits no slice of the topology."""
     import jax
 
-    from realisid_jax.training.aot import device_hbm_bytes, host_peak_rss_bytes, sample_plan
+    from realisid_jax.training.aot import host_peak_rss_bytes, sample_plan
+    from realisid_jax.training.roofline import device_chip
 
     devices = _tpu_devices(topology) if topology else jax.devices()[:cpu_devices]
-    hbm = device_hbm_bytes(devices) if topology else None
+    chip = device_chip(devices) if topology else None
     s = config.sampling
-    print(f"\nsampling {s.height}x{s.width}, 1 image, 1 person, {s.num_inference_steps} steps "
-          f"({topology or 'simulated CPU devices'}; GiB per chip):")
-    print(f"{'chips':>5} {'denoise peak':>12} {'decode peak':>11} {'HBM':>5}  {'fits':<12} {'TFLOP/step':>10} "
-          f"{'est. s/step':>11} {'compile s':>9} {'host GiB':>8}")
-    n = 1
-    while n <= len(devices):
-        try:
-            plan = sample_plan(config, devices[:n])
-        except Exception as error:  # noqa: BLE001 - libtpu's XlaRuntimeError; anything else is re-raised
-            if hbm is None or "RESOURCE_EXHAUSTED" not in str(error):
-                raise
-            print(f"{n:>5}  does not fit: {_compiler_refusal(error)}", flush=True)
+    status = 0
+    for k in persons:
+        print(f"\nsampling {s.height}x{s.width}, 1 image, {k} person{'s' if k > 1 else ''}, {s.num_inference_steps} "
+              f"steps, the ID from step {int(s.id_start_fraction * s.num_inference_steps)} "
+              f"({topology or 'simulated CPU devices'}):")
+        print(f"{'chips':>5} {'HBM':>5}  {'fits':<12} {_SAMPLE_HEADER} {'host GiB':>8}")
+        n = 1
+        while n <= len(devices):
+            try:
+                plan = sample_plan(config, devices[:n], persons=k)
+            except Exception as error:  # noqa: BLE001 - libtpu's XlaRuntimeError; anything else is re-raised
+                if chip is None or "RESOURCE_EXHAUSTED" not in str(error):
+                    raise
+                print(f"{n:>5} {chip.hbm_bytes / GIB:>5.0f}  does not fit: {_compiler_refusal(error)}", flush=True)
+                n *= 2
+                continue
+            fits = "-" if chip is None else ("fits" if plan.peak_bytes <= chip.hbm_bytes else "does not fit")
+            print(f"{n:>5} {(chip.hbm_bytes if chip else 0) / GIB:>5.0f}  {fits:<12} {_sample_row(plan, chip)} "
+                  f"{host_peak_rss_bytes() / GIB:>8.1f}", flush=True)
+            if fits == "fits":
+                print(f"smallest slice that samples: {n} chip{'s' if n > 1 else ''} of {topology}")
+                break
             n *= 2
-            continue
-        d = plan.denoise
-        fits = "-" if hbm is None else ("fits" if plan.peak_bytes <= hbm else "does not fit")
-        # The loop's cost analysis counts its body once: one guided step (3 predictions).
-        print(f"{n:>5} {d['peak_bytes'] / GIB:>12.2f} {plan.decode['peak_bytes'] / GIB:>11.2f} "
-              f"{(hbm or 0) / GIB:>5.0f}  {fits:<12} {d['flops'] / 1e12:>10.2f} {_estimate(d['optimal_seconds']):>11} "
-              f"{d['compile_seconds'] + plan.decode['compile_seconds']:>9.0f} {host_peak_rss_bytes() / GIB:>8.1f}",
-              flush=True)
-        if hbm is not None and plan.peak_bytes <= hbm:
-            print(f"smallest slice that samples: {n} chip{'s' if n > 1 else ''} of {topology}")
-            return 0
-        n *= 2
-    return 0 if hbm is None else 1
+        else:
+            status = 0 if chip is None else 1
+    print(_SAMPLE_NOTE)
+    return status
+
+
+def print_max_batch(config, topology: str, persons: list[int]) -> int:
+    """The largest batch of images one chip of ``topology`` samples, per number of ``persons``
+    (``aot.max_batch``: every compile printed as it ends)."""
+    from realisid_jax.training.aot import host_peak_rss_bytes, max_batch
+    from realisid_jax.training.roofline import device_chip
+
+    devices = _tpu_devices(topology)[:1]
+    chip = device_chip(devices)
+    s = config.sampling
+    print(f"\nlargest batch on one chip of {topology} ({chip.hbm_bytes / GIB:.0f} GiB HBM), {s.height}x{s.width}, "
+          f"{s.num_inference_steps} steps:")
+    print(f"{'persons':>7} {'batch':>5} {'fits':<12} {_SAMPLE_HEADER} {'host GiB':>8}")
+    status = 0
+    for k in persons:
+        def show(batch, plan, k=k):
+            if plan is None:
+                print(f"{k:>7} {batch:>5} does not fit", flush=True)
+            else:
+                print(f"{k:>7} {batch:>5} {'fits':<12} {_sample_row(plan, chip)} {host_peak_rss_bytes() / GIB:>8.1f}",
+                      flush=True)
+
+        batch, _ = max_batch(config, devices, persons=k, on_plan=show)
+        print(f"largest batch with {k} person{'s' if k > 1 else ''}: {batch}", flush=True)
+        status |= batch == 0
+    print(_SAMPLE_NOTE.replace("a step with the ID.", "a step with the ID; the steps before it (two predictions) "
+                               "are counted as steps with it, an upper bound of their cost."))
+    return int(status)

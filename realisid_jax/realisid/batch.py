@@ -22,8 +22,8 @@ import numpy as np
 from flax import nnx, struct
 
 from realisid_jax.realisid.conditions import Person, PersonConditions
-from realisid_jax.realisid.pipeline import (RealisIDPipeline, _decode, guided_noise_pred, id_start_step,
-                                            initial_noise, micro_conditioning, person_bucket, three_way_text)
+from realisid_jax.realisid.pipeline import (Guidance, RealisIDPipeline, _decode, guided_noise_pred, id_start_step,
+                                            initial_noise, micro_conditioning, person_bucket)
 from realisid_jax.schedulers import get_scheduler
 from realisid_jax.sharding import data_sharding
 
@@ -242,21 +242,25 @@ def _sample(graphdef, scheduler, state, sched_state, inputs: BatchInputs):
     features = hidden.hidden_states[-2].reshape(b, k, *hidden.hidden_states[-2].shape[1:])
     encode_id = models.realisid.encode_id
     id_embedding, no_id = encode_id(features), encode_id(jnp.zeros_like(features))  # (B, K, T, D)
-    context, added = three_way_text(inputs.text, inputs.time_ids)
-    persons3 = tuple(jnp.concatenate([x] * 3) for x in (inputs.boxes, inputs.valid, inputs.landmark_images))
-    per_image = lambda x: x.reshape(b, 1, 1, 1)  # noqa: E731 - (B,) scales against (B, h, w, C)
-    text_scale, id_scale = per_image(inputs.text_scale), per_image(inputs.id_scale)
+    persons = (inputs.boxes, inputs.valid, inputs.landmark_images)
+    per_image = lambda x: x.reshape(b, 1, 1, 1)  # noqa: E731 - (B,) values against (B, h, w, C)
+    guidance = Guidance(per_image(inputs.text_scale), per_image(inputs.id_scale))
 
-    def body(i, carry):
-        x, scheduler_carry = carry
-        x_in = scheduler.scale_model_input(sched_state, x, i)
-        with_id = jnp.where(per_image(i >= inputs.id_start_step), id_embedding, no_id)
-        p_id = jnp.concatenate([no_id, no_id, with_id])
-        eps = guided_noise_pred(models, x_in, sched_state.timesteps[i], p_id, persons3, context, added,
-                                text_scale, id_scale)
-        return scheduler.step(sched_state, eps.astype(x.dtype), i, x, scheduler_carry)
+    def body(with_id):
+        def step(i, carry):
+            x, scheduler_carry = carry
+            x_in = scheduler.scale_model_input(sched_state, x, i)
+            # Per image: an image whose ID starts later than the batch's first keeps "no ID" until then.
+            ids = (no_id, jnp.where(per_image(i >= inputs.id_start_step), id_embedding, no_id) if with_id else None)
+            eps = guided_noise_pred(models, x_in, sched_state.timesteps[i], ids, persons, inputs.text,
+                                    inputs.time_ids, guidance)
+            return scheduler.step(sched_state, eps.astype(x.dtype), i, x, scheduler_carry)
+        return step
 
     latents = inputs.latents * sched_state.init_noise_sigma
     carry = (latents, scheduler.init_carry(sched_state, latents))
-    latents, _ = jax.lax.fori_loop(0, sched_state.timesteps.shape[0], body, carry)
+    # Delayed ID: until the batch's earliest ID start no image has its ID, two predictions per step (ε_t&i = ε_t).
+    first = jnp.min(inputs.id_start_step)
+    carry = jax.lax.fori_loop(0, first, body(False), carry)
+    latents, _ = jax.lax.fori_loop(first, sched_state.timesteps.shape[0], body(True), carry)
     return _decode(graphdef, state, latents)

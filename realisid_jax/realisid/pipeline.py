@@ -6,9 +6,11 @@ zero image features through the ID projection. "No text" (an empty negative prom
 dropout used, ``config.realisid.no_text``: by default the encoded empty prompt, since the trained branches never
 saw anything else; ``"zeros"`` gives diffusers' SDXL default instead (all-zero prompt and pooled embeddings,
 ``force_zeros_for_empty_prompt``), for parity with diffusers' pipelines. Delayed subject conditioning turns the
-ID off (ε_t&i = ε_t) for the first ``id_start_fraction`` of the steps. The whole denoising loop is one ``jax.jit``
-(``lax.fori_loop``); seeds, prompts, boxes and guidance scales are data, so none of them recompiles; the
-persons are cut to a bucket of 1, 2, 4, ... slots (``person_bucket``), one executable per bucket.
+ID off (ε_t&i = ε_t) for the first ``id_start_fraction`` of the steps: those steps run two predictions, not
+three. Each phase of the denoising loop is one ``jax.jit`` (``lax.fori_loop``); seeds, prompts, boxes and
+guidance scales are data, so none of them recompiles; the persons are cut to a bucket of 1, 2, 4, ... slots
+(``person_bucket``), one executable per bucket. The branches are stored in ``config.sampling.param_dtype``
+(default the compute dtype: bf16 on accelerators), cast once when the pipeline is built.
 Mirrors diffusers' ``StableDiffusionXLPipeline.__call__`` (timesteps, latents, added time ids).
 """
 
@@ -60,13 +62,11 @@ class SamplingOutput:
 
 @struct.dataclass
 class Guidance:
-    """Paper Eq. 8's settings, traced (changing them does not recompile): ``text_scale`` λ_t and ``id_scale``
-    λ_i (float32 scalars), ``id_start_step`` (int32 scalar): the first step with the ID (delayed subject
-    conditioning)."""
+    """Paper Eq. 8's scales, traced (changing them does not recompile): ``text_scale`` λ_t and ``id_scale`` λ_i,
+    float32 scalars or (N, 1, 1, 1) per image."""
 
     text_scale: jax.Array
     id_scale: jax.Array
-    id_start_step: jax.Array
 
 
 @struct.dataclass
@@ -164,6 +164,7 @@ class RealisIDPipeline:
         self.mesh = mesh
         self.rules = tuple(config.mesh.rules) if mesh is not None else DEFAULT_RULES
         self.analyzer = analyzer
+        state = cast_branches(state, config.sampling.get("param_dtype") or config.dtype)
         if mesh is not None:
             state = jax.device_put(state, state_shardings(state, mesh, self.rules))
         self._graphdef, self._state = graphdef, state
@@ -239,19 +240,18 @@ class RealisIDPipeline:
 
     def set_branch_params(self, params: dict) -> None:
         """Replaces the branches' weights with ``params``, a pure dict of the ``realisid`` module's parameters
-        (a train state's ``params``), placed like the current ones: samples from a run in progress, no
-        recompilation.
+        (a train state's ``params``, any float dtype), cast and placed like the current ones: samples from a run
+        in progress, no recompilation.
 
         Raises:
           ValueError: ``params`` does not have the branches' tree structure.
         """
         state = self._state["realisid"]
-        expected = jax.tree.map(lambda x: (x.shape, x.dtype), state.to_pure_dict())
-        given = jax.tree.map(lambda x: (x.shape, x.dtype), params)
-        if given != expected:
-            raise ValueError("params do not match the RealisID branches' tree (names, shapes, dtypes)")
+        expected = jax.tree.map(lambda x: x.shape, state.to_pure_dict())
+        if jax.tree.map(lambda x: x.shape, params) != expected:
+            raise ValueError("params do not match the RealisID branches' tree (names, shapes)")
         new = jax.tree.map(lambda x: x, state)
-        new.replace_by_pure_dict(params)
+        new.replace_by_pure_dict(jax.tree.map(lambda x, old: x.astype(old.dtype), params, state.to_pure_dict()))
         self._state["realisid"] = jax.device_put(new, jax.tree.map(lambda x: x.sharding, state))
 
     # ----------------------------------------------------------------------------------------------- host
@@ -303,8 +303,7 @@ class RealisIDPipeline:
         fraction = s.id_start_fraction if id_start_fraction is None else id_start_fraction
         guidance = Guidance(
             jnp.float32(s.text_guidance_scale if text_guidance_scale is None else text_guidance_scale),
-            jnp.float32(s.id_guidance_scale if id_guidance_scale is None else id_guidance_scale),
-            jnp.int32(id_start_step(fraction, steps)))
+            jnp.float32(s.id_guidance_scale if id_guidance_scale is None else id_guidance_scale))
         text = self.encode_prompt(prompt, negative_prompt if negative_prompt is not None else s.negative_prompt or None,
                                   num_images)
         latent_shape = (num_images, *self.latent_shape(height, width))
@@ -321,16 +320,8 @@ class RealisIDPipeline:
             request = DenoiseInputs(inputs["text"], inputs["time_ids"], id_embedding, no_id, inputs["boxes"],
                                     inputs["valid"], inputs["landmark_images"])
             carry = (inputs["latents"], self.scheduler.init_carry(sched_state, inputs["latents"]))
-            # One compiled loop whose bounds are data: with a progress bar it is called once per step (a host
-            # callback inside the loop would keep the executable out of the persistent compilation cache).
-            bounds = [(i, i + 1) for i in range(steps)] if progress else [(0, steps)]
-            with tqdm(total=steps, desc="denoising", disable=not progress) as bar:
-                for start, stop in bounds:
-                    carry = _denoise(self._graphdef, self.scheduler, self._state, sched_state, carry, request,
-                                     guidance, jnp.int32(start), jnp.int32(stop))
-                    carry[0].block_until_ready()
-                    bar.update(stop - start)
-            latents = carry[0]
+            latents = denoise(self._graphdef, self.scheduler, self._state, sched_state, carry, request, guidance,
+                              id_start_step(fraction, steps), progress=progress)[0]
             images = _decode(self._graphdef, self._state, latents)
         return SamplingOutput(np.asarray(images), np.asarray(latents), conditions)
 
@@ -397,72 +388,123 @@ def _encode_ids(graphdef, state, reference_pixels):
     return models.realisid.encode_id(features), models.realisid.encode_id(jnp.zeros_like(features))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "scheduler"))
+def cast_branches(state: nnx.State, dtype) -> nnx.State:
+    """``state`` (arrays, or ``ShapeDtypeStruct`` for plans) with the RealisID branches' float weights in ``dtype``
+    (once, at load: sampling reads them in the compute dtype, so the loop converts no weight); the other
+    components as they are."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x.astype(dtype)
+
+    return nnx.State({**state, "realisid": jax.tree.map(cast, state["realisid"])})
+
+
+def denoise(graphdef, scheduler, state, sched_state, carry, inputs: DenoiseInputs, guidance: Guidance,
+            id_start: int, *, progress: bool = False):
+    """All ``len(sched_state.timesteps)`` guided steps: those before ``id_start`` with two predictions (delayed ID:
+    ε_t&i = ε_t), the rest with three (``_denoise``'s two executables). Returns the advanced ``carry``.
+
+    With ``progress`` a bar counts the steps, one call per step (a host callback inside the loop would keep the
+    executable out of the persistent compilation cache); without, one call per phase."""
+    steps = int(sched_state.timesteps.shape[0])
+    id_start = min(max(int(id_start), 0), steps)
+    edges = list(range(steps + 1)) if progress else sorted({0, id_start, steps})
+    with tqdm(total=steps, desc="denoising", disable=not progress) as bar:
+        for start, stop in zip(edges, edges[1:]):
+            carry = _denoise(graphdef, scheduler, state, sched_state, carry, inputs, guidance, jnp.int32(start),
+                             jnp.int32(stop), with_id=start >= id_start)
+            if progress:
+                carry[0].block_until_ready()
+            bar.update(stop - start)
+    return carry
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "scheduler", "with_id"))
 def _denoise(graphdef, scheduler, state, sched_state, carry, inputs: DenoiseInputs, guidance: Guidance, start,
-             stop):
-    """Guided denoising steps ``start`` to ``stop`` (paper Eq. 8), one batch of 3N predictions per step.
+             stop, *, with_id: bool):
+    """Guided denoising steps ``start`` to ``stop`` (paper Eq. 8): three predictions per step ``with_id``, else
+    two (ε_none, ε_t: the steps before the ID starts).
 
     ``graphdef``/``state``: the split ``Components``; ``carry`` is (latents (N, h, w, C), the scheduler's loop
-    carry) and is returned advanced; the bounds are traced, so the whole loop and a single step share one
+    carry) and is returned advanced; the bounds are traced, so the whole phase and a single step share one
     executable."""
     models = nnx.merge(graphdef, state)
     n = carry[0].shape[0]
-    context, added = three_way_text(inputs.text, inputs.time_ids)
     per_image = lambda x: jnp.broadcast_to(x, (n, *x.shape))  # noqa: E731 - persons are shared by the N images
-    persons3 = tuple(jnp.concatenate([x] * 3) for x in (inputs.boxes, inputs.valid, inputs.landmark_images))
-    id_embedding, no_id = inputs.id_embedding, inputs.no_id
+    ids = (per_image(inputs.no_id), per_image(inputs.id_embedding) if with_id else None)
+    persons = (inputs.boxes, inputs.valid, inputs.landmark_images)
 
     def body(i, carry):
         x, scheduler_carry = carry
         x_in = scheduler.scale_model_input(sched_state, x, i)
-        with_id = jnp.where(i >= guidance.id_start_step, id_embedding, no_id)
-        p_id = jnp.concatenate([per_image(no_id), per_image(no_id), per_image(with_id)])
-        eps = guided_noise_pred(models, x_in, sched_state.timesteps[i], p_id, persons3, context, added,
-                                guidance.text_scale, guidance.id_scale)
+        eps = guided_noise_pred(models, x_in, sched_state.timesteps[i], ids, persons, inputs.text, inputs.time_ids,
+                                guidance)
         return scheduler.step(sched_state, eps.astype(x.dtype), i, x, scheduler_carry)
 
     return jax.lax.fori_loop(start, stop, body, carry)
 
 
-def three_way_text(text, time_ids):
-    """The text context and SDXL added conditions of Eq. 8's three predictions (ε_none, ε_t, ε_t&i) stacked on
-    the batch axis: negative, prompt, prompt.
+def guidance_text(text, time_ids, predictions: int):
+    """The text context and SDXL added conditions of Eq. 8's predictions stacked on the batch axis: negative,
+    prompt (ε_none, ε_t) and, for three ``predictions``, prompt again (ε_t&i).
 
     Args:
       text: ``(prompt_embeds (N, 77, D), negative_embeds, pooled (N, P) or None, negative_pooled)``.
       time_ids: (N, 6) SDXL micro-conditioning (unused for SD 1.5, whose ``pooled`` is None).
 
     Returns:
-      ``(context (3N, 77, D), added_cond_kwargs or None)``.
+      ``(context (predictions*N, 77, D), added_cond_kwargs or None)``.
     """
     prompt_embeds, negative_embeds, pooled, negative_pooled = text
-    context = jnp.concatenate([negative_embeds, prompt_embeds, prompt_embeds])
+    context = jnp.concatenate([negative_embeds] + [prompt_embeds] * (predictions - 1))
     if pooled is None:
         return context, None
-    return context, {"text_embeds": jnp.concatenate([negative_pooled, pooled, pooled]),
-                     "time_ids": jnp.tile(time_ids, (3, 1))}
+    return context, {"text_embeds": jnp.concatenate([negative_pooled] + [pooled] * (predictions - 1)),
+                     "time_ids": jnp.tile(time_ids, (predictions, 1))}
 
 
-def guided_noise_pred(models, x_in, t, p_id, persons3, context, added, text_scale, id_scale):
-    """Paper Eq. 8: ε = ε_none + λ_t (ε_t - ε_none) + λ_i (ε_t&i - ε_t), the three predictions as one batch.
+def guided_noise_pred(models, x_in, t, ids, persons, text, time_ids, guidance: Guidance):
+    """Paper Eq. 8: ε = ε_none + λ_t (ε_t - ε_none) + λ_i (ε_t&i - ε_t), the predictions as one batch.
+
+    Without the persons' IDs (the steps before the ID starts, ε_t&i = ε_t) the λ_i term vanishes and two
+    predictions are made. The branches see no text on SD 1.5 (no added conditions), so ε_none and ε_t share one
+    branch pass there.
 
     Args:
       models: the merged ``Components`` (``unet`` and ``realisid`` used).
       x_in: (N, h, w, C) scaled model input; ``t`` the step's timestep.
-      p_id: (3N, K, T, D) ID tokens of the three predictions (no ID, no ID, the persons' or no ID before the
-        ID start); ``persons3``: boxes, validity and landmark images, each tripled on the batch axis.
-      context, added: ``three_way_text``'s.
-      text_scale, id_scale: λ_t and λ_i, scalars or broadcastable against (N, h, w, C).
+      ids: ``(no_id, id_embedding or None)``, each (N, K, T, D) ID tokens; ``None``: two predictions.
+      persons: boxes (N, K, 4), validity (N, K) and landmark images (N, K, P, P, 3).
+      text, time_ids: as ``guidance_text``.
+      guidance: λ_t and λ_i, scalars or broadcastable against (N, h, w, C).
 
     Returns:
       (N, h, w, C) guided noise prediction, in the UNet's dtype.
     """
-    x3 = jnp.concatenate([x_in] * 3)
-    down, mid = models.realisid.residuals(x3, t, p_id, *persons3, added)
-    eps = models.unet(x3, t, context, added_cond_kwargs=added, down_block_additional_residuals=down,
-                      mid_block_additional_residual=mid)
-    e_none, e_text, e_id = jnp.split(eps, 3)
-    return e_none + text_scale * (e_text - e_none) + id_scale * (e_id - e_text)
+    no_id, with_id = ids
+    k = 2 if with_id is None else 3
+    context, added = guidance_text(text, time_ids, k)
+    shared = added is None  # SD 1.5: ε_none's and ε_t's branch inputs are equal
+    p_id = [no_id] * (1 if shared else 2) + ([] if with_id is None else [with_id])
+    m = len(p_id)
+    x = jnp.concatenate([x_in] * m)
+    down, mid = models.realisid.residuals(x, t, jnp.concatenate(p_id), *(jnp.concatenate([p] * m) for p in persons),
+                                          added)
+    if shared:  # the no-ID residuals serve ε_none and ε_t
+        n = x_in.shape[0]
+        down, mid = jax.tree.map(lambda r: jnp.concatenate([r[:n], r]), (down, mid))
+    eps = models.unet(jnp.concatenate([x_in] * k), t, context, added_cond_kwargs=added,
+                      down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    e_none, e_text = eps[:x_in.shape[0]], eps[x_in.shape[0]:2 * x_in.shape[0]]
+    guided = e_none + guidance.text_scale * (e_text - e_none)
+    if with_id is None:
+        return guided
+    return guided + guidance.id_scale * (eps[2 * x_in.shape[0]:] - e_text)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

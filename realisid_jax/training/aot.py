@@ -21,18 +21,14 @@ import numpy as np
 from flax import nnx
 
 from realisid_jax.realisid.components import abstract_components, apply_kernel_config
-from realisid_jax.realisid.pipeline import DenoiseInputs, Guidance, _decode, _denoise, _encode_ids
+from realisid_jax.realisid.pipeline import (DenoiseInputs, Guidance, _decode, _denoise, _encode_ids,
+                                            cast_branches, id_start_step)
 from realisid_jax.models.vae import VAE_SCALE_FACTOR
 from realisid_jax.schedulers import get_scheduler
 from realisid_jax.sharding import data_sharding, make_mesh, state_shardings, use_mesh
 from realisid_jax.training.memory import compiled_figures
+from realisid_jax.training.roofline import device_chip
 from realisid_jax.training.state import replicated, with_shardings
-
-# HBM per chip by ``device_kind`` (Cloud TPU documentation); the compiler reserves a little of it
-# (v5e: 15.75 of 16 GiB usable), so "fits" compares against the whole chip and says so.
-CHIP_HBM_BYTES = {"TPU v4": 32 * 2**30, "TPU v5 lite": 16 * 2**30, "TPU v5": 95 * 2**30, "TPU v5p": 95 * 2**30,
-                  "TPU v6 lite": 32 * 2**30}
-
 
 def topology_devices(name: str) -> list[jax.Device]:
     """The devices of TPU topology ``name`` (``"v5e:2x4"``, ``"v4:2x2x1"``, ``"v5p:2x2x1"``, ``"v6e:2x2"``), for
@@ -52,15 +48,9 @@ def topology_devices(name: str) -> list[jax.Device]:
 
 
 def device_hbm_bytes(devices: list[jax.Device]) -> int:
-    """HBM bytes of one device of a topology: its chip's (by ``device_kind``, e.g. ``"TPU v5 lite"``) divided
-    among the devices on that chip (libtpu's ``v4`` topologies give each of a chip's two TensorCores its own
-    device, 16 of the chip's 32 GiB)."""
-    first = devices[0]
-    try:
-        chip = CHIP_HBM_BYTES[first.device_kind]
-    except KeyError:
-        raise ValueError(f"unknown TPU chip {first.device_kind!r} (known: {', '.join(CHIP_HBM_BYTES)})") from None
-    return chip // sum(1 for d in devices if tuple(d.coords) == tuple(first.coords))
+    """HBM bytes of one device of a topology (``roofline.device_chip``; the compiler reserves a little of it, v5e:
+    15.75 of 16 GiB usable, so "fits" compares against the whole chip and says so)."""
+    return device_chip(devices).hbm_bytes
 
 
 def host_peak_rss_bytes() -> int:
@@ -70,31 +60,62 @@ def host_peak_rss_bytes() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SamplePlan:
-    """Per-chip figures of sampling one image (``compiled_figures`` keys) for the denoising loop and the VAE
-    decode, and the chips they were compiled for (weights FSDP-sharded over them)."""
+    """Per-chip figures of sampling ``batch`` images (``compiled_figures`` keys, with ``roofline`` on TPU) for
+    each program: ``denoise`` (a step with the ID: three predictions), ``denoise_before_id`` (a step before it:
+    two; absent when the ID starts at the first step or only the largest program is planned) and ``decode``
+    (the VAE), weights FSDP-sharded over ``num_devices`` chips; ``steps`` steps, ``id_start`` of them without
+    the ID (``pipeline.id_start_step``)."""
 
     num_devices: int
     persons: int
+    batch: int
     height: int
     width: int
-    denoise: dict
-    decode: dict
+    steps: int
+    id_start: int
+    programs: dict
 
     @property
     def peak_bytes(self) -> int:
-        return max(self.denoise["peak_bytes"], self.decode["peak_bytes"])
+        return max(p["peak_bytes"] for p in self.programs.values())
+
+    def per_image(self, figure) -> float:
+        """``figure(program figures)`` (per chip and step, or per decode) summed over one sampling run and the
+        chips, per image: the steps before the ID on ``denoise_before_id`` (``denoise`` if not planned)."""
+        p = self.programs
+        early = p.get("denoise_before_id", p["denoise"])
+        run = (self.id_start * figure(early) + (self.steps - self.id_start) * figure(p["denoise"])
+               + figure(p["decode"]))
+        return run * self.num_devices / self.batch
 
 
-def sample_plan(config: ml_collections.ConfigDict, devices: list[jax.Device], *, persons: int = 1) -> SamplePlan:
-    """Compiles the pipeline's guided denoising loop (one executable for all steps: ``lax.fori_loop`` with
-    traced bounds, so its memory is one step's) and the VAE decode for one image of
-    ``config.sampling.height x width`` with ``persons`` person slots, weights sharded over ``devices``."""
+def sample_plan(config: ml_collections.ConfigDict, devices: list[jax.Device], *, persons: int = 1, batch: int = 1,
+                largest_only: bool = False) -> SamplePlan:
+    """Compiles the pipeline's denoising phases (each one executable for all its steps: ``lax.fori_loop`` with
+    traced bounds, so its memory is one step's) and the VAE decode for ``batch`` images of
+    ``config.sampling.height x width`` with ``persons`` person slots, weights sharded over ``devices``.
+    ``largest_only``: the phase with the ID and the decode only (what bounds the memory)."""
+    s = config.sampling
+    steps = int(s.num_inference_steps)
+    id_start = id_start_step(s.id_start_fraction, steps)
+    phases = ("denoise",) if largest_only or id_start == 0 else ("denoise_before_id", "denoise")
+    lowered = lower_sampling(config, devices, persons=persons, batch=batch)
+    programs = {name: compiled_figures(lowered[name], devices) for name in (*phases, "decode")}
+    return SamplePlan(num_devices=len(devices), persons=persons, batch=batch, height=int(s.height),
+                      width=int(s.width), steps=steps, id_start=id_start, programs=programs)
+
+
+def lower_sampling(config: ml_collections.ConfigDict, devices: list[jax.Device], *, persons: int = 1,
+                   batch: int = 1) -> dict:
+    """The sampling programs of ``sample_plan``, lowered (not compiled): ``denoise`` (with the ID),
+    ``denoise_before_id`` and ``decode``, each a ``jax.stages.Lowered``."""
     mesh = make_mesh((1, len(devices), 1), devices)
     rules = tuple(tuple(r) for r in config.mesh.rules)
     s = config.sampling
     components = abstract_components(config)
     apply_kernel_config(components, config)
     graphdef, state = nnx.split(components)
+    state = cast_branches(state, s.get("param_dtype") or config.dtype)
     state = with_shardings(state, state_shardings(state, mesh, rules))
     rep = replicated(mesh)
 
@@ -109,16 +130,16 @@ def sample_plan(config: ml_collections.ConfigDict, devices: list[jax.Device], *,
 
     scheduler = get_scheduler(s.scheduler, None)
     sched_state = abstract(scheduler.set_timesteps(int(s.num_inference_steps)))
-    latents = batched((1, s.height // VAE_SCALE_FACTOR, s.width // VAE_SCALE_FACTOR,
+    latents = batched((batch, s.height // VAE_SCALE_FACTOR, s.width // VAE_SCALE_FACTOR,
                        config.model.unet["in_channels"]), jnp.float32)
     carry = (latents, abstract(jax.eval_shape(scheduler.init_carry, sched_state, latents)))
     dtype = jnp.dtype(config.dtype)
     context = config.model.unet["cross_attention_dim"]
-    embeds = batched((1, 77, context), dtype)
+    embeds = batched((batch, 77, context), dtype)
     if config.model.get("text_encoder_2") is None:
         text = (embeds, embeds, None, None)
     else:
-        pooled = batched((1, config.model.text_encoder_2["projection_dim"]), dtype)
+        pooled = batched((batch, config.model.text_encoder_2["projection_dim"]), dtype)
         text = (embeds, embeds, pooled, pooled)
     clip = config.model.image_encoder["image_size"]
     reference = spec((persons, clip, clip, 3), jnp.float32)
@@ -127,12 +148,50 @@ def sample_plan(config: ml_collections.ConfigDict, devices: list[jax.Device], *,
     side = VAE_SCALE_FACTOR * config.realisid.local_latent_size
     scalar = lambda dtype: spec((), dtype)  # noqa: E731
     with use_mesh(mesh, rules):
-        inputs = DenoiseInputs(text, batched((1, 6), jnp.float32), id_embedding, no_id,
-                               batched((1, persons, 4), jnp.float32), batched((1, persons), jnp.bool_),
-                               batched((1, persons, side, side, 3), jnp.float32))
-        guidance = Guidance(scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32))
-        denoise = _denoise.lower(graphdef, scheduler, state, sched_state, carry, inputs, guidance, scalar(jnp.int32),
-                                 scalar(jnp.int32))
-        decode = _decode.lower(graphdef, state, latents)
-    return SamplePlan(num_devices=len(devices), persons=persons, height=int(s.height), width=int(s.width),
-                      denoise=compiled_figures(denoise, devices), decode=compiled_figures(decode, devices))
+        inputs = DenoiseInputs(text, batched((batch, 6), jnp.float32), id_embedding, no_id,
+                               batched((batch, persons, 4), jnp.float32), batched((batch, persons), jnp.bool_),
+                               batched((batch, persons, side, side, 3), jnp.float32))
+        guidance = Guidance(scalar(jnp.float32), scalar(jnp.float32))
+        lowered = {name: _denoise.lower(graphdef, scheduler, state, sched_state, carry, inputs, guidance,
+                                        scalar(jnp.int32), scalar(jnp.int32), with_id=with_id)
+                   for name, with_id in (("denoise_before_id", False), ("denoise", True))}
+        lowered["decode"] = _decode.lower(graphdef, state, latents)
+    return lowered
+
+
+def max_batch(config: ml_collections.ConfigDict, devices: list[jax.Device], *, persons: int = 1,
+              on_plan=None) -> tuple[int, SamplePlan | None]:
+    """The largest batch of images that samples on ``devices`` (``largest_only`` plans, TPU), found by compiling:
+    each guess from the peak's growth per image so far (linear in the batch), halving the gap after a refusal,
+    until the batch that fits has a refused batch one image above it. ``on_plan(batch, plan or None)`` sees each
+    compile (None: refused). Returns (batch, its plan); (0, None) if one image does not fit."""
+    hbm = device_hbm_bytes(devices)
+    plans: dict[int, SamplePlan | None] = {}
+
+    def fits(batch: int) -> bool:
+        try:
+            plan = sample_plan(config, devices, persons=persons, batch=batch, largest_only=True)
+        except Exception as error:  # noqa: BLE001 - libtpu's XlaRuntimeError; anything else is re-raised
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            plan = None
+        plans[batch] = plan if plan is not None and plan.peak_bytes <= hbm else None
+        if on_plan:
+            on_plan(batch, plans[batch])
+        return plans[batch] is not None
+
+    if not fits(1):
+        return 0, None
+    first = plans[1].peak_bytes
+    lo, hi = 1, None  # lo fits, hi was refused
+    while hi is None or hi - lo > 1:
+        peak = plans[lo].peak_bytes
+        per_image = (peak - first) / (lo - 1) if lo > 1 else first - plans[1].programs["denoise"]["argument_bytes"]
+        guess = lo + max(1, int((hbm - peak) // max(per_image, 1)))
+        if hi is not None and guess >= hi:
+            guess = (lo + hi) // 2
+        if fits(guess):
+            lo = guess
+        else:
+            hi = guess
+    return lo, plans[lo]

@@ -26,6 +26,7 @@ from realisid_jax.text.tokenizer import CLIP_MAX_LENGTH
 from realisid_jax.training.trainer import noise_schedule
 from realisid_jax.training.batches import batch_spec
 from realisid_jax.training.optimizer import make_optimizer
+from realisid_jax.training.roofline import Chip, Roofline, device_chip, program_roofline
 from realisid_jax.training.state import (
     ModelSetup,
     abstract_train_state,
@@ -54,6 +55,8 @@ class MemoryPlan:
       flops: the compiler's floating-point operations per step and device (``cost_analysis``; NaN if absent).
       optimal_seconds: the TPU compiler's roofline estimate of one step (``cost_analysis``; NaN on CPU).
       compile_seconds: wall time of lowering and compiling here.
+      roofline: on TPU, the step's ``roofline.Roofline`` (the compiler's cost completed for the ops it does not
+        cost); None on CPU.
     """
 
     num_devices: int
@@ -70,6 +73,7 @@ class MemoryPlan:
     flops: float = math.nan
     optimal_seconds: float = math.nan
     compile_seconds: float = 0.0
+    roofline: Roofline | None = None
 
 
 def shard_bytes(tree) -> int:
@@ -85,22 +89,25 @@ def compile_options(devices: Sequence[jax.Device]) -> dict:
 
 def compiled_figures(lowered, devices: Sequence[jax.Device]) -> dict:
     """``argument/output/alias/temp/peak_bytes``, ``flops``, ``optimal_seconds`` and ``compile_seconds`` of a
-    lowered program compiled for ``devices``' platform."""
+    lowered program compiled for ``devices``' platform; on TPU also its ``roofline`` (``roofline.Roofline``)."""
     start = time.perf_counter()
     compiled = lowered.compile(compiler_options=compile_options(devices))
-    return executable_figures(compiled, time.perf_counter() - start)
+    chip = device_chip(devices) if devices[0].platform == "tpu" else None
+    return executable_figures(compiled, time.perf_counter() - start, chip)
 
 
-def executable_figures(compiled, compile_seconds: float) -> dict:
-    """``compiled_figures`` of an executable (``jax.stages.Compiled``) that took ``compile_seconds``."""
+def executable_figures(compiled, compile_seconds: float, chip: Chip | None = None) -> dict:
+    """``compiled_figures`` of an executable (``jax.stages.Compiled``) that took ``compile_seconds``; the
+    ``roofline`` for ``chip`` if given."""
     stats = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
     argument, output = int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes)
     alias, temp = int(stats.alias_size_in_bytes), int(stats.temp_size_in_bytes)
-    return dict(argument_bytes=argument, output_bytes=output, alias_bytes=alias, temp_bytes=temp,
-                peak_bytes=argument + output - alias + temp, flops=float(cost.get("flops", math.nan)),
-                optimal_seconds=float(cost.get("optimal_seconds", math.nan)), compile_seconds=compile_seconds)
+    figures = dict(argument_bytes=argument, output_bytes=output, alias_bytes=alias, temp_bytes=temp,
+                   peak_bytes=argument + output - alias + temp, flops=float(cost.get("flops", math.nan)),
+                   optimal_seconds=float(cost.get("optimal_seconds", math.nan)), compile_seconds=compile_seconds)
+    return figures if chip is None else {**figures, "roofline": program_roofline(compiled, chip)}
 
 
 @dataclasses.dataclass(frozen=True)
