@@ -167,6 +167,16 @@ def _sample_row(plan, chip) -> str:
             f"{flops / 1e12:>12.2f} {timing} {compile_s:>9.0f}")
 
 
+def _print_programs(plan) -> None:
+    """Each program's figures per chip: per step for the denoising phases, per batch for the decode."""
+    for name, f in plan.programs.items():
+        cost = f.get("roofline")
+        flops, seconds = (cost.flops, f"{cost.seconds:.4f} s") if cost else (f["flops"], "-")
+        unit = "batch" if name == "decode" else "step"
+        print(f"      {name:<18} {flops / 1e12:8.3f} TFLOP/{unit}  {seconds}/{unit}  peak {f['peak_bytes'] / GIB:.2f} GiB  "
+              f"compiled in {f['compile_seconds']:.0f} s", flush=True)
+
+
 _SAMPLE_HEADER = (f"{'weights':>7} {'temporaries':>11} {'peak':>7} {'TFLOP/image':>12} {'s/image':>9} "
                   f"{'images/s':>10} {'bound s':>9} {'ratio':>6} {'compile s':>9}")
 _SAMPLE_NOTE = ("(GiB per chip: the largest program, a step with the ID. TFLOP per image: every step and the decode, "
@@ -208,6 +218,7 @@ def print_sample_plan(config, topology: str | None, cpu_devices: int, persons: l
             fits = "-" if chip is None else ("fits" if plan.peak_bytes <= chip.hbm_bytes else "does not fit")
             print(f"{n:>5} {(chip.hbm_bytes if chip else 0) / GIB:>5.0f}  {fits:<12} {_sample_row(plan, chip)} "
                   f"{host_peak_rss_bytes() / GIB:>8.1f}", flush=True)
+            _print_programs(plan)
             if fits == "fits":
                 print(f"smallest slice that samples: {n} chip{'s' if n > 1 else ''} of {topology}")
                 break
