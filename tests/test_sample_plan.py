@@ -38,7 +38,7 @@ def test_max_batch_finds_the_edge_in_few_compiles(monkeypatch):
     refusing batches from 6 on: the largest batch is 3, found without compiling every batch up to it."""
     compiled = []
 
-    def fake_plan(config, devices, *, persons, batch, largest_only):
+    def fake_plan(config, devices, *, persons, batch):
         compiled.append(batch)
         if batch >= 6:
             raise RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "

@@ -253,6 +253,5 @@ def print_max_batch(config, topology: str, persons: list[int]) -> int:
         batch, _ = max_batch(config, devices, persons=k, on_plan=show)
         print(f"largest batch with {k} person{'s' if k > 1 else ''}: {batch}", flush=True)
         status |= batch == 0
-    print(_SAMPLE_NOTE.replace("a step with the ID.", "a step with the ID; the steps before it (two predictions) "
-                               "are counted as steps with it, an upper bound of their cost."))
+    print(_SAMPLE_NOTE)
     return int(status)

@@ -62,7 +62,7 @@ def host_peak_rss_bytes() -> int:
 class SamplePlan:
     """Per-chip figures of sampling ``batch`` images (``compiled_figures`` keys, with ``roofline`` on TPU) for
     each program: ``denoise`` (a step with the ID: three predictions), ``denoise_before_id`` (a step before it:
-    two; absent when the ID starts at the first step or only the largest program is planned) and ``decode``
+    two; absent when the ID starts at the first step) and ``decode``
     (the VAE), weights FSDP-sharded over ``num_devices`` chips; ``steps`` steps, ``id_start`` of them without
     the ID (``pipeline.id_start_step``)."""
 
@@ -89,18 +89,20 @@ class SamplePlan:
         return run * self.num_devices / self.batch
 
 
-def sample_plan(config: ml_collections.ConfigDict, devices: list[jax.Device], *, persons: int = 1, batch: int = 1,
-                largest_only: bool = False) -> SamplePlan:
+def sample_plan(config: ml_collections.ConfigDict, devices: list[jax.Device], *, persons: int = 1,
+                batch: int = 1) -> SamplePlan:
     """Compiles the pipeline's denoising phases (each one executable for all its steps: ``lax.fori_loop`` with
     traced bounds, so its memory is one step's) and the VAE decode for ``batch`` images of
-    ``config.sampling.height x width`` with ``persons`` person slots, weights sharded over ``devices``.
-    ``largest_only``: the phase with the ID and the decode only (what bounds the memory)."""
+    ``config.sampling.height x width`` with ``persons`` person slots, weights sharded over ``devices``."""
     s = config.sampling
     steps = int(s.num_inference_steps)
     id_start = id_start_step(s.id_start_fraction, steps)
-    phases = ("denoise",) if largest_only or id_start == 0 else ("denoise_before_id", "denoise")
+    phases = ("denoise",) if id_start == 0 else ("denoise_before_id", "denoise")
     lowered = lower_sampling(config, devices, persons=persons, batch=batch)
-    programs = {name: compiled_figures(lowered[name], devices) for name in (*phases, "decode")}
+    # The step with the ID first: its activations grow fastest with the batch, so a batch too large is refused
+    # after one compile.
+    compiled = {name: compiled_figures(lowered[name], devices) for name in ("denoise", *phases[:-1], "decode")}
+    programs = {name: compiled[name] for name in (*phases, "decode")}
     return SamplePlan(num_devices=len(devices), persons=persons, batch=batch, height=int(s.height),
                       width=int(s.width), steps=steps, id_start=id_start, programs=programs)
 
@@ -161,16 +163,16 @@ def lower_sampling(config: ml_collections.ConfigDict, devices: list[jax.Device],
 
 def max_batch(config: ml_collections.ConfigDict, devices: list[jax.Device], *, persons: int = 1,
               on_plan=None) -> tuple[int, SamplePlan | None]:
-    """The largest batch of images that samples on ``devices`` (``largest_only`` plans, TPU), found by compiling:
-    each guess from the peak's growth per image so far (linear in the batch), halving the gap after a refusal,
-    until the batch that fits has a refused batch one image above it. ``on_plan(batch, plan or None)`` sees each
+    """The largest batch of images that samples on ``devices`` (TPU; every program of ``sample_plan``), found by
+    compiling: each guess from the peak's growth per image so far (linear in the batch), halving the gap after a
+    refusal, until the batch that fits has a refused batch one image above it. ``on_plan(batch, plan or None)`` sees each
     compile (None: refused). Returns (batch, its plan); (0, None) if one image does not fit."""
     hbm = device_hbm_bytes(devices)
     plans: dict[int, SamplePlan | None] = {}
 
     def fits(batch: int) -> bool:
         try:
-            plan = sample_plan(config, devices, persons=persons, batch=batch, largest_only=True)
+            plan = sample_plan(config, devices, persons=persons, batch=batch)
         except Exception as error:  # noqa: BLE001 - libtpu's XlaRuntimeError; anything else is re-raised
             if "RESOURCE_EXHAUSTED" not in str(error):
                 raise
