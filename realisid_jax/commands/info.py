@@ -150,7 +150,7 @@ def print_tpu_train_plans(config, topologies: list[str], per_device_batch: int =
 
 
 def _sample_row(plan, chip) -> str:
-    """One plan's figures per chip: weights and temporaries of the largest program, its peak, TFLOP per image and,
+    """One plan's figures per chip: weights and temporaries of the step with the ID, the peak, TFLOP per image and,
     on TPU, the estimated seconds per image (roofline), images/s per chip, the chip-peak bound and their ratio."""
     d = plan.programs["denoise"]
     if chip is None:  # XLA:CPU: memory and FLOPs only
@@ -179,7 +179,8 @@ def _print_programs(plan) -> None:
 
 _SAMPLE_HEADER = (f"{'weights':>7} {'temporaries':>11} {'peak':>7} {'TFLOP/image':>12} {'s/image':>9} "
                   f"{'images/s':>10} {'bound s':>9} {'ratio':>6} {'compile s':>9}")
-_SAMPLE_NOTE = ("(GiB per chip: the largest program, a step with the ID. TFLOP per image: every step and the decode, "
+_SAMPLE_NOTE = ("(GiB per chip: weights and temporaries of a step with the ID, the peak over every program. "
+                "TFLOP per image: every step and the decode, "
                 "the compiler's cost analysis plus the kernels it does not cost (splash) estimated from their "
                 "operands; s/image: the compiler's roofline time (each op at the chip's peak FLOP/s or HBM "
                 "bandwidth) plus those kernels' at the same peaks, an estimate, not a measurement; images/s per "
@@ -193,6 +194,7 @@ def print_sample_plan(config, topology: str | None, cpu_devices: int, persons: l
     compare). Returns 1 if it fits no slice of the topology."""
     import jax
 
+    from realisid_jax.realisid.pipeline import id_start_step
     from realisid_jax.training.aot import host_peak_rss_bytes, sample_plan
     from realisid_jax.training.roofline import device_chip
 
@@ -202,7 +204,7 @@ def print_sample_plan(config, topology: str | None, cpu_devices: int, persons: l
     status = 0
     for k in persons:
         print(f"\nsampling {s.height}x{s.width}, 1 image, {k} person{'s' if k > 1 else ''}, {s.num_inference_steps} "
-              f"steps, the ID from step {int(s.id_start_fraction * s.num_inference_steps)} "
+              f"steps, the ID from step {id_start_step(s.id_start_fraction, s.num_inference_steps)} "
               f"({topology or 'simulated CPU devices'}):")
         print(f"{'chips':>5} {'HBM':>5}  {'fits':<12} {_SAMPLE_HEADER} {'host GiB':>8}")
         n = 1
