@@ -22,6 +22,7 @@ from flax import nnx
 
 from realisid_jax.models.controlnet import ControlNetModel
 from realisid_jax.models.id_projection import IDProjection
+from realisid_jax.models.layers import set_conv_impl
 from realisid_jax.models.vae import VAE_SCALE_FACTOR
 from realisid_jax.realisid.branches import RealisID, RealisIDConfig
 from realisid_jax.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
@@ -64,15 +65,17 @@ def build_models(config, *, seed: int = 0, frameworks: tuple[str, ...] = ("jax",
     """diffusers UNet + two ControlNets (``from_unet``, zero convs randomised) and the same weights in JAX.
 
     ``frameworks=("jax",)`` builds random JAX models only, ``("torch",)`` the PyTorch ones only (the
-    subprocess measurements of one framework); the other side's fields are None then.
+    subprocess measurements of one framework); the other side's fields are None then. The JAX models use the
+    config's XLA:CPU kernels (``attention_impl``, ``conv_impl``).
     """
     rcfg = RealisIDConfig.from_config(config)
     unet_cfg = UNet2DConditionConfig.from_dict(dict(config.model.unet))
     rngs = nnx.Rngs(seed)
+    attention = dict(attention_impl=config.attention_impl)
     if "torch" not in frameworks:
-        unet = UNet2DConditionModel(unet_cfg, rngs=rngs)
-        realisid = RealisID(rcfg, rngs=rngs)
-        return Models(config, rcfg, *nnx.split(unet), *nnx.split(realisid), None, None, None)
+        unet = UNet2DConditionModel(unet_cfg, rngs=rngs, **attention)
+        realisid = RealisID(rcfg, rngs=rngs, **attention)
+        return _split(config, rcfg, unet, realisid, None, None, None)
     import diffusers
 
     torch.manual_seed(seed)
@@ -89,14 +92,21 @@ def build_models(config, *, seed: int = 0, frameworks: tuple[str, ...] = ("jax",
     if "jax" not in frameworks:
         return Models(config, rcfg, None, None, None, None, t_unet, branches["local_branch"],
                       branches["global_branch"])
-    unet = from_state_dict(UNet2DConditionModel, unet_cfg, _torch_state(t_unet), source="bench torch unet")
-    realisid = RealisID.abstract(rcfg)
+    unet = from_state_dict(UNet2DConditionModel, unet_cfg, _torch_state(t_unet), source="bench torch unet",
+                           **attention)
+    realisid = RealisID.abstract(rcfg, **attention)
     for name, net in branches.items():
         setattr(realisid, name, from_state_dict(ControlNetModel, getattr(rcfg, name), _torch_state(net),
-                                                                source=f"bench torch {name}"))
-    realisid.id_projection = IDProjection(rcfg.id_projection, rngs=rngs)
-    return Models(config, rcfg, *nnx.split(unet), *nnx.split(realisid), t_unet, branches["local_branch"],
-                  branches["global_branch"])
+                                                source=f"bench torch {name}", **attention))
+    realisid.id_projection = IDProjection(rcfg.id_projection, rngs=rngs, **attention)
+    return _split(config, rcfg, unet, realisid, t_unet, branches["local_branch"], branches["global_branch"])
+
+
+def _split(config, rcfg: RealisIDConfig, unet, realisid, *torch_models) -> Models:
+    """``Models`` with the JAX models' convolutions set to the config's ``conv_impl`` and split for jax.jit."""
+    for model in (unet, realisid):
+        set_conv_impl(model, config.conv_impl)
+    return Models(config, rcfg, *nnx.split(unet), *nnx.split(realisid), *torch_models)
 
 
 # ------------------------------------------------------------------------------------------------ inputs

@@ -8,6 +8,7 @@ Variants (``--config configs/sd15.py:VARIANT``):
 """
 
 from realisid_jax.config import base_config
+from realisid_jax.models.cpu_kernels import Kernels, apply as apply_cpu_kernels
 
 
 def get_config(variant: str = ""):
@@ -67,4 +68,11 @@ def _mid(c) -> None:
     c.train.resolution = 256
     c.train.batch_size = 1
     c.train.warmup_steps = 10
-    c.attention_impl, c.conv_impl = "chunked", "im2col"  # the XLA:CPU kernels (tests, benchmarks)
+    # The XLA:CPU kernels (tests, benchmarks), as measured on each kind of CPU (docs/benchmarks.md, "XLA:CPU
+    # kernels by CPU"); `realisid tune-cpu --config configs/sd15.py:mid` measures this CPU and caches its choice.
+    apply_cpu_kernels(c, MID_KERNELS, fallback=MID_KERNELS["avx2"])
+
+
+# The mid step's kernels by instruction set (docs/benchmarks.md): chunked attention and im2col convs are the
+# fastest pair on an AVX2 EPYC and on an AVX-512 EPYC (step K=1 1.08 s, xla/im2col 1.16 s, xla/xla 1.99 s there).
+MID_KERNELS = {"avx2": Kernels("chunked", "im2col"), "avx512": Kernels("chunked", "im2col")}

@@ -11,6 +11,15 @@ Variants (``--config configs/sdxl.py:VARIANT``):
 import ml_collections
 
 from realisid_jax.config import base_config
+from realisid_jax.models.cpu_kernels import Kernels, apply as apply_cpu_kernels
+
+# The XLA:CPU kernels of the CPU variants by instruction set (docs/benchmarks.md, "XLA:CPU kernels by CPU");
+# `realisid tune-cpu --config configs/sdxl.py:VARIANT` measures this CPU and caches its own choice.
+# tiny's training step (batch 8) on an AVX-512 EPYC: 6.15 samples/s with chunked/im2col, 6.19 with xla/xla (noise).
+TINY_KERNELS = {"avx2": Kernels("chunked", "im2col"), "avx512": Kernels("chunked", "im2col")}
+# The glyph UNet's training step (batch 8): 1.22 s with XLA's kernels, 1.45 s with chunked attention and
+# im2col convs on an AVX-512 EPYC (docs/glyphs.md); not measured on AVX2, which keeps XLA's as before.
+GLYPHS_KERNELS = {"avx2": Kernels("xla", "xla"), "avx512": Kernels("xla", "xla")}
 
 
 def get_config(variant: str = ""):
@@ -90,7 +99,7 @@ def _tiny(c) -> None:
     c.train.resolution = 256
     c.train.batch_size = 8
     c.train.warmup_steps = 10
-    c.attention_impl, c.conv_impl = "chunked", "im2col"  # the XLA:CPU kernels (tests, demo)
+    apply_cpu_kernels(c, TINY_KERNELS, fallback=TINY_KERNELS["avx2"])  # the XLA:CPU kernels (tests, demo)
     c.train.scan_layers = False  # the tests' reference steps layer by layer; tests/test_layer_scan.py checks the scan
     c.dtype = c.frozen_param_dtype = "float32"  # parity with PyTorch in the tests
 
@@ -131,9 +140,7 @@ def _glyphs(c) -> None:
     # λ_t: under the base's zero-terminal-SNR schedule a large text guidance oversaturates the background (its
     # colour as captioned, 30 requests: 37 % at 1 and 2, 33 % at 3, 20 % at 5; docs/glyphs.md).
     c.sampling.text_guidance_scale = 2.0
-    # XLA's own kernels: the glyph UNet's training step at batch 8 takes 1.22 s with them, 1.45 s with the tiny
-    # config's chunked attention and im2col convs (AMD EPYC, 2 cores, docs/glyphs.md).
-    c.attention_impl, c.conv_impl = "xla", "xla"
+    apply_cpu_kernels(c, GLYPHS_KERNELS, fallback=GLYPHS_KERNELS["avx512"])
     c.realisid.landmark_layout = "square"  # the glyph world's 6 keypoints (glyphs.world)
     c.realisid.reference_analysis = "plain_background"  # a glyph picture's subject, not a face detector's
     # Branches trained from scratch-sized models: a larger step than the paper's 1e-5 for SDXL (docs/glyphs.md).

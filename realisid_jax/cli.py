@@ -18,7 +18,7 @@ import sys
 from realisid_jax.errors import one_line
 
 COMMANDS = ("info", "faces", "sample", "app", "prepare_data", "train", "export", "evaluate", "benchmark_prompts",
-            "convert", "glyphs", "sample_batch")
+            "convert", "glyphs", "sample_batch", "tune_cpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
