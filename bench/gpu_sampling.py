@@ -7,13 +7,15 @@ or VAE decode on any side). Three contenders, JAX and PyTorch each in a fresh pr
 JAX pool beside PyTorch's):
 
   jax        ``pipeline._denoise`` (``bench.sampling.jax_sampler``): Eq. 8's predictions of a step as one batch,
+             two (ε_none, ε_t) in the steps before the ID starts (the first 20%) and three (+ ε_t&i) after,
              UNet + global ControlNet on the latent + local ControlNet on the face crop (64² latent cells), the
              config's dtypes, cuDNN attention on a GPU (``attention_impl=cudnn``)
-  torch      the same work in eager PyTorch: diffusers' ``UNet2DConditionModel`` and two ``ControlNetModel``,
-             crop and relocation as ours (``bench.models.torch_residuals``), bf16 autocast (norms in float32),
-             SDPA attention
+  torch      the same work in eager PyTorch (``bench.sampling.torch_sampler`` on the device): diffusers'
+             ``UNet2DConditionModel`` and two ``ControlNetModel``, crop and relocation as ours
+             (``bench.models.torch_residuals``), bf16 autocast (norms in float32), SDPA attention
   diffusers  ``StableDiffusionXLControlNetPipeline`` with the same two ControlNets (MultiControlNet), bf16,
-             SDPA: what a diffusers user runs. Its work differs: two predictions per step (CFG) and both
+             SDPA: what a diffusers user runs. Its work differs: two predictions (CFG) in every step, so none
+             with the ID after it starts (60 UNet predictions in 30 steps against the others' 84), and both
              ControlNets on the whole latent (no crop), with the text as their context
 
 Per contender: cold seconds (first call: compile or lazy initialisation, plus one image), warm seconds per image
@@ -31,8 +33,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = {"jax": "Eq. 8: UNet + global CN + local CN on crop", "torch": "same as jax",
-        "diffusers": "CFG: UNet + 2 CN on the whole latent"}
+WORK = {"jax": "Eq. 8, 2 preds (3 once the ID starts): UNet + global CN + local CN on crop", "torch": "same as jax",
+        "diffusers": "CFG, 2 preds: UNet + 2 CN on the whole latent"}
 
 
 def load_config(name: str, size: int | None, steps: int | None, attention: str | None):
@@ -107,54 +109,6 @@ def measure_jax(config, repeat: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ PyTorch
-def same_work_sampler(models, inputs, device: str, dtype):
-    """``bench.sampling.torch_sampler``'s loop (Eq. 8's 3N batch through ``torch_residuals`` and the UNet, DDIM
-    with eta 0) with its tensors on ``device`` and the networks under ``dtype`` autocast; a no-argument callable
-    returning the final (N, 4, h, w) latents. ``torch_residuals`` makes its constants with factory functions,
-    which follow the default device set around each call."""
-    import numpy as np
-    import torch
-
-    from bench.models import torch_residuals
-    from bench.sampling import ID_SCALE, ID_START_FRACTION, TEXT_SCALE
-    from realisid_jax.schedulers import get_scheduler
-
-    state = get_scheduler("ddim", None).set_timesteps(inputs.steps)
-    a_t, a_prev = np.asarray(state.alpha_prod_t), np.asarray(state.alpha_prod_t_prev)
-    start = int(np.floor(ID_START_FRACTION * inputs.steps))
-    t = lambda x: None if x is None else torch.from_numpy(np.ascontiguousarray(x)).to(device)  # noqa: E731
-    prompt, negative, pooled, negative_pooled = (t(x) for x in inputs.text)
-    latents = t(inputs.latents).permute(0, 3, 1, 2).contiguous()
-    n = latents.shape[0]
-    context = torch.cat([negative, prompt, prompt])
-    added = None if pooled is None else {"text_embeds": torch.cat([negative_pooled, pooled, pooled]),
-                                         "time_ids": t(inputs.time_ids).repeat(3, 1)}
-    id_embedding, no_id = t(inputs.id_embedding), t(inputs.no_id)
-    boxes, valid, marks = (torch.cat([t(x)] * 3) for x in (inputs.boxes, inputs.valid, inputs.landmark_images))
-
-    def run():
-        with torch.device(device), torch.autocast(torch.device(device).type, dtype, enabled=dtype != torch.float32):
-            x = latents
-            for i, step_t in enumerate(np.asarray(state.timesteps)):
-                with_id = id_embedding if i >= start else no_id
-                ids = torch.cat([no_id.expand(n, *no_id.shape)] * 2 + [with_id.expand(n, *with_id.shape)])
-                x3 = torch.cat([x] * 3)
-                down, mid = torch_residuals(models, x3, int(step_t), ids, boxes, valid, marks, added)
-                # In the compute dtype, as JAX's: its float32 person average would carry float32 into every skip
-                # connection of the UNet.
-                down, mid = [r.to(dtype) for r in down], mid.to(dtype)
-                eps = models.torch_unet(x3, int(step_t), context, added_cond_kwargs=added,
-                                        down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                                        return_dict=False)[0]
-                e_none, e_text, e_id = eps.chunk(3)
-                eps = e_none + TEXT_SCALE * (e_text - e_none) + ID_SCALE * (e_id - e_text)
-                x0 = (x - (1 - a_t[i]) ** 0.5 * eps) / a_t[i] ** 0.5
-                x = a_prev[i] ** 0.5 * x0 + (1 - a_prev[i]) ** 0.5 * eps
-            return x
-
-    return run
-
-
 def diffusers_sampler(models, inputs, config, device: str, dtype):
     """diffusers' ``StableDiffusionXLControlNetPipeline`` over the UNet and the two ControlNets, prompt
     embeddings given (no text encoders, no VAE: ``output_type="latent"``); the control images are a random
@@ -213,6 +167,7 @@ def measure_torch(config, repeat: int, device: str) -> dict:
     import torch
 
     from bench.run import set_threads
+    from bench.sampling import torch_sampler
     from bench.timing import interleaved, timed
 
     set_threads()
@@ -224,7 +179,7 @@ def measure_torch(config, repeat: int, device: str) -> dict:
     result = {"device": torch.cuda.get_device_name() if gpu else "cpu",
               "versions": f"torch {torch.__version__}, diffusers {diffusers.__version__}",
               "attention": type(next(iter(models.torch_unet.attn_processors.values()))).__name__}
-    samplers = {"torch": same_work_sampler(models, inputs, device, dtype),
+    samplers = {"torch": torch_sampler(models, inputs, device, dtype),
                 "diffusers": diffusers_sampler(models, inputs, config, device, dtype)}
     for name, sampler in samplers.items():
         call = lambda: (sampler(), sync())  # noqa: E731, B023 - called inside this iteration only

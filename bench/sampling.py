@@ -82,51 +82,66 @@ def jax_sampler(models: Models, inputs: SamplingInputs):
     return run, pipeline._denoise
 
 
-def torch_sampler(models: Models, inputs: SamplingInputs):
-    """The same loop in PyTorch: branches and UNet on the 2N batch (ε_none, ε_t) of the steps before the ID starts
-    and the 3N batch of the others, DDIM (eta 0) update."""
-    state = get_scheduler("ddim", None).set_timesteps(inputs.steps)
-    timesteps = np.asarray(state.timesteps)
-    a_t, a_prev = np.asarray(state.alpha_prod_t), np.asarray(state.alpha_prod_t_prev)
-    start = int(np.floor(ID_START_FRACTION * inputs.steps))
-    t = lambda x: None if x is None else torch.from_numpy(np.ascontiguousarray(x))  # noqa: E731
+def _torch_text(inputs: SamplingInputs, t) -> dict:
+    """The UNet's text conditions of the 2N batch (ε_none, ε_t) and the 3N batch (ε_none, ε_t, ε_t&i), keyed by
+    2 and 3: (context (kN, 77, D), added conditions {text_embeds (kN, P), time_ids (kN, 6)} | None), made once
+    with ``t`` (numpy to a tensor on the sampler's device)."""
     prompt, negative, pooled, negative_pooled = (t(x) for x in inputs.text)
-    latents = t(inputs.latents).permute(0, 3, 1, 2).contiguous()
-    n = latents.shape[0]
-
-    def text(k):  # ε_none, ε_t and, for k = 3, ε_t&i
+    text = {}
+    for k in (2, 3):
         added = None
         if pooled is not None:
             added = {"text_embeds": torch.cat([negative_pooled] + [pooled] * (k - 1)),
                      "time_ids": t(inputs.time_ids).repeat(k, 1)}
-        return torch.cat([negative] + [prompt] * (k - 1)), added
+        text[k] = torch.cat([negative] + [prompt] * (k - 1)), added
+    return text
 
-    id_embedding, no_id = t(inputs.id_embedding), t(inputs.no_id)
+
+def torch_sampler(models: Models, inputs: SamplingInputs, device: str = "cpu", dtype=torch.float32):
+    """The same loop in PyTorch: branches and UNet on the 2N batch (ε_none, ε_t) of the steps before the ID starts
+    and the 3N batch of the others, DDIM (eta 0) update. A no-argument callable returning the final (N, 4, h, w)
+    float32 latents on ``device`` (where the models must already be); the networks run under ``dtype`` autocast
+    (none for float32, ``bench.run``'s parity setting)."""
+    state = get_scheduler("ddim", None).set_timesteps(inputs.steps)
+    timesteps = np.asarray(state.timesteps)
+    a_t, a_prev = np.asarray(state.alpha_prod_t), np.asarray(state.alpha_prod_t_prev)
+    start = int(np.floor(ID_START_FRACTION * inputs.steps))
+    t = lambda x: None if x is None else torch.from_numpy(np.ascontiguousarray(x)).to(device)  # noqa: E731
+    latents = t(inputs.latents).permute(0, 3, 1, 2).contiguous()
+    n = latents.shape[0]
+    text = _torch_text(inputs, t)
+    id_embedding, no_id = (t(x).expand(n, *x.shape) for x in (inputs.id_embedding, inputs.no_id))
     boxes, valid, marks = t(inputs.boxes), t(inputs.valid), t(inputs.landmark_images)
-    per_image = lambda x: x.expand(n, *x.shape)  # noqa: E731
+
+    def guided_eps(x, i, step_t):  # Eq. 8's guided ε (N, 4, h, w) of step i
+        k = 3 if i >= start else 2
+        context, added = text[k]
+        # As the JAX loop: on SD 1.5 (no added conditions) ε_none and ε_t share one branch pass.
+        ids = [no_id] * (1 if added is None else 2) + [id_embedding] * (k - 2)
+        m = len(ids)
+        down, mid = torch_residuals(models, torch.cat([x] * m), step_t, torch.cat(ids), torch.cat([boxes] * m),
+                                    torch.cat([valid] * m), torch.cat([marks] * m), added)
+        # In the compute dtype, as JAX's: torch_residuals' float32 person average would otherwise carry float32
+        # into every skip connection of the UNet.
+        down, mid = [r.to(dtype) for r in down], mid.to(dtype)
+        if m < k:
+            down, mid = [torch.cat([r[:n], r]) for r in down], torch.cat([mid[:n], mid])
+        e = models.torch_unet(torch.cat([x] * k), step_t, context, added_cond_kwargs=added,
+                              down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                              return_dict=False)[0]
+        e_none, e_text = e[:n], e[n:2 * n]
+        eps = e_none + TEXT_SCALE * (e_text - e_none)
+        return eps + ID_SCALE * (e[2 * n:] - e_text) if k == 3 else eps
 
     @torch.inference_mode()
     def run():
-        x = latents
-        for i, step_t in enumerate(timesteps):
-            k = 3 if i >= start else 2
-            context, added = text(k)
-            # As the JAX loop: on SD 1.5 (no added conditions) ε_none and ε_t share one branch pass.
-            ids = [per_image(no_id)] * (1 if added is None else 2) + [per_image(id_embedding)] * (k - 2)
-            m = len(ids)
-            down, mid = torch_residuals(models, torch.cat([x] * m), int(step_t), torch.cat(ids),
-                                        torch.cat([boxes] * m), torch.cat([valid] * m), torch.cat([marks] * m), added)
-            if m < k:
-                down, mid = [torch.cat([r[:n], r]) for r in down], torch.cat([mid[:n], mid])
-            e = models.torch_unet(torch.cat([x] * k), int(step_t), context, added_cond_kwargs=added,
-                                  down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                                  return_dict=False)[0]
-            e_none, e_text = e[:n], e[n:2 * n]
-            eps = e_none + TEXT_SCALE * (e_text - e_none)
-            if k == 3:
-                eps = eps + ID_SCALE * (e[2 * n:] - e_text)
-            x0 = (x - (1 - a_t[i]) ** 0.5 * eps) / a_t[i] ** 0.5
-            x = a_prev[i] ** 0.5 * x0 + (1 - a_prev[i]) ** 0.5 * eps
-        return x
+        # The default device: torch_residuals makes its constants with factory functions.
+        with torch.device(device), torch.autocast(torch.device(device).type, dtype, enabled=dtype != torch.float32):
+            x = latents
+            for i, step_t in enumerate(timesteps):
+                eps = guided_eps(x, i, int(step_t))
+                x0 = (x - (1 - a_t[i]) ** 0.5 * eps) / a_t[i] ** 0.5
+                x = a_prev[i] ** 0.5 * x0 + (1 - a_prev[i]) ** 0.5 * eps
+            return x
 
     return run

@@ -1,5 +1,6 @@
 """``python -m bench.gpu_sampling`` on a CPU with the tiny config (the GPU bench's own test): the table has the
-three contenders and a finite PyTorch / JAX ratio."""
+three contenders and a finite PyTorch / JAX ratio; its PyTorch contender's bf16 autocast setting of
+``bench.sampling.torch_sampler``."""
 
 import math
 import os
@@ -7,6 +8,12 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+
+from bench.models import build_models, make_inputs
+from bench.run import load
+from bench.sampling import make_sampling_inputs, torch_sampler
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,3 +36,17 @@ def test_gpu_sampling_bench_runs_on_cpu_with_the_tiny_config():
         assert versus.endswith("x")
     ratio = float(re.fullmatch(r"ratio PyTorch / JAX, same work, warm s/img: (\S+)x", lines[-1]).group(1))
     assert math.isfinite(ratio) and ratio > 0
+
+
+def test_torch_sampler_under_bf16_autocast_is_the_float32_loop_within_bf16_error():
+    """The GPU bench's setting of ``bench.sampling.torch_sampler`` (bf16 autocast, residuals cast to bf16), on a
+    CPU: float32 latents near the float32 loop's, not equal to them (autocast took effect). 5 steps: one before the
+    ID starts (two predictions), four after (three)."""
+    config = load("configs/sdxl.py:tiny")
+    models = build_models(config, frameworks=("torch",))
+    inputs = make_sampling_inputs(config, make_inputs(config, models.realisid_config, batch=1, persons=1), 5)
+    reference = torch_sampler(models, inputs)()
+    out = torch_sampler(models, inputs, "cpu", torch.bfloat16)()
+    assert out.dtype == torch.float32 and out.shape == reference.shape == (1, 4, 32, 32)
+    error = float((out - reference).abs().max()) / max(1.0, float(reference.abs().max()))
+    assert 0 < error < 0.1
