@@ -401,6 +401,8 @@ def cast_branches(state: nnx.State, dtype) -> nnx.State:
             return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
         return x.astype(dtype)
 
+    if "realisid" not in state:  # a pipeline of the frozen models only (prompt encoding)
+        return state
     return nnx.State({**state, "realisid": jax.tree.map(cast, state["realisid"])})
 
 
