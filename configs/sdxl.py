@@ -66,6 +66,9 @@ def get_config(variant: str = ""):
     c.dtype = c.frozen_param_dtype = "bfloat16"
     c.attention_impl = "splash"  # TPU Pallas flash kernel (docs/benchmarks.md); GPU: cudnn, XLA:CPU: xla
     c.train.scan_layers = True  # the 10-deep transformer stacks as one lax.scan in the training step
+    # One person per branch pass, the K passes in sequence: 4 persons sample on one 16 GiB v5e chip
+    # (docs/sampling.md, "Serving on one TPU chip").
+    c.realisid.persons_per_pass = 1
     if variant == "tiny":
         _tiny(c)
     elif variant == "glyphs":
@@ -143,6 +146,7 @@ def _glyphs(c) -> None:
     apply_cpu_kernels(c, GLYPHS_KERNELS, fallback=GLYPHS_KERNELS["avx512"])
     c.realisid.landmark_layout = "square"  # the glyph world's 6 keypoints (glyphs.world)
     c.realisid.reference_analysis = "plain_background"  # a glyph picture's subject, not a face detector's
+    c.realisid.persons_per_pass = 0  # all persons in one pass: memory is not what limits a CPU
     # Branches trained from scratch-sized models: a larger step than the paper's 1e-5 for SDXL (docs/glyphs.md).
     c.train.update(learning_rate=2e-4, warmup_steps=50, num_steps=3000, checkpoint_every=250, log_every=25,
                    sample_every=0, remat=False)  # remat only costs time on a CPU with memory to spare

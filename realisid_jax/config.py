@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
         local_scale=1.0,          # conditioning_scale of the local branch
         global_scale=1.0,         # conditioning_scale of the global branch
         local_latent_size=64,     # crop up-sampled to this many latent cells (local branch input)
+        persons_per_pass=0,       # persons per branch pass, the passes in sequence (0: all max_persons at once)
         landmark_layout="face_mesh",  # how c_pe is drawn (face.draw.LANDMARK_LAYOUTS): face_mesh | square (glyphs)
         reference_analysis="face",    # reference / pose photo analysis: face | plain_background (glyph pictures)
         # "No text", one definition for training's text dropout and sampling's ε_none (paper Eq. 8) when the

@@ -10,7 +10,9 @@ The frozen UNet gets, at every skip connection and after the mid block,
     location mask.
 
 Persons are padded to a static K with a validity mask and folded into the batch axis (B * K), so each branch
-runs once per denoising step. Boxes follow ``realisid_jax.realisid.ops``: ``(x0, y0, x1, y1)`` normalised to [0, 1].
+runs once per denoising step; with ``persons_per_pass`` P < K they run P at a time in a ``lax.scan`` that sums
+their injections, so the branches' activations are those of P persons (what lets 4 persons sample on one 16 GiB
+chip). Boxes follow ``realisid_jax.realisid.ops``: ``(x0, y0, x1, y1)`` normalised to [0, 1].
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class RealisIDConfig:
       id_projection: the p_id Resampler's config; its ``output_dims`` is both branches' context width.
       local_latent_size: S, the side of the up-sampled crop in latent cells (landmark image: 8S pixels).
       local_scale, global_scale: weights of the two injections (method notes: 1.0).
+      persons_per_pass: P, how many of the K person slots each branch pass folds into its batch (0: all K);
+        the passes run in sequence, K / P of them (K padded to a multiple of P). The sum is the same up to
+        rounding; the memory of the branches' activations falls to P/K of it, at the price of smaller matmuls.
     """
 
     local_branch: ControlNetConfig
@@ -53,8 +58,11 @@ class RealisIDConfig:
     local_latent_size: int = 64
     local_scale: float = 1.0
     global_scale: float = 1.0
+    persons_per_pass: int = 0
 
     def __post_init__(self):
+        if self.persons_per_pass < 0:
+            raise ValueError(f"persons_per_pass={self.persons_per_pass} must be >= 0 (0: all persons in one pass)")
         for name in ("local_branch", "global_branch"):
             width = getattr(self, name).cross_attention_dim
             widths = width if isinstance(width, tuple) else (width,)
@@ -75,6 +83,7 @@ class RealisIDConfig:
             local_latent_size=int(realisid.local_latent_size),
             local_scale=float(realisid.local_scale),
             global_scale=float(realisid.global_scale),
+            persons_per_pass=int(realisid.get("persons_per_pass", 0)),
         )
 
 
@@ -167,7 +176,7 @@ class RealisID(nnx.Module):
         Raises:
           ValueError: on inconsistent shapes (persons, landmark image size).
         """
-        b, h, w, _ = sample.shape
+        b = sample.shape[0]
         k = boxes.shape[1]
         size = self.config.local_latent_size
         pixels = VAE_SCALE_FACTOR * size
@@ -178,9 +187,29 @@ class RealisID(nnx.Module):
             raise ValueError(f"landmark_images {landmark_images.shape} must be (B, K, {pixels}, {pixels}, C) for "
                              f"local_latent_size {size}")
         valid = valid.astype(bool)
-        boxes = jnp.where(valid[..., None], boxes.astype(jnp.float32), jnp.asarray(_FULL_BOX, jnp.float32))
+        per_pass = self.config.persons_per_pass or k
+        persons = (id_embedding, boxes.astype(jnp.float32), valid, landmark_images)
+        t = broadcast_timesteps(timesteps, b)
+        if per_pass >= k:
+            local_levels, global_levels = self._persons_pass(sample, t, *persons, added_cond_kwargs)
+        else:
+            local_levels, global_levels = self._persons_in_sequence(sample, t, persons, added_cond_kwargs, per_pass)
+        count = jnp.maximum(valid.sum(axis=1), 1).astype(jnp.float32)
+        inv_count = (1.0 / count).reshape(b, 1, 1, 1)
+        total = tuple(
+            (self.config.local_scale * loc + self.config.global_scale * glob * inv_count).astype(glob.dtype)
+            for loc, glob in zip(local_levels, global_levels))
+        return total[:-1], total[-1]
+
+    def _persons_pass(self, sample, t, id_embedding, boxes, valid, landmark_images, added_cond_kwargs):
+        """One pass of both branches over K' persons folded into the batch: (Σ_k valid_k R(i_l^k), Σ_k valid_k
+        i_g^k), each a tuple of the residual levels (down..., mid), (B, h_l, w_l, C_l) in the branches' dtype."""
+        b, h, w, _ = sample.shape
+        k = boxes.shape[1]
+        size = self.config.local_latent_size
+        boxes = jnp.where(valid[..., None], boxes, jnp.asarray(_FULL_BOX, jnp.float32))
         flat_boxes = boxes.reshape(b * k, 4)
-        t = _fold(broadcast_timesteps(timesteps, b), k)
+        t = _fold(t, k)
         p_id = id_embedding.reshape(b * k, *id_embedding.shape[2:])
         global_added, local_added = self._added_conditions(added_cond_kwargs, flat_boxes, (h, w), k)
 
@@ -197,13 +226,27 @@ class RealisID(nnx.Module):
         global_levels = (*g_down, g_mid)
         level_hws = tuple(tuple(x.shape[1:3]) for x in global_levels)
         local_levels = jax.vmap(relocate_levels, in_axes=(0, 0, None))((*l_down, l_mid), flat_boxes, level_hws)
-        count = jnp.maximum(valid.sum(axis=1), 1).astype(jnp.float32)
-        inv_count = (1.0 / count).reshape(b, 1, 1, 1)
-        total = tuple(
-            (self.config.local_scale * _sum_persons(loc, valid)
-             + self.config.global_scale * _sum_persons(glob, valid) * inv_count).astype(glob.dtype)
-            for loc, glob in zip(local_levels, global_levels))
-        return total[:-1], total[-1]
+        return (tuple(_sum_persons(x, valid) for x in local_levels),
+                tuple(_sum_persons(x, valid) for x in global_levels))
+
+    def _persons_in_sequence(self, sample, t, persons, added_cond_kwargs, per_pass):
+        """``_persons_pass`` over ``per_pass`` persons at a time in a ``lax.scan``, the sums carried in float32
+        (K padded with invalid slots to a multiple of ``per_pass``); the same levels and dtypes."""
+        b, k = persons[2].shape
+        padded = -(-k // per_pass) * per_pass
+        passes = tuple(
+            jnp.moveaxis(jnp.pad(x, [(0, 0), (0, padded - k)] + [(0, 0)] * (x.ndim - 2))
+                         .reshape(b, padded // per_pass, per_pass, *x.shape[2:]), 1, 0)
+            for x in persons)
+        one_pass = lambda group: self._persons_pass(sample, t, *group, added_cond_kwargs)  # noqa: E731
+        levels = jax.eval_shape(one_pass, jax.tree.map(lambda x: x[0], passes))
+
+        def add_pass(sums, group):
+            return jax.tree.map(lambda total, x: total + x.astype(jnp.float32), sums, one_pass(group)), None
+
+        zeros = jax.tree.map(lambda level: jnp.zeros(level.shape, jnp.float32), levels)
+        sums, _ = jax.lax.scan(add_pass, zeros, passes)
+        return jax.tree.map(lambda total, level: total.astype(level.dtype), sums, levels)
 
     def _added_conditions(self, added_cond_kwargs, flat_boxes, latent_hw, k):
         """SDXL added conditions of the global and local branches, folded to B * K (None for SD 1.5)."""
