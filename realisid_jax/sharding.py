@@ -156,6 +156,17 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(active.mesh, spec))
 
 
+def active_batch_shards(size: int) -> int:
+    """Into how many shards the active mesh (``use_mesh``) splits a leading batch axis of ``size``, as
+    ``data_sharding`` does: 1 with no active mesh, or when the batch mesh axes do not divide ``size``."""
+    active = _ACTIVE.get()
+    if active is None:
+        return 1
+    axes = logical_to_spec(("activation_batch",), (size,), active.mesh, active.rules)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(active.mesh.shape[a] for a in axes)
+
+
 def data_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """Sharding of an input batch of ``shape``: leading axis over the ``activation_batch`` mesh axes."""
     names = ("activation_batch",) + (None,) * (len(shape) - 1)

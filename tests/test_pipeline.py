@@ -18,8 +18,8 @@ from realisid_jax.face.errors import NoFaceError
 from realisid_jax.realisid.branches import RealisID, RealisIDConfig
 from realisid_jax.models.registry import FROZEN
 from realisid_jax.realisid.components import Components
-from realisid_jax.realisid.pipeline import RealisIDPipeline, _denoise, person_bucket, prepare_conditions
-from realisid_jax.sharding import data_sharding, make_mesh
+from realisid_jax.realisid.pipeline import RealisIDPipeline, _decode, _denoise, person_bucket, prepare_conditions
+from realisid_jax.sharding import active_batch_shards, data_sharding, make_mesh, use_mesh
 from realisid_jax.loading.pipeline_folder import load_pipeline_folder
 
 H, W, STEPS = 128, 128, 3
@@ -106,6 +106,27 @@ def test_batch_of_four_on_eight_devices_equals_one_device(parts, branches):
     sharded = sharded_pipe(PROMPT, persons, **kw)
     np.testing.assert_allclose(sharded.latents, single.latents, atol=1e-4, rtol=1e-4)
     assert np.abs(sharded.images.astype(int) - single.images.astype(int)).max() <= 1
+
+
+def test_decode_one_image_per_shard_at_a_time(parts, branches):
+    """The VAE decodes one image per batch shard at a time: the images of decoding the batch at once, and
+    temporaries that do not grow with the batch (XLA:CPU memory analysis); a batch of 8 on the (2, 2, 2) mesh
+    decodes 4 at a time, one per data x fsdp shard."""
+    pipe = _pipeline(parts, branches)
+    latents = jax.numpy.asarray(_latents(4))
+    whole = jax.jit(lambda z: parts.vae.decode(z / parts.vae.scaling_factor))(latents)
+    want = np.round(np.clip(np.asarray(whole) / 2 + 0.5, 0, 1) * 255)
+    got = np.asarray(_decode(pipe._graphdef, pipe._state, latents)).astype(np.float32)
+    assert np.abs(got - want).max() <= 1
+
+    def temporaries(n):
+        compiled = _decode.lower(pipe._graphdef, pipe._state, latents[:1].repeat(n, 0)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temporaries(4) < 1.5 * temporaries(1)
+    with use_mesh(make_mesh((2, 2, 2))):
+        assert active_batch_shards(8) == 4 and active_batch_shards(3) == 1
+    assert active_batch_shards(8) == 1
 
 
 def test_no_recompilation_across_seeds_prompts_boxes_and_scales(parts, branches):

@@ -49,7 +49,7 @@ from realisid_jax.models.vae import VAE_SCALE_FACTOR
 from realisid_jax.text.prompt_encoding import encode_prompt_sd15, encode_prompt_sdxl, no_text_setting
 from realisid_jax.text.tokenizer import offline_clip_tokenizer
 from realisid_jax.schedulers import get_scheduler
-from realisid_jax.sharding import DEFAULT_RULES, data_sharding, state_shardings, use_mesh
+from realisid_jax.sharding import DEFAULT_RULES, active_batch_shards, data_sharding, state_shardings, use_mesh
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SamplingOutput:
@@ -511,7 +511,21 @@ def guided_noise_pred(models, x_in, t, ids, persons, text, time_ids, guidance: G
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _decode(graphdef, state, latents):
-    """Latents -> uint8 images, as diffusers' ``VaeImageProcessor.postprocess`` (round of (x/2+0.5)*255)."""
+    """Latents -> uint8 images, as diffusers' ``VaeImageProcessor.postprocess`` (round of (x/2+0.5)*255).
+
+    One image per batch shard at a time (diffusers' ``enable_vae_slicing``, on every chip at once): the decode
+    of a 1024² image needs about 1.7 GiB of activations, so a whole batch at once would bound the batch that
+    samples on a chip by the VAE rather than by the denoising loop (docs/sampling.md).
+    """
     vae = nnx.merge(graphdef, state).vae
-    image = vae.decode(latents / vae.scaling_factor + vae.shift_factor)
-    return jnp.round(jnp.clip(image / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
+    n = latents.shape[0]
+    shards = active_batch_shards(n)
+
+    def decode(z):
+        image = vae.decode(z / vae.scaling_factor + vae.shift_factor)
+        return jnp.round(jnp.clip(image / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
+
+    # (n, ...) -> (n / shards, shards, ...): each slice holds one image of every shard, so the shards stay apart.
+    slices = jnp.swapaxes(latents.reshape(shards, n // shards, *latents.shape[1:]), 0, 1)
+    images = jax.lax.map(decode, slices)
+    return jnp.swapaxes(images, 0, 1).reshape(n, *images.shape[2:])
