@@ -248,6 +248,9 @@ def print_max_batch(config, topology: str, persons: list[int]) -> int:
         def show(batch, plan, k=k):
             if plan is None:
                 print(f"{k:>7} {batch:>5} does not fit", flush=True)
+            elif "decode" not in plan.programs:  # the search's step alone
+                print(f"{k:>7} {batch:>5} {'step fits':<12} {plan.peak_bytes / GIB:>29.2f} peak of the step with the ID",
+                      flush=True)
             else:
                 print(f"{k:>7} {batch:>5} {'fits':<12} {_sample_row(plan, chip)} {host_peak_rss_bytes() / GIB:>8.1f}",
                       flush=True)

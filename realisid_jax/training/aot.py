@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import resource
 
 import jax
@@ -90,10 +91,12 @@ class SamplePlan:
 
 
 def sample_plan(config: ml_collections.ConfigDict, devices: list[jax.Device], *, persons: int = 1,
-                batch: int = 1) -> SamplePlan:
+                batch: int = 1, step_only: bool = False) -> SamplePlan:
     """Compiles the pipeline's denoising phases (each one executable for all its steps: ``lax.fori_loop`` with
     traced bounds, so its memory is one step's) and the VAE decode for ``batch`` images of
-    ``config.sampling.height x width`` with ``persons`` person slots, weights sharded over ``devices``."""
+    ``config.sampling.height x width`` with ``persons`` person slots, weights sharded over ``devices``.
+    ``step_only``: the step with the ID alone (the program whose activations grow with the batch; its plan has
+    no per-image figures)."""
     s = config.sampling
     steps = int(s.num_inference_steps)
     id_start = id_start_step(s.id_start_fraction, steps)
@@ -101,8 +104,9 @@ def sample_plan(config: ml_collections.ConfigDict, devices: list[jax.Device], *,
     lowered = lower_sampling(config, devices, persons=persons, batch=batch)
     # The step with the ID first: its activations grow fastest with the batch, so a batch too large is refused
     # after one compile.
-    compiled = {name: compiled_figures(lowered[name], devices) for name in ("denoise", *phases[:-1], "decode")}
-    programs = {name: compiled[name] for name in (*phases, "decode")}
+    names = ("denoise",) if step_only else ("denoise", *phases[:-1], "decode")
+    compiled = {name: compiled_figures(lowered[name], devices) for name in names}
+    programs = {name: compiled[name] for name in (*phases, "decode") if name in compiled}
     return SamplePlan(num_devices=len(devices), persons=persons, batch=batch, height=int(s.height),
                       width=int(s.width), steps=steps, id_start=id_start, programs=programs)
 
@@ -161,39 +165,63 @@ def lower_sampling(config: ml_collections.ConfigDict, devices: list[jax.Device],
     return lowered
 
 
+def _refused_temporaries(message: str) -> float | None:
+    """The bytes of "HLO temporaries (18.47G) exceeds available HBM" in the TPU compiler's refusal, if stated."""
+    found = re.search(r"temporaries \(([\d.]+)([KMG])\)", message)
+    return None if found is None else float(found[1]) * 1024 ** ("KMG".index(found[2]) + 1)
+
+
 def max_batch(config: ml_collections.ConfigDict, devices: list[jax.Device], *, persons: int = 1,
               on_plan=None) -> tuple[int, SamplePlan | None]:
     """The largest batch of images that samples on ``devices`` (TPU; every program of ``sample_plan``), found by
-    compiling: each guess from the peak's growth per image so far (linear in the batch), halving the gap after a
-    refusal, until the batch that fits has a refused batch one image above it. ``on_plan(batch, plan or None)`` sees each
-    compile (None: refused). Returns (batch, its plan); (0, None) if one image does not fit."""
+    compiling. The search compiles the step with the ID alone (``step_only``: the decode goes one image at a
+    time, and the step before the ID runs fewer predictions): batches 1 and 2, then where the line through batch
+    1 and the largest fitting batch meets the chip's HBM; once a batch is refused, where the chord between the
+    two meets it (the refused peak from the compiler's "HLO temporaries (18.47G) exceeds available HBM" and the
+    arguments of the last fitting batch; halfway if the message has no figure), until the batch that fits has a refused
+    batch one image above it; then every program at that batch (one image fewer while one of them does not fit).
+    ``on_plan(batch, plan or None)`` sees each compile (None: refused). Returns (batch, its plan); (0, None) if
+    one image does not fit."""
     hbm = device_hbm_bytes(devices)
-    plans: dict[int, SamplePlan | None] = {}
+    peaks: dict[int, float | None] = {}  # the step's peak per batch; None: refused with no figure
+    arguments = [0]  # the step's argument bytes at the last batch that compiled
 
-    def fits(batch: int) -> bool:
+    def plan_of(batch: int, step_only: bool) -> SamplePlan | None:
+        refused = None
         try:
-            plan = sample_plan(config, devices, persons=persons, batch=batch)
+            plan = sample_plan(config, devices, persons=persons, batch=batch, step_only=step_only)
         except Exception as error:  # noqa: BLE001 - libtpu's XlaRuntimeError; anything else is re-raised
             if "RESOURCE_EXHAUSTED" not in str(error):
                 raise
-            plan = None
-        plans[batch] = plan if plan is not None and plan.peak_bytes <= hbm else None
+            plan, refused = None, _refused_temporaries(str(error))
+        if step_only:
+            if plan is not None:
+                arguments[0] = plan.programs["denoise"]["argument_bytes"]
+            peaks[batch] = plan.peak_bytes if plan else None if refused is None else refused + arguments[0]
+        plan = plan if plan is not None and plan.peak_bytes <= hbm else None
         if on_plan:
-            on_plan(batch, plans[batch])
-        return plans[batch] is not None
+            on_plan(batch, plan)
+        return plan
 
-    if not fits(1):
+    if plan_of(1, step_only=True) is None:
         return 0, None
-    first = plans[1].peak_bytes
     lo, hi = 1, None  # lo fits, hi was refused
     while hi is None or hi - lo > 1:
-        peak = plans[lo].peak_bytes
-        per_image = (peak - first) / (lo - 1) if lo > 1 else first - plans[1].programs["denoise"]["argument_bytes"]
-        guess = lo + max(1, int((hbm - peak) // max(per_image, 1)))
-        if hi is not None and guess >= hi:
+        if hi is None:
+            slope = (peaks[lo] - peaks[1]) / (lo - 1) if lo > 1 else None
+            guess = 2 if slope is None else lo + max(1, int((hbm - peaks[lo]) // max(slope, 1)))
+        elif peaks[hi] is None:
             guess = (lo + hi) // 2
-        if fits(guess):
+        else:
+            guess = lo + int((hbm - peaks[lo]) * (hi - lo) // (peaks[hi] - peaks[lo]))
+        guess = min(max(guess, lo + 1), hi - 1) if hi is not None else guess
+        if plan_of(guess, step_only=True) is not None:
             lo = guess
         else:
             hi = guess
-    return lo, plans[lo]
+    while lo > 0:
+        plan = plan_of(lo, step_only=False)
+        if plan is not None:
+            return lo, plan
+        lo -= 1
+    return 0, None
