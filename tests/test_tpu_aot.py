@@ -22,7 +22,7 @@ from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 from realisid_jax.config import load_config  # noqa: E402
 from realisid_jax.models.layers import attention  # noqa: E402
-from realisid_jax.training.aot import device_hbm_bytes, sample_plan, topology_devices  # noqa: E402
+from realisid_jax.training.aot import device_hbm_bytes, lower_sampling, sample_plan, topology_devices  # noqa: E402
 from realisid_jax.training.roofline import device_chip, program_roofline  # noqa: E402
 from realisid_jax.training.memory import MemoryPlan, executable_figures, lower_train_step  # noqa: E402
 
@@ -143,6 +143,44 @@ def test_roofline_estimates_the_splash_kernel_the_compiler_does_not_cost():
     assert roofline.kernel_flops == 4 * 8 * 1024 * 1024 * 64
     assert roofline.compiler_flops < 0.01 * roofline.kernel_flops
     assert roofline.seconds >= roofline.kernel_flops / device_chip(devices).peak_flops > 0
+
+
+def test_roofline_counts_every_iteration_of_a_loop_with_a_constant_trip_count():
+    """The compiler costs a loop body once; a scan's other iterations are added (here 4 matmuls, 2·256³ FLOPs
+    each, as a scan and unrolled), while a loop over a traced number of steps stays one iteration."""
+    devices = topology_devices("v5e:2x2")[:1]
+    chip = device_chip(devices)
+    x = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16, sharding=SingleDeviceSharding(devices[0]))
+    w = jax.ShapeDtypeStruct((4, 256, 256), jnp.bfloat16, sharding=SingleDeviceSharding(devices[0]))
+
+    def roofline(fn, *args):
+        return program_roofline(jax.jit(fn).lower(*args).compile(), chip)
+
+    scanned = roofline(lambda x, w: jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0], x, w)
+    unrolled = roofline(lambda x, w: functools.reduce(lambda h, wi: jnp.tanh(h @ wi), list(w), x), x, w)
+    matmuls = 4 * 2 * 256**3
+    assert scanned.compiler_flops < 0.3 * matmuls  # the compiler's own count: one iteration
+    assert scanned.flops == pytest.approx(unrolled.flops, rel=0.02) and unrolled.flops >= matmuls
+    assert scanned.seconds == pytest.approx(unrolled.seconds, rel=0.25)
+    steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=SingleDeviceSharding(devices[0]))
+    traced = roofline(lambda x, w, n: jax.lax.fori_loop(0, n, lambda i, h: jnp.tanh(h @ w[0]), x), x, w, steps)
+    assert traced.loop_flops == 0
+
+
+def test_roofline_of_persons_in_sequence_is_that_of_one_pass():
+    """Two persons' branch passes in a scan (configs/sdxl.py's persons_per_pass = 1) cost what the one pass of
+    both costs (the sampling step with the ID, micro config): the scan's second iteration is counted."""
+    devices = topology_devices("v5e:2x2")[:1]
+    chip = device_chip(devices)
+
+    def step(per_pass):
+        config = load_config("configs/sdxl.py:micro", [f"realisid.persons_per_pass={per_pass}"])
+        return program_roofline(lower_sampling(config, devices, persons=2)["denoise"].compile(), chip)
+
+    sequence, one_pass = step(1), step(0)
+    assert one_pass.loop_flops == 0 and sequence.loop_flops > 0.2 * sequence.compiler_flops
+    assert sequence.flops == pytest.approx(one_pass.flops, rel=0.06)
+    assert sequence.seconds == pytest.approx(one_pass.seconds, rel=0.1)
 
 
 def _real_oom_error(device) -> Exception:
