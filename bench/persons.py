@@ -36,6 +36,7 @@ def measure(config_path: str, persons: int, max_persons: int, steps: int) -> tup
     """(FLOPs of one denoising step, seconds per step after compilation)."""
     config = load_config(config_path)
     config.realisid.max_persons = max_persons
+    config.realisid.persons_per_pass = 0  # one pass: XLA's cost analysis counts a scan's body once
     pipe = pipeline_module.RealisIDPipeline.from_config(config)
     conditions = _conditions(config, persons, max_persons)
     size = dict(height=config.sampling.height, width=config.sampling.width)
