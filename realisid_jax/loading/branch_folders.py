@@ -62,10 +62,12 @@ _SETTINGS = "realisid.json"
 
 def export_branches(realisid: nnx.Module, out: str | os.PathLike) -> dict[str, Path]:
     """Exports a ``RealisID``'s ``local_branch``, ``global_branch`` and ``id_projection`` under ``out``, and the
-    RealisID-level settings (crop size, branch scales) as ``realisid.json``; returns name -> folder."""
+    RealisID-level settings (crop size, branch scales, persons per branch pass) as ``realisid.json``; returns
+    name -> folder."""
     folders = {name: export_module(getattr(realisid, name), Path(out) / name, _CLASS_NAMES[name]) for name in PARTS}
     c = realisid.config
-    settings = dict(local_latent_size=c.local_latent_size, local_scale=c.local_scale, global_scale=c.global_scale)
+    settings = dict(local_latent_size=c.local_latent_size, local_scale=c.local_scale, global_scale=c.global_scale,
+                    persons_per_pass=c.persons_per_pass)
     (Path(out) / _SETTINGS).write_text(json.dumps(settings, indent=2))
     return folders
 
