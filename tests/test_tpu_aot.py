@@ -167,6 +167,29 @@ def test_roofline_counts_every_iteration_of_a_loop_with_a_constant_trip_count():
     assert traced.loop_flops == 0
 
 
+def test_roofline_reads_a_loop_body_past_a_kernel_with_a_multi_line_config():
+    """A Pallas kernel's backend config runs over several lines of the compiled HLO, one of them starting with
+    "}}"; the loop reader goes on past it: a scan of 3 layers (splash attention, then a matmul) costs what the
+    unrolled layers cost."""
+    devices = topology_devices("v5e:2x2")[:1]
+    chip = device_chip(devices)
+    x = jax.ShapeDtypeStruct((1, 1024, 512), jnp.bfloat16, sharding=SingleDeviceSharding(devices[0]))
+    w = jax.ShapeDtypeStruct((3, 512, 512), jnp.bfloat16, sharding=SingleDeviceSharding(devices[0]))
+
+    def layer(h, wi):
+        return jnp.tanh(attention(h, h, h, heads=8, implementation="splash") @ wi)
+
+    def roofline(fn):
+        compiled = jax.jit(fn).lower(x, w).compile()
+        assert "\n}}" in compiled.as_text()  # the kernel's config as the reader meets it
+        return program_roofline(compiled, chip)
+
+    scanned = roofline(lambda x, w: jax.lax.scan(lambda h, wi: (layer(h, wi), None), x, w)[0])
+    unrolled = roofline(lambda x, w: functools.reduce(layer, list(w), x))
+    assert unrolled.flops >= 3 * (4 * 8 * 1024 * 1024 * 64 + 2 * 1024 * 512 * 512)
+    assert scanned.flops == pytest.approx(unrolled.flops, rel=0.02)
+
+
 def test_roofline_of_persons_in_sequence_is_that_of_one_pass():
     """Two persons' branch passes in a scan (configs/sdxl.py's persons_per_pass = 1) cost what the one pass of
     both costs (the sampling step with the ID, micro config): the scan's second iteration is counted."""

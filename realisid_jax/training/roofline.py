@@ -88,9 +88,7 @@ class Roofline:
         return self.compiler_seconds + self.kernel_seconds + self.loop_seconds
 
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (\(.*?\)|\S+) [\w\-]+\(")
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*)\[([\d,]*)\]")
-_CUSTOM_CALL = re.compile(r'custom-call\(([^)]*)\), custom_call_target="(\w+)"')
 
 
 def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -120,25 +118,23 @@ def program_roofline(compiled, chip: Chip) -> Roofline:
     """The ``Roofline`` of ``compiled`` (a ``jax.stages.Compiled`` for a TPU device of ``chip``)."""
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
-    text = compiled.as_text()
-    types = {m.group(1): m.group(2) for m in map(_INSTRUCTION.match, text.splitlines()) if m}
+    hlo = _Hlo(compiled.as_text())
     concat_seconds, concats, kernel_flops, kernel_seconds, kernels = 0.0, 0, 0.0, 0.0, 0
-    for line in text.splitlines():
-        call, own = _CUSTOM_CALL.search(line), _INSTRUCTION.match(line)
-        if not (call and own):
+    for op in hlo.ops.values():
+        target = op.opcode == "custom-call" and re.search(r'custom_call_target="(\w+)"', op.attributes)
+        if not target:
             continue
-        operands = [a for name in re.findall(r"%([\w.\-]+)", call.group(1)) for a in _arrays(types.get(name, ""))]
-        moved = _bytes(operands) + _bytes(_arrays(own.group(2)))
-        if call.group(2) == "ConcatBitcast":
+        operands = [a for name in op.operands for a in hlo.arrays(name)]
+        moved = _bytes(operands) + _bytes(_arrays(op.type))
+        if target.group(1) == "ConcatBitcast":
             concats += 1
             concat_seconds += moved / chip.hbm_bandwidth
-        elif call.group(2) == "tpu_custom_call":
+        elif target.group(1) == "tpu_custom_call":
             kernels += 1
             flops = _attention_flops(operands)
             kernel_flops += flops
             kernel_seconds += max(flops / chip.peak_flops, moved / chip.hbm_bandwidth)
-    loops = _LoopCosts(_Hlo(text), chip)
-    loop_flops, loop_seconds = loops.extra_iterations()
+    loop_flops, loop_seconds = _LoopCosts(hlo, chip).extra_iterations()
     return Roofline(compiler_flops=float(cost.get("flops", math.nan)),
                     compiler_seconds=float(cost.get("optimal_seconds", math.nan)) + concats + concat_seconds,
                     kernel_flops=kernel_flops, kernel_seconds=kernel_seconds, kernels=kernels,
@@ -191,7 +187,8 @@ def _parse_op(line: str) -> _Op | None:
 
 
 class _Hlo:
-    """A compiled module's text: its computations (name -> ops), the entry's name, every op by name."""
+    """A compiled module's text: its computations (name -> ops), the entry's name, every op by name. An op's
+    attributes are its first line's (a Pallas kernel's backend config runs over several lines)."""
 
     def __init__(self, text: str):
         self.computations: dict[str, list[_Op]] = {}
@@ -203,7 +200,7 @@ class _Hlo:
             if header:
                 ops = self.computations.setdefault(header.group(2), [])
                 self.entry = header.group(2) if header.group(1) else self.entry
-            elif line.startswith("}"):
+            elif line.rstrip() == "}":  # not "}}, metadata=...": a kernel's multi-line backend config goes on
                 ops = None
             elif ops is not None and (op := _parse_op(line)):
                 ops.append(op)
