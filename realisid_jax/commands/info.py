@@ -25,6 +25,10 @@ def register(subparsers) -> None:
                    help="training examples per device for --train (global batch: this x devices)")
     p.add_argument("--persons", type=positive_int, nargs="+", default=[1],
                    help="person slots to plan --sample / --max-batch for (e.g. 1 4)")
+    p.add_argument("--estimate", action="store_true",
+                   help="with --train --topology: the training step's per-chip peak estimated from its parts "
+                        "(training/peak_law.py) instead of compiled: for steps whose compile needs more host "
+                        "memory than there is")
     p.add_argument("--max-batch", action="store_true",
                    help="the largest batch of images one chip of --topology samples, found by compiling")
     p.add_argument("--topology", nargs="+", default=None,
@@ -49,6 +53,8 @@ def parameter_counts(config) -> dict[str, int]:
 def run(args) -> int:
     if (args.sample or args.max_batch) and args.topology and len(args.topology) != 1:
         raise UsageError("--sample and --max-batch plan one --topology at a time")
+    if args.estimate and not (args.train and args.topology):
+        raise UsageError("--estimate estimates the training step's peak on TPU: give --train and --topology")
     if args.max_batch and not args.topology:
         raise UsageError("--max-batch needs a TPU --topology (its chip's HBM is what the batch fills)")
     if (args.train or args.sample) and not args.topology:
@@ -68,7 +74,9 @@ def run(args) -> int:
     print(f"{'component':<{width}}  {'parameters':>15}")
     for name, n in counts.items():
         print(f"{name:<{width}}  {n:>15,}")
-    if args.train and args.topology and not print_tpu_train_plans(config, args.topology, args.per_device_batch):
+    if args.estimate:
+        print_tpu_train_estimates(config, args.topology, args.per_device_batch)
+    elif args.train and args.topology and not print_tpu_train_plans(config, args.topology, args.per_device_batch):
         return 1
     if args.train and not args.topology:
         print_memory_plan(config, args.devices, args.per_device_batch)
@@ -147,6 +155,29 @@ def print_tpu_train_plans(config, topologies: list[str], per_device_batch: int =
     print("(GiB per chip; TFLOP and s/step per chip: the compiler's cost analysis and roofline time, completed for "
           "the kernels it does not cost (training/roofline.py); an estimate, not a measurement)")
     return fits_all
+
+
+def print_tpu_train_estimates(config, topologies: list[str], per_device_batch: int = 1) -> None:
+    """Per-chip figures of the training step on each TPU topology without compiling it: the exact state and
+    batch, the parts of ``peak_law.StepParts`` and the peak ``peak_law.PEAK_LAW`` estimates from them."""
+    from realisid_jax.training.aot import device_hbm_bytes
+    from realisid_jax.training.peak_law import PEAK_LAW, step_parts
+
+    print(f"\ntraining step, {config.train.resolution}px, batch {per_device_batch} per device, FSDP over the slice: "
+          f"ESTIMATED per-chip peak (not compiled; training/peak_law.py):")
+    print(f"{'topology':>10} {'devices':>7} {'weights+state':>13} {'batch':>6} {'residuals':>9} {'gradients':>9} "
+          f"{'largest block':>13} {'est. temporaries':>16} {'est. peak':>9} {'HBM':>5}  {'fits (est.)':<12}")
+    for topology in topologies:
+        devices = _tpu_devices(topology)
+        parts = step_parts(config, len(devices), per_device_batch=per_device_batch, devices=devices)
+        peak, hbm = PEAK_LAW.peak_bytes(parts), device_hbm_bytes(devices)
+        print(f"{topology:>10} {len(devices):>7} {parts.state_bytes / GIB:>13.2f} {parts.batch_bytes / GIB:>6.2f} "
+              f"{parts.residual_bytes / GIB:>9.2f} {parts.gradient_bytes / GIB:>9.2f} {parts.block_bytes / GIB:>13.2f} "
+              f"{PEAK_LAW.temp_bytes(parts) / GIB:>16.2f} {peak / GIB:>9.2f} {hbm / GIB:>5.0f}  "
+              f"{'fits' if peak <= hbm else 'does not fit':<12}", flush=True)
+    print(f"(GiB per device. weights+state and batch: exact; the peak is an estimate from the parts, whose law "
+          f"was fitted on TPU compiles of SDXL's widths cut in depth and resolution and is off by up to "
+          f"{100 * PEAK_LAW.check_error:.1f} % on the compiles left out of the fit: python -m bench.train_peak)")
 
 
 def _sample_row(plan, chip) -> str:

@@ -119,6 +119,8 @@ class LoweredStep:
       devices: the devices it was lowered for (the mesh's).
       batch: its abstract batch (field -> ``ShapeDtypeStruct`` with sharding).
       trainable_params, frozen_params, state_bytes: as ``MemoryPlan``.
+      batch_bytes: one device's shard of the batch.
+      gradient_bytes: one device's shards of the branch parameters (their gradients' size).
     """
 
     lowered: Any
@@ -127,6 +129,8 @@ class LoweredStep:
     trainable_params: int
     frozen_params: int
     state_bytes: int
+    batch_bytes: int
+    gradient_bytes: int
 
 
 def train_step_memory(config: ml_collections.ConfigDict, num_devices: int, *, per_device_batch: int = 1,
@@ -195,4 +199,5 @@ def lower_train_step(config: ml_collections.ConfigDict, num_devices: int, *, per
         lowered = step.lower(state, with_shardings(frozen_inputs, frozen_sh), batch)
     return LoweredStep(lowered=lowered, devices=tuple(devices[:num_devices]), batch=batch,
                        trainable_params=count_params(params), frozen_params=count_params(frozen_inputs),
-                       state_bytes=shard_bytes((state, with_shardings(frozen_inputs, frozen_sh))))
+                       state_bytes=shard_bytes((state, with_shardings(frozen_inputs, frozen_sh))),
+                       batch_bytes=shard_bytes(batch), gradient_bytes=shard_bytes(state["params"]))
