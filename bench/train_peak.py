@@ -47,7 +47,7 @@ POINTS = [
     Point("stack2-256", "fit", 1, (0, 1, 2), 256),
     Point("stack4-256", "fit", 1, (0, 1, 4), 256),
     Point("depth1-256-batch2", "fit", 1, (0, 1, 1), 256, per_device_batch=2),
-    Point("layers2-stack4-384", "check", 2, (0, 2, 4), 384),
+    Point("layers2-stack4-320", "check", 2, (0, 2, 4), 320),
     Point("stack2-256-4chips", "check", 1, (0, 1, 2), 256, topology="v5e:2x2", chips=4),
 ]
 ESTIMATES = ["v5e:2x4", "v4:2x2x1", "v5p:2x2x1", "v6e:2x4"]
@@ -74,10 +74,13 @@ def measure(point: Point) -> dict:
                 host_gib=round(host_peak_rss_bytes() / GIB, 1))
 
 
-def fit_and_check(results: dict) -> tuple:
+def fit_and_check(results: dict):
     from realisid_jax.training.peak_law import PeakLaw, StepParts, fit_law
 
     fitted = [p for p in POINTS if p.role == "fit" and p.name in results]
+    if len(fitted) < 4:
+        print(f"{len(fitted)} of the fit points compiled; the law needs 4")
+        return None
     law = PeakLaw(fit_law([StepParts(**results[p.name]["parts"]) for p in fitted],
                           [results[p.name]["temp_bytes"] for p in fitted]), float("nan"))
     errors = {}
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         results[point.name] = measure(point)
         args.results.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     law = fit_and_check(results)
-    if not args.no_estimate:
+    if law is not None and not args.no_estimate:
         estimate_sdxl(law)
     return 0
 

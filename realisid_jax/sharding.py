@@ -156,15 +156,19 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(active.mesh, spec))
 
 
+def batch_shards(mesh: Mesh, rules: Rules = DEFAULT_RULES, size: int | None = None) -> int:
+    """Into how many shards ``data_sharding`` splits a leading batch axis: the product of the sizes of the mesh
+    axes ``rules`` map ``"activation_batch"`` to (``data`` x ``fsdp`` by default); for a batch of ``size`` that
+    they do not divide, 1 (it is replicated)."""
+    target = dict(rules)["activation_batch"]
+    shards = math.prod(mesh.shape[a] for a in ((target,) if isinstance(target, str) else tuple(target or ())))
+    return shards if size is None or size % shards == 0 else 1
+
+
 def active_batch_shards(size: int) -> int:
-    """Into how many shards the active mesh (``use_mesh``) splits a leading batch axis of ``size``, as
-    ``data_sharding`` does: 1 with no active mesh, or when the batch mesh axes do not divide ``size``."""
+    """``batch_shards`` of a batch of ``size`` on the active mesh (``use_mesh``); 1 with none."""
     active = _ACTIVE.get()
-    if active is None:
-        return 1
-    axes = logical_to_spec(("activation_batch",), (size,), active.mesh, active.rules)[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    return math.prod(active.mesh.shape[a] for a in axes)
+    return 1 if active is None else batch_shards(active.mesh, active.rules, size)
 
 
 def data_sharding(mesh: Mesh, shape: Sequence[int], rules: Rules = DEFAULT_RULES) -> NamedSharding:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from realisid_jax.commands.weights import add_weight_arguments, build_pipeline, enable_compilation_cache
-from realisid_jax.realisid.batch import batch_shards
+from realisid_jax.sharding import batch_shards
 
 DEFAULT_PROMPTS = (
     "a photo of a person, portrait, natural light",

@@ -369,7 +369,7 @@ def check_batch_size(batch_size: int | None, mesh, rules) -> int:
     Raises:
       RequestError: not a positive multiple of the batch shards (the batch would be replicated, not split).
     """
-    from realisid_jax.realisid.batch import batch_shards
+    from realisid_jax.sharding import batch_shards
 
     shards = batch_shards(mesh, rules)
     if batch_size is None:

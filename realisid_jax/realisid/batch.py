@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Sequence
 
@@ -26,15 +25,6 @@ from realisid_jax.realisid.pipeline import (Guidance, RealisIDPipeline, _decode,
                                             initial_noise, micro_conditioning, person_bucket)
 from realisid_jax.schedulers import get_scheduler
 from realisid_jax.sharding import data_sharding
-
-
-def batch_shards(mesh, rules) -> int:
-    """How many ways the pipeline splits the image batch: the product of the sizes of the mesh axes that
-    ``rules`` map ``"activation_batch"`` to (``sharding.data_sharding``; ``data`` x ``fsdp`` by default).
-    A batch that is not a multiple of it would silently be replicated instead."""
-    target = dict(rules)["activation_batch"]
-    axes = (target,) if isinstance(target, str) else tuple(target or ())
-    return math.prod(mesh.shape[a] for a in axes)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
