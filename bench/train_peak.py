@@ -47,8 +47,9 @@ POINTS = [
     Point("stack2-256", "fit", 1, (0, 1, 2), 256),
     Point("stack4-256", "fit", 1, (0, 1, 4), 256),
     Point("depth1-256-batch2", "fit", 1, (0, 1, 1), 256, per_device_batch=2),
+    Point("stack2-256-4chips", "fit", 1, (0, 1, 2), 256, topology="v5e:2x2", chips=4),
     Point("layers2-stack4-320", "check", 2, (0, 2, 4), 320),
-    Point("stack2-256-4chips", "check", 1, (0, 1, 2), 256, topology="v5e:2x2", chips=4),
+    Point("stack4-320-batch2", "check", 1, (0, 1, 4), 320, per_device_batch=2),
 ]
 ESTIMATES = ["v5e:2x4", "v4:2x2x1", "v5p:2x2x1", "v6e:2x4"]
 

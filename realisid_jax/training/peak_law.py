@@ -93,9 +93,10 @@ def fit_law(parts: Sequence[StepParts], temp_bytes: Sequence[float]) -> tuple[fl
     """
     if len(parts) < 4:
         raise ValueError(f"fitting the peak law needs at least 4 compiles, got {len(parts)}")
-    solution, *_ = np.linalg.lstsq(np.array([p.features() for p in parts]), np.asarray(temp_bytes, float),
-                                   rcond=None)
-    return tuple(float(x) for x in solution)
+    features = np.array([p.features() for p in parts])
+    scale = np.abs(features).max(axis=0)  # bytes next to the constant 1: solve on columns of one size
+    solution, *_ = np.linalg.lstsq(features / scale, np.asarray(temp_bytes, float), rcond=None)
+    return tuple(float(x) for x in solution / scale)
 
 
 # Fitted and checked by `python -m bench.train_peak` (docs/training.md, "An estimate of the SDXL step's peak").
