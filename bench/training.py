@@ -52,4 +52,4 @@ def trainer(config, seed: int = 0):
             jax.block_until_ready(metrics)
         return metrics
 
-    return run, batch["pixel_values"].shape[0], compiled
+    return run, batch["face_box"].shape[0], compiled
