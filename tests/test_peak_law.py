@@ -92,9 +92,11 @@ def test_info_estimates_the_training_peak_without_compiling(capsys):
     assert row.split()[1] == "8" and row.split()[-1] == "fits", row
 
 
-def test_info_estimate_needs_train_and_a_topology():
+def test_info_estimate_needs_train_a_topology_and_a_batch_of_one():
     with pytest.raises(UsageError, match="--train and --topology"):
         info.run(info_args(["--estimate", "--topology", "v5e:2x4"]))
+    with pytest.raises(UsageError, match="batch of 1 per device"):
+        info.run(info_args(["--train", "--estimate", "--topology", "v5e:2x4", "--per-device-batch", "2"]))
 
 
 def info_args(extra):

@@ -55,6 +55,9 @@ def run(args) -> int:
         raise UsageError("--sample and --max-batch plan one --topology at a time")
     if args.estimate and not (args.train and args.topology):
         raise UsageError("--estimate estimates the training step's peak on TPU: give --train and --topology")
+    if args.estimate and args.per_device_batch != 1:
+        raise UsageError("--estimate holds for a batch of 1 per device, where its law was fitted and checked "
+                         "(docs/training.md); compile the step for larger batches (without --estimate)")
     if args.max_batch and not args.topology:
         raise UsageError("--max-batch needs a TPU --topology (its chip's HBM is what the batch fills)")
     if (args.train or args.sample) and not args.topology:
