@@ -1,6 +1,7 @@
 """Per-op CPU profile of the denoising step (JAX and PyTorch side by side) and of the training step (JAX).
 
     python -m bench.profile_cpu [--config mid] [--persons 1] [--repeat 2] [--top 15] [--train tiny]
+        [--train-override KEY=VALUE ...]
 
 JAX: ``jax.profiler`` traces ``repeat`` calls of the compiled step; XLA:CPU's thunk runtime records one event
 per executed HLO instruction (fusions, library convolutions and matmuls, loops), named as in the compiled
@@ -246,15 +247,22 @@ def profile_step(config_name: str, persons: int, repeat: int, top: int) -> str:
     return format_side_by_side(title, profiles, top)
 
 
-def profile_train(config_name: str, repeat: int, top: int) -> str:
-    """The trainer's jitted step (``bench.training``), JAX only."""
-    from bench.run import load
+def profile_train(config_name: str, repeat: int, top: int, overrides: Iterable[str] = ()) -> str:
+    """The trainer's jitted step (``bench.training``) of the config with ``overrides`` (``KEY=VALUE``), JAX
+    only."""
+    from bench.run import ROOT, SHORT_NAMES
     from bench.training import trainer
+    from realisid_jax.config import load_config
 
-    config = load(config_name)
+    path = ROOT / "configs" / SHORT_NAMES[config_name] if config_name in SHORT_NAMES else config_name
+    config = load_config(path, list(overrides))
     run, batch, compiled = trainer(config)
-    title = (f"Training step, config {config_name}, batch {batch} (attention_impl={config.attention_impl}, "
-             f"conv_impl={config.conv_impl}, remat={config.train.remat})")
+    cost = compiled.cost_analysis()
+    flops = (cost[0] if isinstance(cost, list) else cost).get("flops", 0.0)
+    title = (f"Training step, config {config_name}, batch {batch}, {flops / 1e9:.1f} GFLOP by XLA's cost analysis "
+             f"(attention_impl={config.attention_impl}, "
+             f"conv_impl={config.conv_impl}, remat={config.train.remat}, "
+             f"precomputed_inputs={config.train.precomputed_inputs})")
     return format_side_by_side(title, {"JAX": jax_profile(run, compiled.as_text(), repeat)}, top)
 
 
@@ -263,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="mid", help="the step's config: tiny | mid | PATH ('' skips the step)")
     p.add_argument("--persons", type=int, default=1)
     p.add_argument("--train", default="", help="also profile the training step of this config (tiny | PATH)")
+    p.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override of the training step (e.g. train.precomputed_inputs=True)")
     p.add_argument("--repeat", type=int, default=2, help="profiled calls (after one untimed)")
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args(argv)
@@ -272,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:
         print(profile_step(args.config, args.persons, args.repeat, args.top), flush=True)
     if args.train:
-        print("\n" + profile_train(args.train, args.repeat, args.top), flush=True)
+        print("\n" + profile_train(args.train, args.repeat, args.top, args.train_override), flush=True)
     return 0
 
 
