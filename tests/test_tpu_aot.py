@@ -190,6 +190,28 @@ def test_roofline_reads_a_loop_body_past_a_kernel_with_a_multi_line_config():
     assert scanned.flops == pytest.approx(unrolled.flops, rel=0.02)
 
 
+def test_roofline_counts_convolutions_with_negative_padding_in_a_loop():
+    """Gradient convolutions come with negative padding (``pad=1_-1x1_-1``); a scan of 3 of them costs what the
+    unrolled convolutions cost (valid taps only, as the compiler counts)."""
+    devices = topology_devices("v5e:2x2")[:1]
+    x = jax.ShapeDtypeStruct((8, 64, 64, 128), jnp.bfloat16, sharding=SingleDeviceSharding(devices[0]))
+    w = jax.ShapeDtypeStruct((3, 3, 3, 128, 128), jnp.bfloat16, sharding=SingleDeviceSharding(devices[0]))
+
+    def conv(h, wi):
+        y = jax.lax.conv_general_dilated(h, wi, (1, 1), ((1, -1), (1, -1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.pad(jnp.tanh(y), ((0, 0), (0, 2), (0, 2), (0, 0)))
+
+    def roofline(fn):
+        compiled = jax.jit(fn).lower(x, w).compile()
+        assert "pad=1_-1x1_-1" in compiled.as_text()
+        return program_roofline(compiled, device_chip(devices))
+
+    scanned = roofline(lambda x, w: jax.lax.scan(lambda h, wi: (conv(h, wi), None), x, w)[0])
+    unrolled = roofline(lambda x, w: functools.reduce(conv, list(w), x))
+    assert scanned.flops == pytest.approx(unrolled.flops, rel=0.02)
+
+
 def test_roofline_of_persons_in_sequence_is_that_of_one_pass():
     """Two persons' branch passes in a scan (configs/sdxl.py's persons_per_pass = 1) cost what the one pass of
     both costs (the sampling step with the ID, micro config): the scan's second iteration is counted."""

@@ -284,7 +284,7 @@ class _LoopCosts:
         lhs, kernel, out = self.hlo.arrays(op.operands[0])[0][1], self.hlo.arrays(op.operands[1])[0][1], \
             _arrays(op.type)[0][1]
         found = re.search(r"window=\{([^}]*)\}", op.attributes)
-        window = dict(re.findall(r"(\w+)=([\w_]+)", found.group(1))) if found else {}
+        window = dict(re.findall(r"(\w+)=([\w\-]+)", found.group(1))) if found else {}
 
         def per_dim(key, default, i):
             return [int(x) for x in window[key].split("x")][i] if key in window else default
