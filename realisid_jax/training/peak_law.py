@@ -100,7 +100,7 @@ def fit_law(parts: Sequence[StepParts], temp_bytes: Sequence[float]) -> tuple[fl
 
 
 # Fitted and checked by `python -m bench.train_peak` (docs/training.md, "An estimate of the SDXL step's peak").
-PEAK_LAW = PeakLaw(coefficients=(1.0, 1.0, 1.0, 0.0), check_error=math.nan)
+PEAK_LAW = PeakLaw(coefficients=(0.5139, 2.8397, -0.2882, 584843578), check_error=math.nan)
 
 
 def step_parts(config: ml_collections.ConfigDict, num_devices: int, *, per_device_batch: int = 1,
