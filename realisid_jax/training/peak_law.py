@@ -99,7 +99,8 @@ def fit_law(parts: Sequence[StepParts], temp_bytes: Sequence[float]) -> tuple[fl
     return tuple(float(x) for x in solution / scale)
 
 
-# Fitted and checked by `python -m bench.train_peak` (docs/training.md, "An estimate of the SDXL step's peak").
+# Fitted and checked by `python -m bench.train_peak` (docs/training.md, "An estimate of the full SDXL step's peak
+# per chip"), at a batch of 1 per device: at 2 the compiler's temporaries grow far more than the residuals.
 PEAK_LAW = PeakLaw(coefficients=(0.5139, 2.8397, -0.2882, 584843578), check_error=math.nan)
 
 
